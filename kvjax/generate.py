@@ -1,0 +1,187 @@
+"""`kvjax.generate`: prefill a batch of prompts, then decode on the device in one while_loop."""
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import policies
+from kvjax.cache import cache_bytes, dense_bf16_bytes
+from kvjax.model import Model, decode_step, prefill
+from kvjax.sampling import Sampling, sample
+
+PAD = -1  # marks the slots after a row's EOS in the device-side output buffer
+_BUCKET = 64  # prompt lengths and cache capacities are rounded up to this: fewer recompiles
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int  # real prompt tokens over all rows
+    generated_tokens: int  # tokens returned over all rows (EOS included)
+    cache_bytes: int  # bytes the cache allocates on the device
+    dense_bf16_cache_bytes: int  # an uncompressed bf16 cache of the same capacity
+    compile_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def compression(self) -> float:
+        """Fraction of the bf16 full cache saved (negative when larger, e.g. a float32 cache)."""
+        return 1.0 - self.cache_bytes / self.dense_bf16_cache_bytes
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.generated_tokens / max(self.decode_seconds, 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    tokens: list[list[int]]  # generated ids per row, up to and including its EOS
+    stats: GenerationStats
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _prompt_rows(tokens, vocab_size: int) -> list[np.ndarray]:
+    """Validates a prompt (ids, a 2-D array, or a list of id lists) into 1-D int rows."""
+    if isinstance(tokens, (np.ndarray, jax.Array)) and np.ndim(tokens) in (1, 2):
+        arr = np.asarray(tokens)
+        rows = [arr] if arr.ndim == 1 else list(arr)
+    elif isinstance(tokens, (list, tuple)) and tokens and all(
+            isinstance(t, (int, np.integer)) for t in tokens):
+        rows = [np.asarray(tokens)]
+    elif isinstance(tokens, (list, tuple)):
+        rows = [np.asarray(r) for r in tokens]
+    else:
+        raise TypeError("tokens must be a list of token ids, a list of such lists, or a 1-D/2-D "
+                        f"integer array; got {type(tokens).__name__}")
+    if not rows:
+        raise ValueError("the prompt batch is empty: pass at least one prompt")
+    for i, row in enumerate(rows):
+        if row.ndim != 1 or row.size == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if not np.issubdtype(row.dtype, np.integer):
+            raise TypeError(f"prompt {i} has dtype {row.dtype}; token ids must be integers")
+        bad = np.flatnonzero((row < 0) | (row >= vocab_size))
+        if bad.size:
+            raise ValueError(
+                f"token id {int(row[bad[0]])} at prompt {i}, position {int(bad[0])} is outside "
+                f"the vocabulary [0, {vocab_size}); check that the tokenizer matches the model")
+    return [row.astype(np.int32) for row in rows]
+
+
+def _eos_ids(eos_token_id, model: Model) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return model.config.eos_token_ids
+    if isinstance(eos_token_id, (int, np.integer)):
+        return (int(eos_token_id),)
+    return tuple(int(t) for t in eos_token_id)
+
+
+@functools.partial(jax.jit, donate_argnames="cache")
+def _prefill(model, cache, tokens, lengths):
+    return prefill(model, cache, tokens, lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("num_tokens", "sampling", "eos_ids"),
+                   donate_argnames="cache")
+def _decode(model, cache, logits, positions, key, *, num_tokens, sampling, eos_ids):
+    """Samples the first token from the prefill logits, then decodes until every row has
+    num_tokens tokens or has produced an EOS. Returns the tokens [B, num_tokens] (PAD after EOS)
+    and the cache."""
+    eos = jnp.asarray(eos_ids or (PAD,), jnp.int32)
+    first = sample(logits, jax.random.fold_in(key, 0), sampling)
+    out = jnp.full((first.shape[0], num_tokens), PAD, jnp.int32).at[:, 0].set(first)
+
+    def not_finished(state):
+        step, _, _, _, _, done = state
+        return (step < num_tokens) & ~jnp.all(done)
+
+    def step_fn(state):
+        step, cache, tokens, positions, out, done = state
+        logits, cache = decode_step(model, cache, tokens, positions)
+        new = sample(logits, jax.random.fold_in(key, step), sampling)
+        out = out.at[:, step].set(jnp.where(done, PAD, new))
+        tokens = jnp.where(done, tokens, new)  # finished rows idle on their last token
+        done = done | jnp.isin(new, eos)
+        return step + 1, cache, tokens, positions + 1, out, done
+
+    state = (jnp.int32(1), cache, first, positions, out, jnp.isin(first, eos))
+    _, cache, _, _, out, _ = jax.lax.while_loop(not_finished, step_fn, state)
+    return out, cache
+
+
+def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, eos_token_id=None) -> GenerationOutput:
+    """Generates up to max_new_tokens tokens for each prompt.
+
+    tokens: one prompt (a list or 1-D array of ids), or a batch (a list of id lists of any
+    lengths, or a 2-D array). Rows are independent: each equals its own single-row run.
+    eos_token_id: an id or ids that end a row; None uses the checkpoint's, () disables stopping.
+    Greedy by default; temperature > 0 samples, optionally within top_k / top_p.
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"generate expects the Model returned by kvjax.load, got {type(model)}")
+    cfg = model.config
+    policy = policy or policies.full()
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    sampling.validate(cfg.vocab_size)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rows = _prompt_rows(tokens, cfg.vocab_size)
+    lengths = np.array([len(r) for r in rows], np.int32)
+    total = int(lengths.max()) + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise ValueError(
+            f"the longest prompt ({lengths.max()} tokens) plus max_new_tokens ({max_new_tokens}) "
+            f"is {total}, beyond the model's {cfg.max_position_embeddings} positions: shorten the "
+            "prompt or lower max_new_tokens")
+    if cfg.sliding_window is not None and total > cfg.sliding_window:
+        raise ValueError(
+            f"{total} tokens exceed the model's sliding window of {cfg.sliding_window}; kvjax "
+            "computes full attention, which equals sliding-window attention only within the "
+            "window: shorten the prompt or lower max_new_tokens")
+
+    B, T = len(rows), _round_up(int(lengths.max()), _BUCKET)
+    padded = np.zeros((B, T), np.int32)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = row
+    capacity = _round_up(max(T, total), _BUCKET)
+    cache = policy.allocate(cfg, B, capacity, model.weights["embed"].dtype)
+    allocated = cache_bytes(cache)
+    tokens_d, lengths_d = jnp.asarray(padded), jnp.asarray(lengths)
+    key = jax.random.key(seed)
+    decode_kwargs = dict(num_tokens=max_new_tokens, sampling=sampling, eos_ids=_eos_ids(eos_token_id, model))
+
+    t0 = time.perf_counter()
+    prefill_fn = _prefill.lower(model, cache, tokens_d, lengths_d).compile()
+    compile_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logits, cache = jax.block_until_ready(prefill_fn(model, cache, tokens_d, lengths_d))
+    prefill_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    decode_fn = _decode.lower(model, cache, logits, lengths_d, key, **decode_kwargs).compile()
+    compile_seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out, cache = jax.block_until_ready(decode_fn(model, cache, logits, lengths_d, key))
+    decode_seconds = time.perf_counter() - t0
+
+    out = np.asarray(out)
+    generated = [row[row != PAD].tolist() for row in out]
+    stats = GenerationStats(
+        prompt_tokens=int(lengths.sum()),
+        generated_tokens=sum(len(g) for g in generated),
+        cache_bytes=allocated,
+        dense_bf16_cache_bytes=dense_bf16_bytes(cfg, B, capacity),
+        compile_seconds=compile_seconds,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+    )
+    return GenerationOutput(tokens=generated, stats=stats)

@@ -1,0 +1,151 @@
+"""Loading Hugging Face checkpoints (config.json + safetensors, sharded or not) without torch,
+and saving/restoring converted weights with orbax-checkpoint."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from safetensors import safe_open
+
+from kvjax.config import ModelConfig
+from kvjax.model import Model, init_random, layer_shapes
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's tensors do not match its config."""
+
+
+# Tensors some checkpoints carry that the forward pass recomputes or does not need.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _hf_layout(cfg: ModelConfig):
+    """Maps each HF tensor name to (where it goes, its HF shape, how to convert it).
+
+    `where` is (layer index or None, our name). HF linear weights are [out, in]; ours are
+    [in, heads, head_dim] etc., see model.layer_shapes.
+    """
+    E, K, Hq, Hkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    transpose = lambda w: w.T
+    layout = {
+        "model.embed_tokens.weight": ((None, "embed"), (cfg.vocab_size, E), None),
+        "model.norm.weight": ((None, "final_norm"), (E,), None),
+    }
+    if not cfg.tie_word_embeddings:
+        layout["lm_head.weight"] = ((None, "lm_head"), (cfg.vocab_size, E), transpose)
+    per_layer = {
+        "input_layernorm.weight": ("attn_norm", None),
+        "self_attn.q_proj.weight": ("wq", lambda w: w.T.reshape(E, Hq, K)),
+        "self_attn.k_proj.weight": ("wk", lambda w: w.T.reshape(E, Hkv, K)),
+        "self_attn.v_proj.weight": ("wv", lambda w: w.T.reshape(E, Hkv, K)),
+        "self_attn.o_proj.weight": ("wo", lambda w: w.T.reshape(Hq, K, E)),
+        "self_attn.q_proj.bias": ("bq", lambda b: b.reshape(Hq, K)),
+        "self_attn.k_proj.bias": ("bk", lambda b: b.reshape(Hkv, K)),
+        "self_attn.v_proj.bias": ("bv", lambda b: b.reshape(Hkv, K)),
+        "self_attn.o_proj.bias": ("bo", None),
+        "self_attn.q_norm.weight": ("q_norm", None),
+        "self_attn.k_norm.weight": ("k_norm", None),
+        "post_attention_layernorm.weight": ("mlp_norm", None),
+        "mlp.gate_proj.weight": ("w_gate", transpose),
+        "mlp.up_proj.weight": ("w_up", transpose),
+        "mlp.down_proj.weight": ("w_down", transpose),
+    }
+    hf_shape = {  # HF shape of each of our tensors
+        "wq": (Hq * K, E), "wk": (Hkv * K, E), "wv": (Hkv * K, E), "wo": (E, Hq * K),
+        "bq": (Hq * K,), "bk": (Hkv * K,), "bv": (Hkv * K,),
+        "w_gate": (cfg.intermediate_size, E), "w_up": (cfg.intermediate_size, E),
+        "w_down": (E, cfg.intermediate_size),
+    }
+    wanted = layer_shapes(cfg)
+    for i in range(cfg.num_layers):
+        for suffix, (name, convert) in per_layer.items():
+            if name in wanted:
+                shape = hf_shape.get(name, wanted[name])
+                layout[f"model.layers.{i}.{suffix}"] = ((i, name), shape, convert)
+    return layout
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+    elif (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"{path} has neither model.safetensors nor model.safetensors.index.json; kvjax loads "
+            "safetensors checkpoints (convert .bin files with transformers' save_pretrained)")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"the safetensors index names shard files that are missing: {missing}")
+    return files
+
+
+def load(path, dtype=None, ignore_config_keys=()) -> Model:
+    """Reads an HF checkpoint directory into device arrays (the checkpoint's dtype unless `dtype`).
+
+    Raises UnsupportedConfigError for config attributes the port does not implement and
+    CheckpointError naming any missing, unexpected or mis-shaped tensor.
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face checkpoint folder")
+    cfg = ModelConfig.from_json(path / "config.json", ignore_config_keys)
+    layout = _hf_layout(cfg)
+    layers = [dict() for _ in range(cfg.num_layers)]
+    top = {}
+    seen = set()
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="flax") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES) or (
+                        name == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                if name not in layout:
+                    raise CheckpointError(
+                        f"unexpected tensor {name!r} in {file.name}: the config "
+                        f"({cfg.model_type}) does not call for it; check config.json")
+                (layer, ours), shape, convert = layout[name]
+                got = tuple(f.get_slice(name).get_shape())
+                if got != shape:
+                    raise CheckpointError(
+                        f"tensor {name!r} has shape {got}, but config.json implies {shape}")
+                array = f.get_tensor(name)
+                if dtype is not None:
+                    array = array.astype(dtype)
+                array = convert(array) if convert else array
+                (top if layer is None else layers[layer])[ours] = array
+                seen.add(name)
+    missing = [name for name in layout if name not in seen]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint is missing {len(missing)} tensor(s) the config needs, e.g. "
+            f"{missing[:5]}")
+    dtype_name = jnp.dtype(top["embed"].dtype).name
+    weights = top | {"layers": tuple(layers)}
+    return Model(weights=weights, config=dataclasses.replace(cfg, dtype=dtype_name))
+
+
+_CONFIG_FILE = "kvjax_config.json"
+
+
+def save(model: Model, path) -> None:
+    """Saves converted weights with orbax-checkpoint (plus the static config as JSON)."""
+    path = Path(path).absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "weights", model.weights, force=True)
+    checkpointer.wait_until_finished()
+    (path / _CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=1))
+
+
+def restore(path) -> Model:
+    """Restores what `save` wrote."""
+    path = Path(path).absolute()
+    cfg = ModelConfig.from_dict(json.loads((path / _CONFIG_FILE).read_text()))
+    abstract = jax.eval_shape(lambda: init_random(cfg, jax.random.key(0)).weights)
+    weights = ocp.StandardCheckpointer().restore(path / "weights", abstract)
+    return Model(weights=weights, config=cfg)

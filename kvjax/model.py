@@ -1,0 +1,205 @@
+"""The Llama-family decoder (Llama 2/3.x, Mistral, Qwen2, Qwen3) as pure functions of a weight pytree.
+
+Shapes: B batch, T tokens, E hidden size, F MLP size, Hq query heads, Hkv KV heads, K head dim,
+V vocabulary. Keys are cached after RoPE, so the cache never needs positions again.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import prefill_attention
+from kvjax.config import ModelConfig
+
+
+@struct.dataclass
+class Model:
+    """What `kvjax.load` returns: weights (a pytree of device arrays) and their static config.
+
+    weights = {"embed": [V, E], "final_norm": [E], "lm_head": [E, V] (absent when tied),
+               "layers": tuple of per-layer dicts, see `layer_shapes`}
+    """
+
+    weights: dict
+    config: ModelConfig = struct.field(pytree_node=False)
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one decoder layer's weights, in the layout the forward pass uses."""
+    E, K = cfg.hidden_size, cfg.head_dim
+    shapes = {
+        "attn_norm": (E,),
+        "wq": (E, cfg.num_heads, K),
+        "wk": (E, cfg.num_kv_heads, K),
+        "wv": (E, cfg.num_kv_heads, K),
+        "wo": (cfg.num_heads, K, E),
+        "mlp_norm": (E,),
+        "w_gate": (E, cfg.intermediate_size),
+        "w_up": (E, cfg.intermediate_size),
+        "w_down": (cfg.intermediate_size, E),
+    }
+    if cfg.qkv_bias:
+        shapes |= {"bq": (cfg.num_heads, K), "bk": (cfg.num_kv_heads, K), "bv": (cfg.num_kv_heads, K)}
+    if cfg.o_bias:
+        shapes["bo"] = (E,)
+    if cfg.qk_norm:
+        shapes |= {"q_norm": (K,), "k_norm": (K,)}
+    return shapes
+
+
+def top_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {"embed": (cfg.vocab_size, cfg.hidden_size), "final_norm": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.hidden_size, cfg.vocab_size)
+    return shapes
+
+
+def init_random(cfg: ModelConfig, key: jax.Array, dtype=None) -> Model:
+    """Random weights of the right shapes (benchmarks and demos; nothing is downloaded)."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+
+    def init(key, name, shape):
+        if name.endswith("norm"):
+            return jnp.ones(shape, dtype)
+        fan_in = shape[0] if name not in ("wo", "embed") else math.prod(shape[:-1])
+        scale = 1.0 if name == "embed" else fan_in ** -0.5
+        return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    def init_dict(key, shapes):
+        keys = jax.random.split(key, len(shapes))
+        return {name: init(k, name, shape) for k, (name, shape) in zip(keys, shapes.items())}
+
+    top_key, *layer_keys = jax.random.split(key, cfg.num_layers + 1)
+    weights = init_dict(top_key, top_shapes(cfg))
+    weights["layers"] = tuple(init_dict(k, layer_shapes(cfg)) for k in layer_keys)
+    return Model(weights=weights, config=cfg)
+
+
+def rms_norm(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [K/2], with Llama 3's frequency-dependent scaling when configured."""
+    K = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * jnp.pi / inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    is_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_band, blended, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotates x [B, T, H, K] by positions [B, T] (rotate-half convention of HF Llama)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, K/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, K]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def qkv_projection(layer, cfg: ModelConfig, x, positions):
+    """x [B, T, E] -> q [B, T, Hq, K], k and v [B, T, Hkv, K], with biases, q/k norms and RoPE."""
+    h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("bte,ehk->bthk", h, layer["wq"])
+    k = jnp.einsum("bte,ehk->bthk", h, layer["wk"])
+    v = jnp.einsum("bte,ehk->bthk", h, layer["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
+    inv_freq = rope_inv_freq(cfg)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def attention_output_and_mlp(layer, cfg: ModelConfig, x, attn):
+    """Residual stream x [B, T, E] plus o-projection of attn [B, T, Hq, K], then the SwiGLU MLP."""
+    out = jnp.einsum("bthk,hke->bte", attn, layer["wo"])
+    if cfg.o_bias:
+        out = out + layer["bo"]
+    x = x + out
+    h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+    gate = jax.nn.silu(jnp.einsum("bte,ef->btf", h, layer["w_gate"]))
+    up = jnp.einsum("bte,ef->btf", h, layer["w_up"])
+    return x + jnp.einsum("btf,fe->bte", gate * up, layer["w_down"])
+
+
+def embed(model: Model, tokens):
+    return model.weights["embed"][tokens]  # [B, T, E]
+
+
+def unembed(model: Model, x):
+    """Final norm and LM head: x [..., E] -> float32 logits [..., V]."""
+    w = model.weights
+    h = rms_norm(x, w["final_norm"], model.config.rms_norm_eps)
+    lm_head = w["embed"].T if model.config.tie_word_embeddings else w["lm_head"]
+    return jnp.einsum("...e,ev->...v", h, lm_head, preferred_element_type=jnp.float32)
+
+
+def forward_prompt(model: Model, tokens, lengths):
+    """Runs a right-padded prompt batch through every layer.
+
+    tokens [B, T] int32, lengths [B] (real tokens per row; the rest is padding).
+    Returns hidden states [B, T, E] and each layer's (k, v), both [B, Hkv, T, K].
+    """
+    cfg = model.config
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x = embed(model, tokens)
+    layer_kv = []
+    for layer in model.weights["layers"]:
+        q, k, v = qkv_projection(layer, cfg, x, positions)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, K]
+        attn = prefill_attention(q.transpose(0, 2, 1, 3), k, v, lengths)  # [B, Hq, T, K]
+        x = attention_output_and_mlp(layer, cfg, x, attn.transpose(0, 2, 1, 3))
+        layer_kv.append((k, v))
+    return x, layer_kv
+
+
+@jax.jit
+def forward(model: Model, tokens):
+    """Full-sequence logits [B, T, V] for unpadded tokens [B, T] (parity tests, perplexity)."""
+    lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
+    hidden, _ = forward_prompt(model, tokens, lengths)
+    return unembed(model, hidden)
+
+
+def prefill(model: Model, cache, tokens, lengths):
+    """Runs the prompt and fills the cache.
+
+    tokens [B, T] right-padded, lengths [B]. Returns the logits [B, V] of each row's last real
+    token and the cache holding every layer's prompt K/V.
+    """
+    hidden, layer_kv = forward_prompt(model, tokens, lengths)
+    last_hidden = hidden[jnp.arange(tokens.shape[0]), lengths - 1]  # [B, E]
+    cache = tuple(c.write_prompt(k, v, lengths) for c, (k, v) in zip(cache, layer_kv))
+    return unembed(model, last_hidden), cache
+
+
+def decode_step(model: Model, cache, tokens, positions):
+    """Appends one token per row: tokens [B] at positions [B]. Returns logits [B, V] and the cache."""
+    cfg = model.config
+    x = embed(model, tokens[:, None])  # [B, 1, E]
+    new_cache = []
+    for layer, layer_cache in zip(model.weights["layers"], cache):
+        q, k, v = qkv_projection(layer, cfg, x, positions[:, None])  # [B, 1, H, K]
+        layer_cache = layer_cache.append(k[:, 0], v[:, 0])
+        attn = layer_cache.attend(q[:, 0])  # [B, Hq, K]
+        x = attention_output_and_mlp(layer, cfg, x, attn[:, None])
+        new_cache.append(layer_cache)
+    return unembed(model, x[:, 0]), tuple(new_cache)
