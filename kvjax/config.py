@@ -143,6 +143,31 @@ class ModelConfig:
     def from_json(cls, path, ignore_keys=()) -> "ModelConfig":
         return cls.from_hf(json.loads(Path(path).read_text()), ignore_keys)
 
+    def to_hf(self) -> dict:
+        """The config.json that transformers (and `from_hf`) read back as this config."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
+                    **dataclasses.asdict(self.rope_scaling)}
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        hf = {
+            "architectures": [arch], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings, "dtype": self.dtype,
+            "eos_token_id": list(self.eos_token_ids) or None,
+        }
+        if self.model_type in ("llama", "qwen3"):
+            hf["attention_bias"] = self.o_bias
+        if self.model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        return hf
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from safetensors import flax as safetensors_flax
 from safetensors import safe_open
 
 from kvjax.config import ModelConfig
-from kvjax.model import Model, init_random, layer_shapes
+from kvjax.model import Model, init_random, layer_shapes, top_shapes
 
 
 class CheckpointError(ValueError):
@@ -23,48 +24,41 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _hf_layout(cfg: ModelConfig):
-    """Maps each HF tensor name to (where it goes, its HF shape, how to convert it).
+    """Maps each HF tensor name to (layer index or None, our name, HF shape, transposed).
 
-    `where` is (layer index or None, our name). HF linear weights are [out, in]; ours are
-    [in, heads, head_dim] etc., see model.layer_shapes.
+    HF linear weights are [out, in]; ours are [in, ...] with heads split out (model.layer_shapes),
+    so ours = hf.T.reshape(our_shape) when `transposed`, else hf.reshape(our_shape).
     """
-    E, K, Hq, Hkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    transpose = lambda w: w.T
+    E, K, Hq, Hkv, F = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                        cfg.intermediate_size)
     layout = {
-        "model.embed_tokens.weight": ((None, "embed"), (cfg.vocab_size, E), None),
-        "model.norm.weight": ((None, "final_norm"), (E,), None),
+        "model.embed_tokens.weight": (None, "embed", (cfg.vocab_size, E), False),
+        "model.norm.weight": (None, "final_norm", (E,), False),
     }
     if not cfg.tie_word_embeddings:
-        layout["lm_head.weight"] = ((None, "lm_head"), (cfg.vocab_size, E), transpose)
-    per_layer = {
-        "input_layernorm.weight": ("attn_norm", None),
-        "self_attn.q_proj.weight": ("wq", lambda w: w.T.reshape(E, Hq, K)),
-        "self_attn.k_proj.weight": ("wk", lambda w: w.T.reshape(E, Hkv, K)),
-        "self_attn.v_proj.weight": ("wv", lambda w: w.T.reshape(E, Hkv, K)),
-        "self_attn.o_proj.weight": ("wo", lambda w: w.T.reshape(Hq, K, E)),
-        "self_attn.q_proj.bias": ("bq", lambda b: b.reshape(Hq, K)),
-        "self_attn.k_proj.bias": ("bk", lambda b: b.reshape(Hkv, K)),
-        "self_attn.v_proj.bias": ("bv", lambda b: b.reshape(Hkv, K)),
-        "self_attn.o_proj.bias": ("bo", None),
-        "self_attn.q_norm.weight": ("q_norm", None),
-        "self_attn.k_norm.weight": ("k_norm", None),
-        "post_attention_layernorm.weight": ("mlp_norm", None),
-        "mlp.gate_proj.weight": ("w_gate", transpose),
-        "mlp.up_proj.weight": ("w_up", transpose),
-        "mlp.down_proj.weight": ("w_down", transpose),
+        layout["lm_head.weight"] = (None, "lm_head", (cfg.vocab_size, E), True)
+    per_layer = {  # HF suffix: (our name, HF shape, transposed)
+        "input_layernorm.weight": ("attn_norm", (E,), False),
+        "self_attn.q_proj.weight": ("wq", (Hq * K, E), True),
+        "self_attn.k_proj.weight": ("wk", (Hkv * K, E), True),
+        "self_attn.v_proj.weight": ("wv", (Hkv * K, E), True),
+        "self_attn.o_proj.weight": ("wo", (E, Hq * K), True),
+        "self_attn.q_proj.bias": ("bq", (Hq * K,), False),
+        "self_attn.k_proj.bias": ("bk", (Hkv * K,), False),
+        "self_attn.v_proj.bias": ("bv", (Hkv * K,), False),
+        "self_attn.o_proj.bias": ("bo", (E,), False),
+        "self_attn.q_norm.weight": ("q_norm", (K,), False),
+        "self_attn.k_norm.weight": ("k_norm", (K,), False),
+        "post_attention_layernorm.weight": ("mlp_norm", (E,), False),
+        "mlp.gate_proj.weight": ("w_gate", (F, E), True),
+        "mlp.up_proj.weight": ("w_up", (F, E), True),
+        "mlp.down_proj.weight": ("w_down", (E, F), True),
     }
-    hf_shape = {  # HF shape of each of our tensors
-        "wq": (Hq * K, E), "wk": (Hkv * K, E), "wv": (Hkv * K, E), "wo": (E, Hq * K),
-        "bq": (Hq * K,), "bk": (Hkv * K,), "bv": (Hkv * K,),
-        "w_gate": (cfg.intermediate_size, E), "w_up": (cfg.intermediate_size, E),
-        "w_down": (E, cfg.intermediate_size),
-    }
-    wanted = layer_shapes(cfg)
+    used = layer_shapes(cfg)
     for i in range(cfg.num_layers):
-        for suffix, (name, convert) in per_layer.items():
-            if name in wanted:
-                shape = hf_shape.get(name, wanted[name])
-                layout[f"model.layers.{i}.{suffix}"] = ((i, name), shape, convert)
+        for suffix, (name, shape, transposed) in per_layer.items():
+            if name in used:
+                layout[f"model.layers.{i}.{suffix}"] = (i, name, shape, transposed)
     return layout
 
 
@@ -109,7 +103,7 @@ def load(path, dtype=None, ignore_config_keys=()) -> Model:
                     raise CheckpointError(
                         f"unexpected tensor {name!r} in {file.name}: the config "
                         f"({cfg.model_type}) does not call for it; check config.json")
-                (layer, ours), shape, convert = layout[name]
+                layer, ours, shape, transposed = layout[name]
                 got = tuple(f.get_slice(name).get_shape())
                 if got != shape:
                     raise CheckpointError(
@@ -117,7 +111,8 @@ def load(path, dtype=None, ignore_config_keys=()) -> Model:
                 array = f.get_tensor(name)
                 if dtype is not None:
                     array = array.astype(dtype)
-                array = convert(array) if convert else array
+                our_shape = (layer_shapes(cfg) if layer is not None else top_shapes(cfg))[ours]
+                array = (array.T if transposed else array).reshape(our_shape)
                 (top if layer is None else layers[layer])[ours] = array
                 seen.add(name)
     missing = [name for name in layout if name not in seen]
@@ -128,6 +123,21 @@ def load(path, dtype=None, ignore_config_keys=()) -> Model:
     dtype_name = jnp.dtype(top["embed"].dtype).name
     weights = top | {"layers": tuple(layers)}
     return Model(weights=weights, config=dataclasses.replace(cfg, dtype=dtype_name))
+
+
+def save_hf(model: Model, path) -> None:
+    """Writes the model as an HF checkpoint (config.json + model.safetensors) that both
+    transformers and `load` read."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (layer, ours, shape, transposed) in _hf_layout(model.config).items():
+        w = model.weights if layer is None else model.weights["layers"][layer]
+        array = w[ours]
+        tensors[name] = array.reshape(shape[::-1]).T if transposed else array.reshape(shape)
+    safetensors_flax.save_file(tensors, str(path / "model.safetensors"),
+                               metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(model.config.to_hf(), indent=1))
 
 
 _CONFIG_FILE = "kvjax_config.json"

@@ -1,0 +1,42 @@
+"""The `kvjax` command end to end on CPU."""
+
+import re
+
+import pytest
+import torch
+
+import kvjax
+from kvjax.cli import main
+from kvjax.tokenizer import VOCAB_SIZE, byte_tokenizer
+from tests.conftest import build_hf_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli")
+    build_hf_model("llama", vocab_size=VOCAB_SIZE).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_generate_command_matches_library(checkpoint_with_tokenizer, capsys):
+    path = checkpoint_with_tokenizer
+    main(["generate", "--model", str(path), "--prompt", "Hello kvjax", "--max-new-tokens", "7"])
+    printed = capsys.readouterr().out
+    expected = kvjax.generate(kvjax.load(path), list(b"Hello kvjax"), max_new_tokens=7).tokens[0]
+    text = byte_tokenizer().decode(expected, skip_special_tokens=True)
+    assert printed.startswith(text)
+    assert re.search(r"cache: [\d.]+ MiB allocated", printed)
+
+
+def test_generate_command_reports_bad_input(checkpoint_with_tokenizer):
+    with pytest.raises(SystemExit, match="max_new_tokens must be >= 1"):
+        main(["generate", "--model", str(checkpoint_with_tokenizer), "--prompt", "x",
+              "--max-new-tokens", "0"])
+
+
+def test_demo_runs(capsys):
+    main(["demo", "--context-tokens", "300", "--max-new-tokens", "4"])
+    printed = capsys.readouterr().out
+    assert re.search(r"prompt: \d+ tokens, passkey \d{5}", printed)
+    assert re.search(r"^full\s+[\d.]+", printed, re.M)
