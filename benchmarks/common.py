@@ -1,0 +1,50 @@
+"""Shared pieces of the GPU benchmarks: timing, the bandwidth ceiling, the JSON record."""
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_seconds(fn, *, warmup=2, reps=10):
+    """Median wall time of fn() (which must return device arrays) after warm-up."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth(gib=8):
+    """Bytes/s of a read-only XLA reduction over `gib` GiB of bf16: the ceiling decode can reach."""
+    n = gib * 2**30 // 2
+    x = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.bfloat16)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    seconds = median_seconds(lambda: total(x), reps=20)
+    del x
+    return n * 2 / seconds
+
+
+def environment():
+    dev = jax.devices()[0]
+    return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def write_result(name, record):
+    """Writes results/<name>.json here and, on the device machine, to $OUT as well."""
+    text = json.dumps(record, indent=1)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"{name}.json").write_text(text)
