@@ -1,0 +1,51 @@
+"""Diagnostics for the decode path: GEMV layouts at batch 1 and the decode loop's temp memory.
+
+    python -m benchmarks.probe_decode
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import median_seconds
+from benchmarks.model_8b import LLAMA3_8B
+from kvjax import policies
+from kvjax.generate import _decode
+from kvjax.model import init_random
+from kvjax.sampling import Sampling
+
+
+def gemv_layouts():
+    E, F = 4096, 14336
+    for M in (1, 16):
+        x = jax.random.normal(jax.random.key(0), (M, E), jnp.bfloat16)
+        w_in_out = [jax.random.normal(jax.random.key(i), (E, F), jnp.bfloat16) for i in range(8)]
+        w_out_in = [w.T.copy() for w in w_in_out]
+        f1 = jax.jit(lambda x, ws: [jnp.einsum("be,ef->bf", x, w) for w in ws])
+        f2 = jax.jit(lambda x, ws: [jnp.einsum("be,fe->bf", x, w) for w in ws])
+        nbytes = 8 * E * F * 2
+        for name, f, ws in (("[in,out]", f1, w_in_out), ("[out,in]", f2, w_out_in)):
+            s = median_seconds(lambda: f(x, ws), reps=20)
+            print(f"M={M} W{name}: {s * 1e6:.0f} us, {nbytes / s / 1e12:.2f} TB/s", flush=True)
+
+
+def decode_memory(batch, context, layers=2):
+    cfg = dataclasses.replace(LLAMA3_8B, num_layers=layers)
+    model = jax.eval_shape(lambda: init_random(cfg, jax.random.key(0)))
+    cache = jax.eval_shape(lambda: policies.full().allocate(cfg, batch, context, jnp.bfloat16))
+    logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32)
+    pos = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    compiled = _decode.lower(model, cache, logits, pos, jax.random.key(0), num_tokens=9,
+                             sampling=Sampling(), eos_ids=()).compile()
+    mem = compiled.memory_analysis()
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    print(f"decode B{batch} S{context} L{layers}: cache {cache_bytes / 2**30:.2f} GiB, "
+          f"temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, alias {mem.alias_size_in_bytes / 2**30:.2f} GiB",
+          flush=True)
+
+
+if __name__ == "__main__":
+    decode_memory(16, 32768)
+    decode_memory(1, 4096)
+    gemv_layouts()
