@@ -16,18 +16,18 @@ from kvjax.model import init_random
 from kvjax.sampling import Sampling
 
 
-def gemv_layouts():
-    E, F = 4096, 14336
+def gemv_shapes():
+    """Batch-1 and batch-16 matmuls of the 8B model's projection shapes (unfused and fused)."""
+    shapes = {"q": (4096, 4096), "qkv": (4096, 6144), "gate": (4096, 14336),
+              "gate_up": (4096, 28672), "down": (14336, 4096)}
     for M in (1, 16):
-        x = jax.random.normal(jax.random.key(0), (M, E), jnp.bfloat16)
-        w_in_out = [jax.random.normal(jax.random.key(i), (E, F), jnp.bfloat16) for i in range(8)]
-        w_out_in = [w.T.copy() for w in w_in_out]
-        f1 = jax.jit(lambda x, ws: [jnp.einsum("be,ef->bf", x, w) for w in ws])
-        f2 = jax.jit(lambda x, ws: [jnp.einsum("be,fe->bf", x, w) for w in ws])
-        nbytes = 8 * E * F * 2
-        for name, f, ws in (("[in,out]", f1, w_in_out), ("[out,in]", f2, w_out_in)):
+        for name, (E, F) in shapes.items():
+            x = jax.random.normal(jax.random.key(0), (M, E), jnp.bfloat16)
+            ws = [jax.random.normal(jax.random.key(i), (E, F), jnp.bfloat16) for i in range(6)]
+            f = jax.jit(lambda x, ws: [jnp.einsum("be,ef->bf", x, w) for w in ws])
             s = median_seconds(lambda: f(x, ws), reps=20)
-            print(f"M={M} W{name}: {s * 1e6:.0f} us, {nbytes / s / 1e12:.2f} TB/s", flush=True)
+            print(f"M={M} {name} {E}x{F}: {s / 6 * 1e6:.0f} us, {6 * E * F * 2 / s / 1e12:.2f} TB/s",
+                  flush=True)
 
 
 def decode_memory(batch, context, layers=2):
@@ -46,6 +46,7 @@ def decode_memory(batch, context, layers=2):
 
 
 if __name__ == "__main__":
-    decode_memory(16, 32768)
-    decode_memory(1, 4096)
-    gemv_layouts()
+    import sys
+    if "--memory" in sys.argv:
+        decode_memory(16, 32768)
+    gemv_shapes()
