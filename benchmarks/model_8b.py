@@ -26,13 +26,18 @@ LLAMA3_8B = ModelConfig(
 
 
 def filled_cache(policy, cfg, batch, context, capacity, key):
-    """A cache holding `context` random tokens per row (decode speed does not depend on values)."""
-    cache = policy.allocate(cfg, batch, capacity, jnp.bfloat16)
-    fill = jax.jit(lambda c, k: c.replace(
-        k=jax.random.normal(k, c.k.shape, jnp.bfloat16),
-        v=jax.random.normal(jax.random.fold_in(k, 1), c.v.shape, jnp.bfloat16),
-        lengths=jnp.full_like(c.lengths, context)), donate_argnums=0)
-    return tuple(fill(c, jax.random.fold_in(key, i)) for i, c in enumerate(cache))
+    """A cache holding `context` random tokens per row (decode speed does not depend on values).
+    Built layer by layer, each layer's arrays made random in place of the empty ones."""
+    empty = jax.eval_shape(lambda: policy.allocate(cfg, batch, capacity, jnp.bfloat16))
+
+    @jax.jit
+    def random_layer(key):
+        c = empty[0]
+        return type(c)(k=jax.random.normal(key, c.k.shape, jnp.bfloat16),
+                       v=jax.random.normal(jax.random.fold_in(key, 1), c.v.shape, jnp.bfloat16),
+                       lengths=jnp.full(c.lengths.shape, context, jnp.int32))
+
+    return tuple(random_layer(jax.random.fold_in(key, i)) for i in range(len(empty)))
 
 
 def bench_decode(model, policy, batch, context, steps, bandwidth):

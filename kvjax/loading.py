@@ -12,7 +12,7 @@ from safetensors import flax as safetensors_flax
 from safetensors import safe_open
 
 from kvjax.config import ModelConfig
-from kvjax.model import Model, init_random, layer_shapes, top_shapes
+from kvjax.model import Model, fuse_layer, init_random, layer_shapes, split_layer, top_shapes
 
 
 class CheckpointError(ValueError):
@@ -121,7 +121,7 @@ def load(path, dtype=None, ignore_config_keys=()) -> Model:
             f"the checkpoint is missing {len(missing)} tensor(s) the config needs, e.g. "
             f"{missing[:5]}")
     dtype_name = jnp.dtype(top["embed"].dtype).name
-    weights = top | {"layers": tuple(layers)}
+    weights = top | {"layers": tuple(fuse_layer(parts) for parts in layers)}
     return Model(weights=weights, config=dataclasses.replace(cfg, dtype=dtype_name))
 
 
@@ -131,8 +131,9 @@ def save_hf(model: Model, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
+    layers = [split_layer(layer, model.config) for layer in model.weights["layers"]]
     for name, (layer, ours, shape, transposed) in _hf_layout(model.config).items():
-        w = model.weights if layer is None else model.weights["layers"][layer]
+        w = model.weights if layer is None else layers[layer]
         array = w[ours]
         tensors[name] = array.reshape(shape[::-1]).T if transposed else array.reshape(shape)
     safetensors_flax.save_file(tensors, str(path / "model.safetensors"),

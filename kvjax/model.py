@@ -26,8 +26,38 @@ class Model:
     config: ModelConfig = struct.field(pytree_node=False)
 
 
+# Projections that read the same input are stored concatenated, so decode runs one larger
+# matmul instead of several small ones (measured on an H200 at batch 1: q alone 0.74 TB/s,
+# fused qkv 1.26 TB/s; gate alone 1.99, fused gate_up 2.39).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fuse_layer(parts: dict) -> dict:
+    """Per-projection weights (as in `layer_shapes`) -> the stored layer with fused projections."""
+    layer = {name: w for name, w in parts.items() if not any(name in p for p in FUSED.values())}
+    for fused, names in FUSED.items():
+        if names[0] in parts:
+            axis = 0 if fused == "bqkv" else 1  # the heads axis, or the MLP's output axis
+            layer[fused] = jnp.concatenate([parts[n] for n in names], axis=axis)
+    return layer
+
+
+def split_layer(layer: dict, cfg: ModelConfig) -> dict:
+    """The inverse of `fuse_layer`."""
+    shapes = layer_shapes(cfg)
+    parts = {name: w for name, w in layer.items() if name not in FUSED}
+    for fused, names in FUSED.items():
+        if fused in layer:
+            axis = 0 if fused == "bqkv" else 1
+            sizes = [shapes[n][axis] for n in names]
+            offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            for n, lo, hi in zip(names, offsets, offsets[1:]):
+                parts[n] = jax.lax.slice_in_dim(layer[fused], lo, hi, axis=axis)
+    return parts
+
+
 def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of one decoder layer's weights, in the layout the forward pass uses."""
+    """Shapes of one decoder layer's weights, per projection (before `fuse_layer`)."""
     E, K = cfg.hidden_size, cfg.head_dim
     shapes = {
         "attn_norm": (E,),
@@ -73,7 +103,7 @@ def init_random(cfg: ModelConfig, key: jax.Array, dtype=None) -> Model:
 
     top_key, *layer_keys = jax.random.split(key, cfg.num_layers + 1)
     weights = init_dict(top_key, top_shapes(cfg))
-    weights["layers"] = tuple(init_dict(k, layer_shapes(cfg)) for k in layer_keys)
+    weights["layers"] = tuple(fuse_layer(init_dict(k, layer_shapes(cfg))) for k in layer_keys)
     return Model(weights=weights, config=cfg)
 
 
@@ -115,11 +145,10 @@ def apply_rope(x, positions, inv_freq):
 def qkv_projection(layer, cfg: ModelConfig, x, positions):
     """x [B, T, E] -> q [B, T, Hq, K], k and v [B, T, Hkv, K], with biases, q/k norms and RoPE."""
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("bte,ehk->bthk", h, layer["wq"])
-    k = jnp.einsum("bte,ehk->bthk", h, layer["wk"])
-    v = jnp.einsum("bte,ehk->bthk", h, layer["wv"])
+    qkv = jnp.einsum("bte,ehk->bthk", h, layer["wqkv"])  # [B, T, Hq + 2 Hkv, K]
     if cfg.qkv_bias:
-        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+        qkv = qkv + layer["bqkv"]
+    q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
@@ -134,9 +163,8 @@ def attention_output_and_mlp(layer, cfg: ModelConfig, x, attn):
         out = out + layer["bo"]
     x = x + out
     h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-    gate = jax.nn.silu(jnp.einsum("bte,ef->btf", h, layer["w_gate"]))
-    up = jnp.einsum("bte,ef->btf", h, layer["w_up"])
-    return x + jnp.einsum("btf,fe->bte", gate * up, layer["w_down"])
+    gate, up = jnp.split(jnp.einsum("bte,ef->btf", h, layer["w_gate_up"]), 2, axis=-1)
+    return x + jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, layer["w_down"])
 
 
 def embed(model: Model, tokens):
