@@ -26,9 +26,8 @@ DEMO_CONFIG = ModelConfig(
 
 def random_checkpoint(path: Path) -> Path:
     """Writes the demo model (random weights, byte tokenizer) as an HF checkpoint at `path`."""
-    if not (path / "config.json").exists():
-        save_hf(init_random(DEMO_CONFIG, jax.random.key(0)), path)
-        byte_tokenizer().save_pretrained(path)
+    save_hf(init_random(DEMO_CONFIG, jax.random.key(0)), path)
+    byte_tokenizer().save_pretrained(path)
     return path
 
 
@@ -44,13 +43,14 @@ def passkey_prompt(num_filler_sentences: int, seed: int = 0) -> tuple[str, str]:
 def run(context_tokens: int = 2048, max_new_tokens: int = 16) -> None:
     from transformers import AutoTokenizer
 
-    path = random_checkpoint(Path(tempfile.gettempdir()) / "kvjax-demo-random-llama")
-    model = load(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with tempfile.TemporaryDirectory(prefix="kvjax-demo-") as folder:
+        path = random_checkpoint(Path(folder))
+        model = load(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     text, passkey = passkey_prompt(max(1, context_tokens // 76))
     ids = tokenizer(text).input_ids
-    print(f"model: {path} (random weights: answers are not meaningful until the trained "
-          "reference model ships)")
+    print("model: a random-weight Llama (4 layers, GQA 8/2) written as an HF checkpoint; its "
+          "answers are not meaningful until the trained reference model ships")
     print(f"prompt: {len(ids)} tokens, passkey {passkey}\n")
     print(f"{'policy':<10} {'cache MiB':>10} {'vs bf16':>8} {'prefill ms':>11} {'decode tok/s':>13}  answer")
     for name in sorted(policies.PRESETS):
