@@ -1,0 +1,90 @@
+"""Group quantization and packing against a float64 numpy implementation of the formulas."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvjax.quantization import dequantize, pack, quantize, unpack
+
+
+def to_bf16(x, direction):
+    """float64 -> the nearest bfloat16 on the side `direction` (-inf or +inf), as float64."""
+    r = x.astype(ml_dtypes.bfloat16)
+    off = r.astype(np.float64) > x if direction < 0 else r.astype(np.float64) < x
+    toward = np.full(r.shape, direction, ml_dtypes.bfloat16)
+    return np.where(off, np.nextafter(r, toward), r).astype(np.float64)
+
+
+def quantize64(x, bits, group):
+    """The formulas of methods.md in float64; zero stored rounded down, scale rounded up."""
+    levels = 2**bits - 1
+    g = x.astype(np.float64).reshape(*x.shape[:-1], -1, group)
+    lo, hi = g.min(-1), g.max(-1)
+    zero = to_bf16(lo, -np.inf)
+    scale = to_bf16(hi / levels - zero / levels, np.inf)
+    ratio = (g - zero[..., None]) / np.where(scale > 0, scale, 1.0)[..., None]
+    codes = np.clip(np.round(ratio), 0, levels)
+    x_hat = codes * scale[..., None] + zero[..., None]
+    return codes.reshape(x.shape), x_hat.reshape(x.shape), ratio.reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_quantize_matches_float64_formulas(rng, bits, dtype):
+    group = 16
+    x = (rng.standard_normal((3, 5, 7 * group)) * rng.uniform(0.1, 10)).astype(dtype)
+    codes, scale, zero = quantize(x, bits, group)
+    x_hat = np.asarray(dequantize(codes, scale, zero, group), np.float64)
+    ref_codes, ref_hat, ratio = quantize64(np.asarray(x, np.float64), bits, group)
+    # float32 and float64 may round differently only where the ratio sits on a half step.
+    on_tie = np.abs(ratio - np.floor(ratio) - 0.5) < 1e-4
+    np.testing.assert_array_equal(np.asarray(codes)[~on_tie], ref_codes[~on_tie])
+    np.testing.assert_allclose(x_hat[~on_tie], ref_hat[~on_tie], rtol=1e-6, atol=1e-6)
+    # Nothing clips: every element lies within half a stored step of its reconstruction.
+    step = np.repeat(np.asarray(scale, np.float64), group, axis=-1)
+    err = np.abs(x_hat - np.asarray(x, np.float64))
+    assert (err <= 0.5 * step * (1 + 1e-5) + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_degenerate_groups_stay_finite(dtype):
+    group = 8
+    x = np.zeros((4, 4 * group), np.float32)
+    x[1] = 0.75  # constant group: dequantizes to itself
+    x[2, ::3] = 6e4 if dtype == np.float16 else 3e38  # large outliers
+    x[3, :group] = -3e4 if dtype == np.float16 else -3e38
+    x[3, group:] = np.linspace(-1, 1, 3 * group)
+    x = x.astype(dtype)
+    for bits in (2, 4, 8):
+        codes, scale, zero = quantize(x, bits, group)
+        x_hat = np.asarray(dequantize(codes, scale, zero, group))
+        assert np.isfinite(x_hat).all() and np.isfinite(np.asarray(scale, np.float32)).all()
+        np.testing.assert_array_equal(x_hat[0], 0.0)
+        np.testing.assert_array_equal(x_hat[1], 0.75)
+
+
+def test_bad_quantizer_arguments():
+    x = np.zeros((2, 24), np.float32)
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 4, 8\), got 3"):
+        quantize(x, 3, 8)
+    with pytest.raises(ValueError, match=r"quantized axis \(24\) must be a multiple of the group size \(16\)"):
+        quantize(x, 2, 16)
+    with pytest.raises(ValueError, match="packed axis"):
+        pack(np.zeros((2, 6), np.uint8), 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 3), units=st.integers(1, 9),
+       seed=st.integers(0, 2**32 - 1))
+def test_pack_unpack_round_trip(bits, rows, units, seed):
+    n = units * (8 // bits)
+    codes = np.random.default_rng(seed).integers(0, 2**bits, (rows, n)).astype(np.uint8)
+    packed = np.asarray(pack(codes, bits))
+    assert packed.dtype == np.uint8 and packed.shape == (rows, n * bits // 8)
+    np.testing.assert_array_equal(np.asarray(unpack(packed, bits)), codes)
+    # The layout is the documented one: code i of a byte sits at bits [i*b, (i+1)*b).
+    per_byte = 8 // bits
+    expected = sum(codes[:, i::per_byte].astype(np.int64) << (i * bits) for i in range(per_byte))
+    np.testing.assert_array_equal(packed, expected)
