@@ -19,7 +19,7 @@ class Model:
     """What `kvjax.load` returns: weights (a pytree of device arrays) and their static config.
 
     weights = {"embed": [V, E], "final_norm": [E], "lm_head": [E, V] (absent when tied),
-               "layers": tuple of per-layer dicts, see `layer_shapes`}
+               "layers": tuple of per-layer dicts: `layer_shapes` joined by `fuse_layer`}
     """
 
     weights: dict
@@ -27,8 +27,9 @@ class Model:
 
 
 # Projections that read the same input are stored concatenated, so decode runs one larger
-# matmul instead of several small ones (measured on an H200 at batch 1: q alone 0.74 TB/s,
-# fused qkv 1.26 TB/s; gate alone 1.99, fused gate_up 2.39).
+# matmul instead of several small ones: XLA's batch-1 matmuls read small weights far below the
+# memory ceiling (benchmarks/results/probe_decode.json); fusing took the 8B-shaped model's batch-1
+# 4K decode step from 7.9 to 4.9 ms on an H200 (benchmarks/RESULTS.md).
 FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
 
 
