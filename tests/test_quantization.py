@@ -17,15 +17,19 @@ def to_bf16(x, direction):
     return np.where(off, np.nextafter(r, toward), r).astype(np.float64)
 
 
-def quantize64(x, bits, group):
-    """The formulas of methods.md in float64; zero stored rounded down, scale rounded up."""
+def stats64(x, bits, group):
+    """Zero and scale of the formulas in float64, stored rounded down / up to bfloat16."""
     levels = 2**bits - 1
     g = x.astype(np.float64).reshape(*x.shape[:-1], -1, group)
-    lo, hi = g.min(-1), g.max(-1)
-    zero = to_bf16(lo, -np.inf)
-    scale = to_bf16(hi / levels - zero / levels, np.inf)
+    zero = to_bf16(g.min(-1), -np.inf)
+    return zero, to_bf16(g.max(-1) / levels - zero / levels, np.inf)
+
+
+def codes64(x, zero, scale, bits, group):
+    """Codes and reconstruction of the formulas in float64, given the stored zero and scale."""
+    g = x.astype(np.float64).reshape(*x.shape[:-1], -1, group)
     ratio = (g - zero[..., None]) / np.where(scale > 0, scale, 1.0)[..., None]
-    codes = np.clip(np.round(ratio), 0, levels)
+    codes = np.clip(np.round(ratio), 0, 2**bits - 1)
     x_hat = codes * scale[..., None] + zero[..., None]
     return codes.reshape(x.shape), x_hat.reshape(x.shape), ratio.reshape(x.shape)
 
@@ -35,17 +39,21 @@ def quantize64(x, bits, group):
 def test_quantize_matches_float64_formulas(rng, bits, dtype):
     group = 16
     x = (rng.standard_normal((3, 5, 7 * group)) * rng.uniform(0.1, 10)).astype(dtype)
+    x64 = np.asarray(x, np.float64)
     codes, scale, zero = quantize(x, bits, group)
-    x_hat = np.asarray(dequantize(codes, scale, zero, group), np.float64)
-    ref_codes, ref_hat, ratio = quantize64(np.asarray(x, np.float64), bits, group)
-    # float32 and float64 may round differently only where the ratio sits on a half step.
-    on_tie = np.abs(ratio - np.floor(ratio) - 0.5) < 1e-4
+    scale, zero = np.asarray(scale, np.float64), np.asarray(zero, np.float64)
+    ref_zero, ref_scale = stats64(x64, bits, group)
+    np.testing.assert_array_equal(zero, ref_zero)
+    # float32 and float64 may land on adjacent bfloat16 values when rounding the scale up.
+    np.testing.assert_allclose(scale, ref_scale, rtol=2**-7, atol=0)
+    ref_codes, ref_hat, ratio = codes64(x64, zero, scale, bits, group)
+    on_tie = np.abs(ratio - np.floor(ratio) - 0.5) < 1e-4  # float32 may round a half either way
     np.testing.assert_array_equal(np.asarray(codes)[~on_tie], ref_codes[~on_tie])
+    x_hat = np.asarray(dequantize(codes, scale, zero, group), np.float64)
     np.testing.assert_allclose(x_hat[~on_tie], ref_hat[~on_tie], rtol=1e-6, atol=1e-6)
     # Nothing clips: every element lies within half a stored step of its reconstruction.
-    step = np.repeat(np.asarray(scale, np.float64), group, axis=-1)
-    err = np.abs(x_hat - np.asarray(x, np.float64))
-    assert (err <= 0.5 * step * (1 + 1e-5) + 1e-6).all()
+    step = np.repeat(scale, group, axis=-1)
+    assert (np.abs(x_hat - x64) <= 0.5 * step * (1 + 1e-5) + 1e-6).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
