@@ -31,7 +31,6 @@ def read_bandwidth(gib=8):
     x = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.bfloat16)
     total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
     seconds = median_seconds(lambda: total(x), reps=20)
-    del x
     return n * 2 / seconds
 
 

@@ -59,7 +59,6 @@ def bench_decode(model, policy, batch, context, steps, bandwidth):
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.weights)) - model.weights["embed"].nbytes
     kv_bytes = sum(c.k.nbytes + c.v.nbytes for c in state["cache"])  # the kernel reads all capacity
     floor = (weight_bytes + kv_bytes) / bandwidth
-    del state
     return {"batch": batch, "context": context, "step_ms": seconds * 1e3,
             "tokens_per_s": batch / seconds, "floor_ms": floor * 1e3,
             "x_floor": seconds / floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import torch
 
 import kvjax
 from kvjax.cli import main

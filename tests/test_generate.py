@@ -1,6 +1,5 @@
 """Batching, stopping, sampling and the cache accounting of kvjax.generate."""
 
-import numpy as np
 import pytest
 
 import kvjax
