@@ -1,14 +1,21 @@
-"""Attention over the prompt and over a dense cache, in plain jnp (the reference the kernels match).
+"""Attention over the prompt and over a cache, in plain jnp (the references the kernels match).
 
 GQA is computed with the query heads folded into [Hkv, g] groups, so K/V are never repeated.
 Softmax runs in float32 whatever the input dtype.
+
+Decode attention is computed in parts, as flash-decoding does: each part of the cache (a split
+of the quantized tokens, the full-precision residual) gives an unnormalized output o, its row
+maximum m and its softmax denominator l, and `merge_partials` combines any number of parts.
+The Pallas kernels return the same triple, so one merge serves kernels and references.
 """
 
 import jax
 import jax.numpy as jnp
 
+EMPTY_MAX = -1e30  # the running maximum of a part with no valid token: finite, so exp() is 0
 
-def _group_queries(q, num_kv_heads):
+
+def group_queries(q, num_kv_heads):
     """[B, Hq, ..., K] -> [B, Hkv, g, ..., K]."""
     B, Hq = q.shape[:2]
     return q.reshape(B, num_kv_heads, Hq // num_kv_heads, *q.shape[2:])
@@ -21,7 +28,7 @@ def prefill_attention(q, k, v, lengths):
     Returns [B, Hq, T, K] in q's dtype. Padded query rows attend causally too, so they stay finite.
     """
     B, Hq, T, K = q.shape
-    qg = _group_queries(q, k.shape[1])  # [B, Hkv, g, T, K]
+    qg = group_queries(q, k.shape[1])  # [B, Hkv, g, T, K]
     scores = jnp.einsum("bhgqk,bhsk->bhgqs", qg, k, preferred_element_type=jnp.float32)
     scores = scores * K ** -0.5
     query_pos = jnp.arange(T)[:, None]
@@ -34,18 +41,38 @@ def prefill_attention(q, k, v, lengths):
     return out.reshape(B, Hq, T, K)
 
 
+def decode_partials(q, k, v, lengths):
+    """One part of decode attention: q [B, Hq, K] over k, v [B, Hkv, S, K], of which the first
+    lengths[b, h] entries are valid. Returns o [B, Hkv, 1, g, K], m and l [B, Hkv, 1, g], float32.
+    """
+    K = q.shape[-1]
+    qg = group_queries(q, k.shape[1])  # [B, Hkv, g, K]
+    scores = jnp.einsum("bhgk,bhsk->bhgs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * K ** -0.5
+    valid = (jnp.arange(k.shape[2])[None, None, :] < lengths[:, :, None])[:, :, None]  # [B,Hkv,1,S]
+    m = jnp.max(jnp.where(valid, scores, EMPTY_MAX), axis=-1)  # [B, Hkv, g]
+    p = jnp.where(valid, jnp.exp(scores - m[..., None]), 0.0)
+    o = jnp.einsum("bhgs,bhsk->bhgk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o[:, :, None], m[:, :, None], p.sum(-1)[:, :, None]
+
+
+def merge_partials(parts, dtype):
+    """Parts (o [B, Hkv, P, g, K], m and l [B, Hkv, P, g]) of the same queries -> [B, Hq, K]."""
+    o = jnp.concatenate([p[0] for p in parts], axis=2)
+    m = jnp.concatenate([p[1] for p in parts], axis=2)
+    l = jnp.concatenate([p[2] for p in parts], axis=2)
+    weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, Hkv, P, g]
+    num = jnp.einsum("bhpg,bhpgk->bhgk", weight, o)
+    den = jnp.einsum("bhpg,bhpg->bhg", weight, l)[..., None]
+    out = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)  # no valid token: zeros
+    B, Hkv, g, K = out.shape
+    return out.reshape(B, Hkv * g, K).astype(dtype)
+
+
 def decode_attention(q, k, v, lengths):
     """One new query per row over a dense cache.
 
     q [B, Hq, K]; k, v [B, Hkv, S, K] with the first lengths[b, h] entries valid; lengths [B, Hkv].
     Returns [B, Hq, K] in q's dtype.
     """
-    B, Hq, K = q.shape
-    qg = _group_queries(q, k.shape[1])  # [B, Hkv, g, K]
-    scores = jnp.einsum("bhgk,bhsk->bhgs", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * K ** -0.5
-    valid = jnp.arange(k.shape[2])[None, None, :] < lengths[:, :, None]  # [B, Hkv, S]
-    scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgs,bhsk->bhgk", probs, v)
-    return out.reshape(B, Hq, K)
+    return merge_partials([decode_partials(q, k, v, lengths)], q.dtype)

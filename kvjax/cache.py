@@ -3,13 +3,48 @@
 Every format keeps explicit per-(batch, KV head) lengths, so heads may hold different numbers of
 tokens (eviction and per-head sparsity need that). Positions are not stored: keys are cached after
 RoPE. A cache is a tuple with one layer cache per decoder layer.
+
+On the GPU, attention and quantization run through the Pallas kernels of pallas_kernels/; on
+other backends (and for shapes the kernels do not take) through their jnp references.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import decode_attention
+from kvjax.attention import decode_partials, merge_partials
+from kvjax.quantization import QuantSpec, dequantize_tokens, quantize_tokens
+from pallas_kernels import decode_attention as decode_kernel
+from pallas_kernels.quantize import quantize_pack
+
+
+def use_kernels(head_dim: int, *specs: QuantSpec | None) -> bool:
+    """Whether the Pallas kernels run here: on a GPU, for heads whose bit fields are at least
+    16 channels wide and a power of two (Triton's dot and block-shape rules)."""
+    widths = [head_dim // (1 if s is None else s.codes_per_byte) for s in specs]
+    return jax.default_backend() == "gpu" and all(w >= 16 and w & (w - 1) == 0 for w in widths)
+
+
+def _partials(q, k_parts, v_parts, lengths, k_spec=None, v_spec=None):
+    """Decode-attention parts of q over a dense (k_parts = (k,)) or packed cache."""
+    if use_kernels(q.shape[-1], k_spec, v_spec):
+        return decode_kernel.decode_partials(q, k_parts, v_parts, lengths,
+                                             k_spec=k_spec, v_spec=v_spec)
+    if k_spec is not None:
+        k_parts = (dequantize_tokens(*k_parts, k_spec, q.dtype),)
+        v_parts = (dequantize_tokens(*v_parts, v_spec, q.dtype),)
+    return decode_partials(q, k_parts[0], v_parts[0], lengths)
+
+
+def _quantize(x, spec: QuantSpec):
+    """x [B, Hkv, S, D] -> (codes, scale, zero) in the cache layout."""
+    if use_kernels(x.shape[-1], spec):
+        return quantize_pack(x, spec)
+    return quantize_tokens(x, spec)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @struct.dataclass
@@ -51,7 +86,138 @@ class DenseLayerCache:
 
     def attend(self, q):
         """q [B, Hq, K] over the cached tokens -> [B, Hq, K]."""
-        return decode_attention(q, self.k, self.v, self.lengths)
+        return merge_partials([_partials(q, (self.k,), (self.v,), self.lengths)], q.dtype)
+
+
+@struct.dataclass
+class QuantizedLayerCache:
+    """Low-bit K/V of one layer (KIVI, MiniKV, LeanKV's tiers) plus a full-precision residual.
+
+    The quantized store holds packed codes and bfloat16 scales and zeros in the layout of
+    kvjax.quantization.quantize_tokens; nothing else of the quantized tokens is kept. New tokens
+    go to the residual; when it is full it is quantized and flushed whole (it holds whole key
+    groups), before the next token is written, so attention always sees the newest token at
+    full precision. Per (batch, head), the tokens are the first num_quantized of the store
+    followed by the first num_residual of the residual.
+    """
+
+    k_codes: jax.Array  # [B, Hkv, S, K * k_bits // 8] uint8
+    k_scale: jax.Array  # [B, Hkv, *k_spec.stats_shape(S, K)] bf16
+    k_zero: jax.Array
+    v_codes: jax.Array  # [B, Hkv, S, K * v_bits // 8] uint8
+    v_scale: jax.Array  # [B, Hkv, *v_spec.stats_shape(S, K)] bf16
+    v_zero: jax.Array
+    k_residual: jax.Array  # [B, Hkv, R, K] model dtype
+    v_residual: jax.Array
+    num_quantized: jax.Array  # [B, Hkv] int32, a multiple of the key group
+    num_residual: jax.Array  # [B, Hkv] int32, in [0, R]
+    k_spec: QuantSpec = struct.field(pytree_node=False)
+    v_spec: QuantSpec = struct.field(pytree_node=False)
+
+    @classmethod
+    def allocate(cls, batch, num_kv_heads, capacity, head_dim, dtype, k_spec, v_spec, residual):
+        # The store is a whole number of kernel blocks (64 tokens, or one key group if larger).
+        store = _round_up(capacity, max(64, k_spec.token_group))
+        lead = (batch, num_kv_heads)
+
+        def quantized(spec):
+            stats = jnp.zeros((*lead, *spec.stats_shape(store, head_dim)), jnp.bfloat16)
+            codes = jnp.zeros((*lead, store, head_dim // spec.codes_per_byte), jnp.uint8)
+            return codes, stats, stats.copy()
+
+        k_codes, k_scale, k_zero = quantized(k_spec)
+        v_codes, v_scale, v_zero = quantized(v_spec)
+        residual_kv = jnp.zeros((*lead, residual, head_dim), dtype)
+        counts = jnp.zeros(lead, jnp.int32)
+        return cls(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, residual_kv,
+                   residual_kv.copy(), counts, counts.copy(), k_spec, v_spec)
+
+    @property
+    def residual(self) -> int:
+        return self.k_residual.shape[2]
+
+    @property
+    def lengths(self):
+        return self.num_quantized + self.num_residual
+
+    def _k_parts(self):
+        return self.k_codes, self.k_scale, self.k_zero
+
+    def _v_parts(self):
+        return self.v_codes, self.v_scale, self.v_zero
+
+    def write_prompt(self, k, v, lengths):
+        """Stores a right-padded prompt's k, v [B, Hkv, T, K]; lengths [B] real tokens per row.
+
+        Each row keeps its last tokens in the residual, as many as fit in whole key groups
+        (more than R - group, at most R), and quantizes the rest.
+        """
+        T, group, R = k.shape[2], self.k_spec.token_group, self.residual
+        num_quantized = jnp.maximum(lengths - R + group - 1, 0) // group * group  # [B]
+        parts = []
+        for x, spec, old in ((k, self.k_spec, self._k_parts()), (v, self.v_spec, self._v_parts())):
+            new = _quantize(_round_tokens(x, group), spec)
+            parts.append([o.at[:, :, :n.shape[2]].set(n) for o, n in zip(old, new)])
+        take = jnp.minimum(num_quantized[:, None] + jnp.arange(R)[None, :], T - 1)  # [B, R]
+        take = take[:, None, :, None]
+
+        def tail(x):  # each row's tokens [num_quantized, num_quantized + R) -> [B, Hkv, R, K]
+            return jnp.take_along_axis(x, take, axis=2).astype(self.k_residual.dtype)
+
+        shape = self.num_quantized.shape
+        return self.replace(
+            k_codes=parts[0][0], k_scale=parts[0][1], k_zero=parts[0][2],
+            v_codes=parts[1][0], v_scale=parts[1][1], v_zero=parts[1][2],
+            k_residual=tail(k), v_residual=tail(v),
+            num_quantized=jnp.broadcast_to(num_quantized[:, None], shape).astype(jnp.int32),
+            num_residual=jnp.broadcast_to((lengths - num_quantized)[:, None], shape).astype(jnp.int32),
+        )
+
+    def _flush(self):
+        """Quantizes the residual of every head whose residual is full into its store."""
+        full = self.num_residual == self.residual  # [B, Hkv]
+        start = self.num_quantized
+        updated = {}
+        for name, x, spec in (("k", self.k_residual, self.k_spec), ("v", self.v_residual, self.v_spec)):
+            new = _quantize(x, spec)
+            stats_start = start // spec.group if spec.per_channel else start  # a row per group
+            for part, n, row in zip(("codes", "scale", "zero"), new, (start, stats_start, stats_start)):
+                updated[f"{name}_{part}"] = _write_rows(getattr(self, f"{name}_{part}"), n, row, full)
+        return self.replace(**updated, num_quantized=jnp.where(full, start + self.residual, start),
+                            num_residual=jnp.where(full, 0, self.num_residual))
+
+    def append(self, k, v):
+        """Writes one token's k, v [B, Hkv, K] to the residual, flushing full residuals first."""
+        cache = jax.lax.cond(jnp.any(self.num_residual == self.residual),
+                             QuantizedLayerCache._flush, lambda c: c, self)
+        B, H = cache.num_residual.shape
+        b, h, n = jnp.arange(B)[:, None], jnp.arange(H)[None, :], cache.num_residual
+        return cache.replace(
+            k_residual=cache.k_residual.at[b, h, n].set(k.astype(cache.k_residual.dtype)),
+            v_residual=cache.v_residual.at[b, h, n].set(v.astype(cache.v_residual.dtype)),
+            num_residual=n + 1,
+        )
+
+    def attend(self, q):
+        """q [B, Hq, K] over the quantized tokens and the residual -> [B, Hq, K]."""
+        quantized = _partials(q, self._k_parts(), self._v_parts(), self.num_quantized,
+                              self.k_spec, self.v_spec)
+        residual = _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)
+        return merge_partials([quantized, residual], q.dtype)
+
+
+def _round_tokens(x, multiple: int):
+    """Pads the token axis of x [B, Hkv, T, K] with zeros to a multiple of `multiple`."""
+    T = x.shape[2]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, _round_up(T, multiple) - T), (0, 0)))
+
+
+def _write_rows(store, new, start, where):
+    """store [B, Hkv, N, X] with new [B, Hkv, n, X] written at row start[b, h] where where[b, h]."""
+    def one(store, new, start, where):  # [N, X], [n, X], [], []
+        old = jax.lax.dynamic_slice_in_dim(store, start, new.shape[0])
+        return jax.lax.dynamic_update_slice_in_dim(store, jnp.where(where, new, old), start, 0)
+    return jax.vmap(jax.vmap(one))(store, new, start, where)
 
 
 def cache_bytes(cache) -> int:

@@ -92,7 +92,8 @@ def test_pack_unpack_round_trip(bits, rows, units, seed):
     packed = np.asarray(pack(codes, bits))
     assert packed.dtype == np.uint8 and packed.shape == (rows, n * bits // 8)
     np.testing.assert_array_equal(np.asarray(unpack(packed, bits)), codes)
-    # The layout is the documented one: code i of a byte sits at bits [i*b, (i+1)*b).
-    per_byte = 8 // bits
-    expected = sum(codes[:, i::per_byte].astype(np.int64) << (i * bits) for i in range(per_byte))
+    # The layout is the documented planar one: byte c holds codes j*M + c at bits [j*b, (j+1)*b).
+    per_byte, m = 8 // bits, n * bits // 8
+    expected = sum(codes[:, j * m:(j + 1) * m].astype(np.int64) << (j * bits)
+                   for j in range(per_byte))
     np.testing.assert_array_equal(packed, expected)

@@ -1,0 +1,169 @@
+"""Decode-attention kernels against the bandwidth ceiling and the bf16 baselines.
+
+Shapes: Hq=32, Hkv=8, D=128 (Llama-3-8B's attention) at B16 x 4K, B16 x 32K and B1 x 128K,
+every head full. In one run: a read-only reduction for the ceiling; XLA einsum decode,
+jax.nn.dot_product_attention (cuDNN where it runs) and PyTorch's scaled_dot_product_attention as
+bf16 baselines; our bf16 kernel; our 2-bit and 4-bit KIVI kernels (G32, 128-token residual,
+timed as the whole attention op: kernel, residual and merge) and LeanKV's K8V4 tier. Bytes
+moved count what each must read: packed codes, scales, zeros, residual and queries.
+
+    python -m benchmarks.kernels        # on the GPU; writes results/kernels.json
+"""
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import environment, median_seconds, read_bandwidth, write_result
+from kvjax import policies
+from kvjax.attention import decode_attention, decode_partials, merge_partials
+from kvjax.cache import QuantizedLayerCache
+from kvjax.quantization import dequantize_tokens
+from pallas_kernels import decode_attention as kernel
+from pallas_kernels.quantize import quantize_pack
+
+HQ, HKV, D = 32, 8, 128
+QUANTIZED = {"kivi2": policies.kivi(2), "kivi4": policies.kivi(4), "k8v4": policies.hetero(8, 4)}
+
+
+def torch_sdpa_seconds(q, k, v):
+    """PyTorch's SDPA (bf16, enable_gqa) on the same arrays, timed with CUDA events."""
+    import torch
+    tq, tk, tv = (torch.from_dlpack(x) for x in (q[:, :, None], k, v))  # [B, H, 1|S, D]
+    torch.cuda.synchronize()
+    attn = functools.partial(torch.nn.functional.scaled_dot_product_attention, tq, tk, tv,
+                             enable_gqa=True)
+    for _ in range(3):
+        attn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        attn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return float(np.median(times))
+
+
+def cudnn_seconds(q, k, v):
+    """jax.nn.dot_product_attention with cuDNN, or with XLA if cuDNN refuses the shape."""
+    qt, kt, vt = q[:, None], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, T, N, D]
+    for impl in ("cudnn", "xla"):
+        try:
+            fn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=impl))
+            return median_seconds(lambda: fn(qt, kt, vt), reps=20), impl
+        except Exception as e:  # noqa: BLE001 - report which implementation ran
+            print(f"jax.nn.dot_product_attention implementation={impl} failed: {type(e).__name__}")
+    return float("nan"), "none"
+
+
+def quantized_cache(policy, k, v, residual_tokens):
+    """A cache whose quantized store holds k, v [B, Hkv, S, D] and whose residual holds
+    residual_tokens further tokens (the last ones of k, v, for simplicity)."""
+    B, H, S, _ = k.shape
+    qz = policy.quantization
+    cache = QuantizedLayerCache.allocate(B, H, S, D, k.dtype, qz.key.for_head_dim(D),
+                                         qz.value.for_head_dim(D), qz.residual)
+    kp, vp = quantize_pack(k, cache.k_spec), quantize_pack(v, cache.v_spec)
+    counts = jnp.full((B, H), S, jnp.int32)
+    return cache.replace(
+        k_codes=kp[0], k_scale=kp[1], k_zero=kp[2], v_codes=vp[0], v_scale=vp[1], v_zero=vp[2],
+        k_residual=k[:, :, -qz.residual:], v_residual=v[:, :, -qz.residual:],
+        num_quantized=counts, num_residual=jnp.full((B, H), residual_tokens, jnp.int32))
+
+
+def reference_attend(cache, q):
+    """The jnp reference of cache.attend: the dequantized store and the residual, merged."""
+    k = dequantize_tokens(cache.k_codes, cache.k_scale, cache.k_zero, cache.k_spec, q.dtype)
+    v = dequantize_tokens(cache.v_codes, cache.v_scale, cache.v_zero, cache.v_spec, q.dtype)
+    return merge_partials([decode_partials(q, k, v, cache.num_quantized),
+                           decode_partials(q, cache.k_residual, cache.v_residual,
+                                           cache.num_residual)], q.dtype)
+
+
+def rel_error(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def bench_shape(batch, context, bandwidth, sweep):
+    key = jax.random.key(batch * context)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (batch, HQ, D), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, HKV, context, D), jnp.bfloat16)
+    v = jax.random.normal(kv, (batch, HKV, context, D), jnp.bfloat16)
+    lengths = jnp.full((batch, HKV), context, jnp.int32)
+    dense_bytes = q.nbytes + k.nbytes + v.nbytes
+    rows = []
+
+    def add(name, seconds, nbytes, err=None, **extra):
+        row = {"kernel": name, "batch": batch, "context": context, "ms": seconds * 1e3,
+               "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
+               "of_ceiling": nbytes / seconds / bandwidth, "rel_error": err, **extra}
+        rows.append(row)
+        print({k_: (round(x, 4) if isinstance(x, float) else x) for k_, x in row.items()}, flush=True)
+
+    xla = jax.jit(decode_attention)
+    reference = xla(q, k, v, lengths)
+    add("xla_einsum_bf16", median_seconds(lambda: xla(q, k, v, lengths), reps=20), dense_bytes)
+    seconds, impl = cudnn_seconds(q, k, v)
+    add(f"jax_dot_product_attention_{impl}_bf16", seconds, dense_bytes)
+    add("torch_sdpa_bf16", torch_sdpa_seconds(q, k, v), dense_bytes)
+
+    ours = jax.jit(lambda q, k, v, n: merge_partials([kernel.decode_partials(q, (k,), (v,), n)], q.dtype))
+    add("kvjax_bf16", median_seconds(lambda: ours(q, k, v, lengths), reps=20), dense_bytes,
+        rel_error(ours(q, k, v, lengths), reference))
+
+    attend = jax.jit(lambda c, q: c.attend(q))
+    for name, policy in QUANTIZED.items():
+        cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
+        nbytes = q.nbytes + sum(x.nbytes for x in jax.tree.leaves(cache))
+        err = rel_error(attend(cache, q), jax.jit(reference_attend)(cache, q))
+        add(f"kvjax_{name}", median_seconds(lambda: attend(cache, q), reps=20), nbytes, err)
+        if sweep:
+            parts = ((cache.k_codes, cache.k_scale, cache.k_zero),
+                     (cache.v_codes, cache.v_scale, cache.v_zero))
+            kernel_bytes = q.nbytes + sum(x.nbytes for p in parts for x in p)
+            for block in (64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        fn = jax.jit(functools.partial(
+                            kernel.decode_partials, k_spec=cache.k_spec, v_spec=cache.v_spec,
+                            block=block, num_warps=warps, num_stages=stages))
+                        add(f"sweep_{name}_kernel_only", median_seconds(
+                            lambda: fn(q, *parts, cache.num_quantized), reps=10), kernel_bytes,
+                            block=block, num_warps=warps, num_stages=stages)
+        del cache
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="16x4096,16x32768,1x131072")
+    parser.add_argument("--sweep", action="store_true", help="also sweep block/warps/stages")
+    args = parser.parse_args()
+    t0 = time.time()
+    bandwidth = read_bandwidth()
+    print(f"read ceiling {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, context = map(int, shape.split("x"))
+        rows += bench_shape(batch, context, bandwidth, args.sweep)
+    write_result("kernels", {**environment(), "read_bandwidth_Bps": bandwidth,
+                             "heads": {"q": HQ, "kv": HKV, "dim": D}, "rows": rows})
+    print(f"\nread ceiling {bandwidth / 1e12:.2f} TB/s ({time.time() - t0:.0f} s)")
+    print(f"{'kernel':<44} {'B x S':>10} {'ms':>8} {'TB/s':>6} {'ceil':>5} {'rel err':>8}")
+    for r in rows:
+        if not r["kernel"].startswith("sweep"):
+            err = "" if r["rel_error"] is None else f"{r['rel_error']:.1e}"
+            print(f"{r['kernel']:<44} {r['batch']:>3}x{r['context']:<6} {r['ms']:>8.3f} "
+                  f"{r['TBps']:>6.2f} {r['of_ceiling']:>5.0%} {err:>8}")
+
+
+if __name__ == "__main__":
+    main()
