@@ -91,6 +91,24 @@ def rel_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def sweep_kernel(name, q, parts, lengths, k_spec, v_spec, add):
+    """Times the kernel alone over token blocks, warps and pipeline stages."""
+    nbytes = q.nbytes + sum(x.nbytes for p in parts for x in p)
+    for block in (64, 128, 256):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                fn = jax.jit(functools.partial(
+                    kernel.decode_partials, k_spec=k_spec, v_spec=v_spec, block=block,
+                    num_warps=warps, num_stages=stages))
+                try:
+                    seconds = median_seconds(lambda: fn(q, *parts, lengths), reps=10)
+                except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
+                    print(f"sweep {name} {block}/{warps}/{stages}: {type(e).__name__}")
+                    continue
+                add(f"sweep_{name}_kernel_only", seconds, nbytes, block=block,
+                    num_warps=warps, num_stages=stages)
+
+
 def bench_shape(batch, context, bandwidth, sweep):
     key = jax.random.key(batch * context)
     kq, kk, kv = jax.random.split(key, 3)
@@ -119,6 +137,8 @@ def bench_shape(batch, context, bandwidth, sweep):
     add("kvjax_bf16", median_seconds(lambda: ours(q, k, v, lengths), reps=20), dense_bytes,
         rel_error(ours(q, k, v, lengths), reference))
 
+    if sweep:
+        sweep_kernel("bf16", q, ((k,), (v,)), lengths, None, None, add)
     attend = jax.jit(lambda c, q: c.attend(q))
     for name, policy in QUANTIZED.items():
         cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
@@ -126,18 +146,9 @@ def bench_shape(batch, context, bandwidth, sweep):
         err = rel_error(attend(cache, q), jax.jit(reference_attend)(cache, q))
         add(f"kvjax_{name}", median_seconds(lambda: attend(cache, q), reps=20), nbytes, err)
         if sweep:
-            parts = ((cache.k_codes, cache.k_scale, cache.k_zero),
-                     (cache.v_codes, cache.v_scale, cache.v_zero))
-            kernel_bytes = q.nbytes + sum(x.nbytes for p in parts for x in p)
-            for block in (64, 128):
-                for warps in (4, 8):
-                    for stages in (2, 3):
-                        fn = jax.jit(functools.partial(
-                            kernel.decode_partials, k_spec=cache.k_spec, v_spec=cache.v_spec,
-                            block=block, num_warps=warps, num_stages=stages))
-                        add(f"sweep_{name}_kernel_only", median_seconds(
-                            lambda: fn(q, *parts, cache.num_quantized), reps=10), kernel_bytes,
-                            block=block, num_warps=warps, num_stages=stages)
+            sweep_kernel(name, q, ((cache.k_codes, cache.k_scale, cache.k_zero),
+                                   (cache.v_codes, cache.v_scale, cache.v_zero)),
+                         cache.num_quantized, cache.k_spec, cache.v_spec, add)
         del cache
     return rows
 

@@ -24,88 +24,120 @@ from kvjax.quantization import QuantSpec
 
 _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded to this
 _TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 (132 SMs) a few times over
+_NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
 
 
-def _repeat(x, times: int, axis: int):
-    """Repeats each row (axis 0) or column (axis 1) of a 2-D tile `times` times."""
-    if times == 1:
-        return x
-    r, c = x.shape
-    if axis == 0:
-        return jnp.broadcast_to(x[:, None, :], (r, times, c)).reshape(r * times, c)
-    return jnp.broadcast_to(x[:, :, None], (r, c, times)).reshape(r, c * times)
+def _chunks(spec: QuantSpec | None, head_dim: int):
+    """(field, first packed column, width) of each tile a block of tokens is read as.
 
-
-def _field_stats(ref, spec: QuantSpec, tok0, block: int, j: int, width: int):
-    """The scales or zeros of field j of a block, repeated to the field's [block, width]."""
-    if spec.per_channel:  # [block / G, width]: one row per group of G tokens
-        rows = ref[pl.ds(tok0 // spec.group, block // spec.group), pl.ds(j * width, width)]
-        return _repeat(rows.astype(jnp.float32), spec.group, axis=0)
-    if spec.group <= width:  # [block, width / G]: the field holds whole groups of channels
-        cols = ref[pl.ds(tok0, block), pl.ds(j * width // spec.group, width // spec.group)]
-        return _repeat(cols.astype(jnp.float32), spec.group, axis=1)
-    col = ref[pl.ds(tok0, block), pl.ds(j * width // spec.group, 1)]  # the field is in one group
-    return jnp.broadcast_to(col.astype(jnp.float32), (block, width))
-
-
-def _load_block(refs, spec: QuantSpec | None, tok0, block: int, dtype):
-    """Tokens [tok0, tok0 + block) as a list of tiles [block, width], one per bit field."""
+    A tile's channels are field * (head_dim // f) + [column, column + width): per-token specs
+    cut fields into tiles of one scale group each, so a tile's scale is one per token.
+    """
     if spec is None:
-        return [refs[0][pl.ds(tok0, block), :]]
+        return [(0, 0, head_dim)]
+    width = head_dim // spec.codes_per_byte
+    tile = width if spec.per_channel else min(spec.group, width)
+    return [(j, c, tile) for c in range(0, width, tile) for j in range(spec.codes_per_byte)]
+
+
+def _codes(packed, spec: QuantSpec, field: int, dtype):
+    return ((packed >> jnp.uint8(field * spec.bits)) & jnp.uint8(2**spec.bits - 1)).astype(dtype)
+
+
+def _scores(q_tiles, refs, spec: QuantSpec | None, tok0, n: int):
+    """Unscaled q.k [rows, n] of tokens [tok0, tok0 + n): dequantization folded into the dot
+    (per-channel: scales multiply q; per-token: scales multiply the dot's columns)."""
+    head_dim = sum(q.shape[1] for q in q_tiles)
+    chunks = _chunks(spec, head_dim)
+    if spec is None:
+        k = refs[0][pl.ds(tok0, n), :]
+        return jax.lax.dot_general(q_tiles[0], k, _NT, preferred_element_type=jnp.float32)
     codes_ref, scale_ref, zero_ref = refs
-    packed = codes_ref[pl.ds(tok0, block), :]  # [block, D // f] uint8
-    width, mask = packed.shape[1], jnp.uint8(2**spec.bits - 1)
-    tiles = []
-    for j in range(spec.codes_per_byte):
-        codes = ((packed >> jnp.uint8(j * spec.bits)) & mask).astype(jnp.float32)
-        scale = _field_stats(scale_ref, spec, tok0, block, j, width)
-        zero = _field_stats(zero_ref, spec, tok0, block, j, width)
-        tiles.append((codes * scale + zero).astype(dtype))
-    return tiles
+    dtype = q_tiles[0].dtype
+    scores = jnp.zeros((q_tiles[0].shape[0], n), jnp.float32)
+    packed = {}
+    for q, (j, c, w) in zip(q_tiles, chunks):
+        if c not in packed:
+            packed[c] = codes_ref[pl.ds(tok0, n), pl.ds(c, w)]  # [n, w] uint8
+        codes = _codes(packed[c], spec, j, dtype)
+        q32 = q.astype(jnp.float32)
+        channel = j * codes_ref.shape[1] + c
+        if spec.per_channel:  # tokens [tok0, tok0 + n) are one group: a scale per channel
+            scale = scale_ref[tok0 // spec.group, pl.ds(channel, w)].astype(jnp.float32)  # [w]
+            zero = zero_ref[tok0 // spec.group, pl.ds(channel, w)].astype(jnp.float32)
+            qs = (q32 * scale[None, :]).astype(dtype)
+            scores += jax.lax.dot_general(qs, codes, _NT, preferred_element_type=jnp.float32)
+            scores += (q32 * zero[None, :]).sum(axis=1)[:, None]
+        else:  # a scale per token
+            scale = scale_ref[pl.ds(tok0, n), channel // spec.group].astype(jnp.float32)  # [n]
+            zero = zero_ref[pl.ds(tok0, n), channel // spec.group].astype(jnp.float32)
+            dots = jax.lax.dot_general(q, codes, _NT, preferred_element_type=jnp.float32)
+            scores += dots * scale[None, :] + q32.sum(axis=1)[:, None] * zero[None, :]
+    return scores
 
 
-def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, blocks_per_split,
-            group_size):
+def _accumulate(o_tiles, p, refs, spec: QuantSpec | None, tok0, n: int, dtype):
+    """o_tiles (one per chunk of the head dim) plus p [rows, n] times the values of the tokens;
+    per-token scales fold into p, zeros into p's row sums. Dots run in dtype (the queries')."""
+    head_dim = sum(o.shape[1] for o in o_tiles)
+    if spec is None:
+        v = refs[0][pl.ds(tok0, n), :]
+        return [o_tiles[0] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)]
+    codes_ref, scale_ref, zero_ref = refs
+    out, packed = [], {}
+    for o, (j, c, w) in zip(o_tiles, _chunks(spec, head_dim)):
+        if c not in packed:
+            packed[c] = codes_ref[pl.ds(tok0, n), pl.ds(c, w)]
+        group = (j * codes_ref.shape[1] + c) // spec.group
+        scale = scale_ref[pl.ds(tok0, n), group].astype(jnp.float32)  # [n]
+        zero = zero_ref[pl.ds(tok0, n), group].astype(jnp.float32)
+        ps = (p * scale[None, :]).astype(dtype)
+        o = o + jnp.dot(ps, _codes(packed[c], spec, j, dtype), preferred_element_type=jnp.float32)
+        out.append(o + (p * zero[None, :]).sum(axis=1)[:, None])
+    return out
+
+
+def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, sub_block,
+            blocks_per_split, group_size):
     k_refs, v_refs = refs[:num_k_refs], refs[num_k_refs:-3]
     o_ref, m_ref, l_ref = refs[-3:]
     rows, head_dim = q_ref.shape  # rows: the query group padded to _MIN_ROWS
-    k_fields = 1 if k_spec is None else k_spec.codes_per_byte
-    v_fields = 1 if v_spec is None else v_spec.codes_per_byte
-    kw, vw = head_dim // k_fields, head_dim // v_fields
     row_mask = jnp.arange(rows) < group_size
-    q = [plgpu.load(q_ref.at[:, pl.ds(j * kw, kw)], mask=row_mask[:, None], other=0)
-         for j in range(k_fields)]  # [rows, kw] each
+    q_tiles = [plgpu.load(q_ref.at[:, pl.ds(j * (head_dim // _fields(k_spec)) + c, w)],
+                          mask=row_mask[:, None], other=0)
+               for j, c, w in _chunks(k_spec, head_dim)]
+    v_chunks = _chunks(v_spec, head_dim)
     n = len_ref[()]
     first = pl.program_id(2) * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(n, block))
 
     def body(i, carry):
-        o, m, l = carry
-        tok0 = pl.multiple_of(i * block, block)
-        scores = jnp.zeros((rows, block), jnp.float32)
-        for qj, kj in zip(q, _load_block(k_refs, k_spec, tok0, block, q_ref.dtype)):
-            scores += jax.lax.dot_general(qj, kj, (((1,), (1,)), ((), ())),
-                                          preferred_element_type=jnp.float32)
-        scores *= head_dim ** -0.5
-        valid = (tok0 + jnp.arange(block)) < n
-        scores = jnp.where(valid[None, :], scores, EMPTY_MAX)
-        m_new = jnp.maximum(m, scores.max(axis=1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(scores - m_new[:, None])  # masked tokens: exp(EMPTY_MAX - real max) = 0
-        l = correction * l + p.sum(axis=1)
-        vs = _load_block(v_refs, v_spec, tok0, block, q_ref.dtype)
-        o = [correction[:, None] * oj + jnp.dot(p.astype(vj.dtype), vj,
-                                                preferred_element_type=jnp.float32)
-             for oj, vj in zip(o, vs)]
-        return o, m_new, l
+        for sub in range(block // sub_block):  # sub-blocks: one key group each when per channel
+            o, m, l = carry
+            tok0 = pl.multiple_of(i * block + sub * sub_block, sub_block)
+            scores = _scores(q_tiles, k_refs, k_spec, tok0, sub_block) * head_dim ** -0.5
+            valid = (tok0 + jnp.arange(sub_block)) < n
+            scores = jnp.where(valid[None, :], scores, EMPTY_MAX)
+            m_new = jnp.maximum(m, scores.max(axis=1))
+            correction = jnp.exp(m - m_new)
+            p = jnp.exp(scores - m_new[:, None])  # masked: exp(EMPTY_MAX - real max) = 0
+            o = [oj * correction[:, None] for oj in o]
+            carry = (_accumulate(o, p, v_refs, v_spec, tok0, sub_block, q_ref.dtype), m_new,
+                     correction * l + p.sum(axis=1))
+        return carry
 
-    init = ([jnp.zeros((rows, vw), jnp.float32) for _ in range(v_fields)],
+    init = ([jnp.zeros((rows, w), jnp.float32) for _, _, w in v_chunks],
             jnp.full((rows,), EMPTY_MAX, jnp.float32), jnp.zeros((rows,), jnp.float32))
     o, m, l = jax.lax.fori_loop(first, last, body, init)
-    for j, oj in enumerate(o):
-        plgpu.store(o_ref.at[:, pl.ds(j * vw, vw)], oj, mask=row_mask[:, None])
+    for oj, (j, c, w) in zip(o, v_chunks):
+        plgpu.store(o_ref.at[:, pl.ds(j * (head_dim // _fields(v_spec)) + c, w)], oj,
+                    mask=row_mask[:, None])
     plgpu.store(m_ref, m, mask=row_mask)
     plgpu.store(l_ref, l, mask=row_mask)
+
+
+def _fields(spec):
+    return 1 if spec is None else spec.codes_per_byte
 
 
 def default_block(capacity: int, specs) -> int:
@@ -148,6 +180,7 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
 
     kernel = functools.partial(
         _kernel, k_spec=k_spec, v_spec=v_spec, num_k_refs=len(k_parts), block=block,
+        sub_block=k_spec.group if k_spec is not None and k_spec.per_channel else block,
         blocks_per_split=blocks_per_split, group_size=g)
     parts = (*k_parts, *v_parts)
     return pl.pallas_call(
