@@ -86,9 +86,10 @@ def stats_from_range(lo, hi, bits: int):
     """Group minima and maxima (float32) -> the stored scale and zero (float32 holding bf16s)."""
     levels = 2**bits - 1
     zero = round_to_stats(lo, down=True)
-    # hi/levels - zero/levels, not (hi - zero)/levels: no overflow for outliers near float max.
-    scale = round_to_stats(hi / levels - zero / levels, down=False)
-    return scale, zero
+    span = hi - zero  # exactly 0 for a constant group
+    # hi/levels - zero/levels only where the span overflows (outliers near float max).
+    scale = jnp.where(jnp.isfinite(span), span / levels, hi / levels - zero / levels)
+    return round_to_stats(scale, down=False), zero
 
 
 def encode(x, scale, zero, bits: int):
