@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, median_seconds, read_bandwidth, write_result
+from benchmarks.common import (cuda_event_seconds, environment, median_seconds, read_bandwidth,
+                               write_result)
 from kvjax import policies
 from kvjax.attention import decode_attention, decode_partials, merge_partials
 from kvjax.cache import QuantizedLayerCache
@@ -34,20 +35,8 @@ def torch_sdpa_seconds(q, k, v):
     """PyTorch's SDPA (bf16, enable_gqa) on the same arrays, timed with CUDA events."""
     import torch
     tq, tk, tv = (torch.from_dlpack(x) for x in (q[:, :, None], k, v))  # [B, H, 1|S, D]
-    torch.cuda.synchronize()
-    attn = functools.partial(torch.nn.functional.scaled_dot_product_attention, tq, tk, tv,
-                             enable_gqa=True)
-    for _ in range(3):
-        attn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        attn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(times))
+    return cuda_event_seconds(functools.partial(
+        torch.nn.functional.scaled_dot_product_attention, tq, tk, tv, enable_gqa=True))
 
 
 def cudnn_seconds(q, k, v):
@@ -91,25 +80,27 @@ def rel_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+# (block, warps, stages); 256-token blocks compiled for minutes and never won.
+SWEEP = [(b, w, s) for b in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
 def sweep_kernel(name, q, parts, lengths, k_spec, v_spec, add):
     """Times the kernel alone over token blocks, warps and pipeline stages."""
     nbytes = q.nbytes + sum(x.nbytes for p in parts for x in p)
-    for block in (64, 128, 256):
-        for warps in (4, 8):
-            for stages in (2, 3, 4):
-                fn = jax.jit(functools.partial(
-                    kernel.decode_partials, k_spec=k_spec, v_spec=v_spec, block=block,
-                    num_warps=warps, num_stages=stages))
-                try:
-                    seconds = median_seconds(lambda: fn(q, *parts, lengths), reps=10)
-                except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
-                    print(f"sweep {name} {block}/{warps}/{stages}: {type(e).__name__}")
-                    continue
-                add(f"sweep_{name}_kernel_only", seconds, nbytes, block=block,
-                    num_warps=warps, num_stages=stages)
+    for block, warps, stages in SWEEP:
+        fn = jax.jit(functools.partial(
+            kernel.decode_partials, k_spec=k_spec, v_spec=v_spec, block=block,
+            num_warps=warps, num_stages=stages))
+        try:
+            seconds = median_seconds(lambda: fn(q, *parts, lengths), reps=10)
+        except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
+            print(f"sweep {name} {block}/{warps}/{stages}: {type(e).__name__}")
+            continue
+        add(f"sweep_{name}_kernel_only", seconds, nbytes, block=block,
+            num_warps=warps, num_stages=stages)
 
 
-def bench_shape(batch, context, bandwidth, sweep):
+def bench_shape(batch, context, bandwidth, sweep, names):
     key = jax.random.key(batch * context)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (batch, HQ, D), jnp.bfloat16)
@@ -140,7 +131,8 @@ def bench_shape(batch, context, bandwidth, sweep):
     if sweep:
         sweep_kernel("bf16", q, ((k,), (v,)), lengths, None, None, add)
     attend = jax.jit(lambda c, q: c.attend(q))
-    for name, policy in QUANTIZED.items():
+    for name in names:
+        policy = QUANTIZED[name]
         cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
         nbytes = q.nbytes + sum(x.nbytes for x in jax.tree.leaves(cache))
         err = rel_error(attend(cache, q), jax.jit(reference_attend)(cache, q))
@@ -157,6 +149,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="16x4096,16x32768,1x131072")
     parser.add_argument("--sweep", action="store_true", help="also sweep block/warps/stages")
+    parser.add_argument("--policies", default=",".join(QUANTIZED), help="quantized kernels to run")
     args = parser.parse_args()
     t0 = time.time()
     bandwidth = read_bandwidth()
@@ -164,7 +157,7 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         batch, context = map(int, shape.split("x"))
-        rows += bench_shape(batch, context, bandwidth, args.sweep)
+        rows += bench_shape(batch, context, bandwidth, args.sweep, args.policies.split(","))
     write_result("kernels", {**environment(), "read_bandwidth_Bps": bandwidth,
                              "heads": {"q": HQ, "kv": HKV, "dim": D}, "rows": rows})
     print(f"\nread ceiling {bandwidth / 1e12:.2f} TB/s ({time.time() - t0:.0f} s)")

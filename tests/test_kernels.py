@@ -72,3 +72,23 @@ def test_packed_decode_kernel_matches_reference(rng, name, hq, hkv):
     scale = np.abs(np.asarray(ref)).max()
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-3 * scale)
     assert not np.asarray(ours)[0, :hq // hkv].any()  # the empty head attends to nothing
+
+
+@pytest.mark.parametrize("name", ["kivi2", "k4v2_g8", "k8v4"])
+def test_packed_decode_kernel_bf16_matches_reference(rng, name):
+    """bf16 queries take the kernel's exact-offset code conversion (2 and 4 bits) or a plain
+    conversion (8 bits); the reference attends in float32 over the same dequantized cache."""
+    k_spec, v_spec = SPECS[name]
+    B, hq, hkv, S, D = 2, 8, 2, 160, 64
+    q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
+    k, v = (rng.standard_normal((B, hkv, S, D), np.float32) for _ in range(2))
+    lengths = _random_lengths(rng, B, hkv, S)
+    k_parts, v_parts = quantize_tokens(k, k_spec), quantize_tokens(v, v_spec)
+    ours = merge_partials([decode_partials(q, k_parts, v_parts, lengths, k_spec=k_spec,
+                                           v_spec=v_spec, block=32, interpret=True)],
+                          jnp.float32)
+    k_hat, v_hat = dequantize_tokens(*k_parts, k_spec), dequantize_tokens(*v_parts, v_spec)
+    ref = merge_partials([reference_partials(q.astype(np.float32), k_hat, v_hat, lengths)],
+                         jnp.float32)
+    scale = np.abs(np.asarray(ref)).max()
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-2 * scale)
