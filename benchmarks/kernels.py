@@ -80,24 +80,31 @@ def rel_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# (block, warps, stages); 256-token blocks compiled for minutes and never won.
-SWEEP = [(b, w, s) for b in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+# (block, warps, stages, splits); 256-token blocks compiled for minutes and never won; an
+# earlier sweep of warps x stages at the default splits is in results/kernels_sweep1.json.
+SWEEP = [(b, 4, 3, p) for b in (64, 128) for p in (4, 16, 64)] + [(128, 8, 3, 16), (128, 4, 2, 32)]
+
+
+def batch_splits_scale(q):
+    """Splits scale inversely with the batch, so each sweep entry means the same programs
+    in flight at every batch size (16 rows: x1)."""
+    return max(1, 16 // q.shape[0])
 
 
 def sweep_kernel(name, q, parts, lengths, k_spec, v_spec, add):
     """Times the kernel alone over token blocks, warps and pipeline stages."""
     nbytes = q.nbytes + sum(x.nbytes for p in parts for x in p)
-    for block, warps, stages in SWEEP:
+    for block, warps, stages, splits in SWEEP:
         fn = jax.jit(functools.partial(
             kernel.decode_partials, k_spec=k_spec, v_spec=v_spec, block=block,
-            num_warps=warps, num_stages=stages))
+            num_warps=warps, num_stages=stages, num_splits=splits * batch_splits_scale(q)))
         try:
             seconds = median_seconds(lambda: fn(q, *parts, lengths), reps=10)
         except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
-            print(f"sweep {name} {block}/{warps}/{stages}: {type(e).__name__}")
+            print(f"sweep {name} {block}/{warps}/{stages}/{splits}: {type(e).__name__}")
             continue
         add(f"sweep_{name}_kernel_only", seconds, nbytes, block=block,
-            num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages, splits_per_16_rows=splits)
 
 
 def bench_shape(batch, context, bandwidth, sweep, names):

@@ -23,7 +23,7 @@ from kvjax.attention import EMPTY_MAX
 from kvjax.quantization import QuantSpec
 
 _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded to this
-_TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 (132 SMs) a few times over
+_TARGET_PROGRAMS = 2048  # programs in flight: 2048 beat 512 and 8192 at B16 x 32K on an H200
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
 # dtype -> (16-bit pattern, value): bits | pattern reads as value + bits for bits < value
 _MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
@@ -162,10 +162,11 @@ def _fields(spec):
 
 
 def default_block(capacity: int, specs) -> int:
-    """The largest power-of-two token block (16..128) that divides the capacity and covers a
-    whole key group."""
+    """The largest power-of-two token block (16..128 dense, 16..64 packed: the faster in the
+    sweeps) that divides the capacity and covers a whole key group."""
     need = max([16] + [s.token_group for s in specs if s is not None])
-    for block in (128, 64, 32, 16):
+    packed = any(s is not None for s in specs)
+    for block in (64, 32, 16) if packed else (128, 64, 32, 16):
         if block >= need and capacity % block == 0:
             return block
     raise ValueError(f"a cache capacity of {capacity} tokens has no block of 16-128 tokens that "
@@ -179,14 +180,14 @@ def default_splits(batch: int, num_kv_heads: int, num_blocks: int) -> int:
 @functools.partial(jax.jit, static_argnames=(
     "k_spec", "v_spec", "block", "num_splits", "num_warps", "num_stages", "interpret"))
 def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, block=None,
-                    num_splits=None, num_warps=None, num_stages=3, interpret=False):
+                    num_splits=None, num_warps=4, num_stages=3, interpret=False):
     """Decode attention of q [B, Hq, D] over the first lengths[b, h] tokens of a cache.
 
     k_parts, v_parts: (k,) with k [B, Hkv, S, D] for a dense cache, or (codes, scale, zero) in
     the layout of kvjax.quantization.quantize_tokens with k_spec / v_spec saying how.
     Returns o [B, Hkv, P, g, D], m and l [B, Hkv, P, g] (float32), P = number of splits.
-    Defaults (block 128, 3 stages, 8 warps dense / 4 packed) are the fastest of a sweep on an
-    H200 at B16 x 32K (benchmarks/results/kernels.json).
+    Defaults (blocks of 128 dense / 64 packed tokens, 4 warps, 3 stages, ~2048 programs) are
+    the fastest of the sweeps on an H200 at B16 x 32K (benchmarks/results/kernels_sweep*.json).
     """
     B, Hq, D = q.shape
     Hkv, S = lengths.shape[1], k_parts[0].shape[2]
@@ -218,8 +219,7 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
         out_shape=[jax.ShapeDtypeStruct((B, Hkv, num_splits, g, D), jnp.float32),
                    jax.ShapeDtypeStruct((B, Hkv, num_splits, g), jnp.float32),
                    jax.ShapeDtypeStruct((B, Hkv, num_splits, g), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or (8 if k_spec is None else 4),
-                                             num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="kvjax_decode_attention",
     )(lengths.astype(jnp.int32), q.reshape(B, Hkv, g, D), *parts)
