@@ -1,18 +1,25 @@
-"""Prefill and decode speed of a Llama-3-8B-shaped model with random bf16 weights, full cache.
+"""Prefill and decode speed of a Llama-3-8B-shaped model with random bf16 weights, any policy.
 
 Decode steps are timed inside generate's on-device loop and set against their floor:
-(weight bytes read per step + KV bytes) / measured read bandwidth.
+(weight bytes read per step + allocated cache bytes) / measured read bandwidth. A run is
+POLICY:BATCH (POLICY a preset name, optionally prefixed kvsharerN+ for N shared layers from a
+calibration on the same random model) or POLICY:max, the largest batch whose cache and decode
+temporaries fit in the GPU's memory, computed from allocated bytes and then run.
 
-    python benchmarks/model_8b.py            # on the GPU; writes results/model_8b_full.json
+    python -m benchmarks.model_8b --runs full:16,kivi2:16 --tag decode   # results/model_8b_decode.json
 """
 
 import argparse
+import math
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks.common import environment, median_seconds, read_bandwidth, write_result
-from kvjax import policies
+from kvjax import policies, sharing
+from kvjax.cache import DenseLayerCache, QuantizedLayerCache
 from kvjax.config import Llama3RopeScaling, ModelConfig
 from kvjax.generate import _decode, _prefill
 from kvjax.model import init_random
@@ -25,43 +32,90 @@ LLAMA3_8B = ModelConfig(
     rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192), dtype="bfloat16")
 
 
+def nbytes(tree) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) of a pytree."""
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _random_leaf(key, x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jax.random.normal(key, x.shape, x.dtype)
+    if x.dtype == jnp.uint8:
+        return jax.random.bits(key, x.shape, jnp.uint8)
+    return jnp.zeros(x.shape, x.dtype)  # counts, set below
+
+
+def _holding(cache, context):
+    """The layer cache marked as holding `context` tokens per head (random contents)."""
+    full = jnp.full(cache.lengths.shape, context, jnp.int32)
+    if isinstance(cache, DenseLayerCache):
+        return cache.replace(lengths=full)
+    assert isinstance(cache, QuantizedLayerCache)
+    group = cache.k_spec.token_group
+    quantized = (context - cache.residual // 2) // group * group  # half a residual in flight
+    return cache.replace(num_quantized=jnp.minimum(full, quantized),
+                         num_residual=full - jnp.minimum(full, quantized))
+
+
 def filled_cache(policy, cfg, batch, context, capacity, key):
-    """A cache holding `context` random tokens per row (decode speed does not depend on values).
-    Built layer by layer, each layer's arrays made random in place of the empty ones."""
+    """A cache of the policy's format holding `context` random tokens per row (decode speed does
+    not depend on values), made layer by layer without a full-precision copy."""
     empty = jax.eval_shape(lambda: policy.allocate(cfg, batch, capacity, jnp.bfloat16))
 
     @jax.jit
     def random_layer(key):
-        c = empty[0]
-        return type(c)(k=jax.random.normal(key, c.k.shape, jnp.bfloat16),
-                       v=jax.random.normal(jax.random.fold_in(key, 1), c.v.shape, jnp.bfloat16),
-                       lengths=jnp.full(c.lengths.shape, context, jnp.int32))
+        leaves, treedef = jax.tree.flatten(empty[0])
+        keys = jax.random.split(key, len(leaves))
+        return _holding(treedef.unflatten([_random_leaf(k, x) for k, x in zip(keys, leaves)]),
+                        context)
 
     return tuple(random_layer(jax.random.fold_in(key, i)) for i in range(len(empty)))
 
 
-def bench_decode(model, policy, batch, context, steps, bandwidth):
+def compile_decode(model, cache, steps):
+    batch = jax.tree.leaves(cache)[0].shape[0]
+    logits = jnp.zeros((batch, model.config.vocab_size), jnp.float32)
+    positions = jnp.zeros((batch,), jnp.int32)
+    kwargs = dict(num_tokens=steps + 1, sampling=Sampling(), eos_ids=())
+    return _decode.lower(model, cache, logits, positions, jax.random.key(0), **kwargs).compile()
+
+
+def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3):
     cfg = model.config
-    reps = 3
     capacity = context + (reps + 2) * steps
     cache = filled_cache(policy, cfg, batch, context, capacity, jax.random.key(1))
+    decode = compile_decode(model, cache, steps)
     logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
     positions = jnp.full((batch,), context, jnp.int32)
-    kwargs = dict(num_tokens=steps + 1, sampling=Sampling(), eos_ids=())
-    decode = _decode.lower(model, cache, logits, positions, jax.random.key(0), **kwargs).compile()
     state = {"cache": cache}
+    del cache
 
     def run():
         out, state["cache"] = decode(model, state["cache"], logits, positions, jax.random.key(0))
         return out
 
     seconds = median_seconds(run, warmup=1, reps=reps) / steps
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.weights)) - model.weights["embed"].nbytes
-    kv_bytes = sum(c.k.nbytes + c.v.nbytes for c in state["cache"])  # the kernel reads all capacity
+    weight_bytes = nbytes(model.weights) - model.weights["embed"].nbytes
+    kv_bytes = nbytes(state["cache"])  # the kernels read at most this
     floor = (weight_bytes + kv_bytes) / bandwidth
-    return {"batch": batch, "context": context, "step_ms": seconds * 1e3,
-            "tokens_per_s": batch / seconds, "floor_ms": floor * 1e3,
+    return {"policy": policy.name, "batch": batch, "context": context,
+            "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds, "floor_ms": floor * 1e3,
             "x_floor": seconds / floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
+
+
+def largest_batch(model, policy, context, steps):
+    """The largest batch whose cache, decode temporaries and weights fit in the GPU's memory:
+    cache bytes per row from the allocated format, temporaries per row from the compiled decode
+    of a 16-row batch (both linear in the batch), 1 GiB kept free."""
+    cfg, reps = model.config, 3
+    capacity = context + (reps + 2) * steps
+    per_row = nbytes(jax.eval_shape(lambda: policy.allocate(cfg, 1, capacity, jnp.bfloat16)))
+    probe = jax.eval_shape(lambda: policy.allocate(cfg, 16, capacity, jnp.bfloat16))
+    temp = compile_decode(model, probe, steps).memory_analysis().temp_size_in_bytes / 16
+    limit = jax.devices()[0].memory_stats()["bytes_limit"]
+    free = limit - nbytes(model.weights) - 2**30
+    return int(free // (per_row + temp)), {"bytes_limit": limit, "cache_bytes_per_row": per_row,
+                                           "temp_bytes_per_row": temp}
 
 
 def bench_prefill(model, policy, length):
@@ -80,32 +134,79 @@ def bench_prefill(model, policy, length):
     return {"batch": 1, "length": length, "ms": seconds * 1e3, "tokens_per_s": length / seconds}
 
 
+def calibrated_plan(model, num_shared):
+    """A KVSharer plan for the random model, timed. Its similarities mean nothing (random
+    weights), so the threshold is -1 and the first num_shared trials are kept: this measures
+    the cost of calibration (capture, all pair distances, the trials), not its quality."""
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (30, 64))
+    t0 = time.perf_counter()
+    plan = sharing.calibrate(model, tokens, num_shared, threshold=-1.0)
+    seconds = time.perf_counter() - t0
+    similarity = sharing.similarity_fn(model, tokens)
+    trial = median_seconds(lambda: jnp.asarray(similarity(plan.sources)), warmup=1, reps=5)
+    return plan, {"num_shared": num_shared, "prompts": 30, "prompt_tokens": 64,
+                  "seconds_total": seconds, "trials": len(plan.trials),
+                  "seconds_per_trial": trial, "sources": plan.sources}
+
+
+def policy_for(name, plans, model):
+    """'kivi2' or 'kvsharer8+kivi2' -> (policy, model to run)."""
+    if not name.startswith("kvsharer"):
+        return policies.by_name(name), model
+    shared, base = name[len("kvsharer"):].split("+")
+    plan = plans[int(shared)]
+    return policies.kvsharer(plan) + policies.by_name(base), sharing.apply(model, plan)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", default="1x4096,16x4096,1x32768,16x32768",
-                        help="decode batch x context pairs")
+    parser.add_argument("--runs", default="full:16,kivi2:16",
+                        help="POLICY:BATCH or POLICY:max, comma separated")
+    parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--prefill", action="store_true", help="also time a 4K prefill (full)")
+    parser.add_argument("--tag", default="decode", help="results/model_8b_<tag>.json")
     args = parser.parse_args()
-    policy = policies.full()
     bandwidth = read_bandwidth()
     model = init_random(LLAMA3_8B, jax.random.key(0))
-    prefill = bench_prefill(model, policy, 4096)
-    print(f"prefill 4K: {prefill['ms']:.1f} ms, {prefill['tokens_per_s']:.0f} tok/s", flush=True)
-    decode = []
-    for shape in args.shapes.split(","):
-        batch, context = map(int, shape.split("x"))
-        row = bench_decode(model, policy, batch, context, args.steps, bandwidth)
-        decode.append(row)
+    record = {**environment(), "model": "Llama-3-8B-shaped, random bf16 weights",
+              "config": LLAMA3_8B.to_dict(), "read_bandwidth_Bps": bandwidth, "decode": [],
+              "calibration": []}
+    if args.prefill:
+        record["prefill"] = bench_prefill(model, policies.full(), 4096)
+        print(record["prefill"], flush=True)
+    plans = {}
+    for run in args.runs.split(","):
+        name, batch = run.split(":")
+        if name.startswith("kvsharer"):
+            shared = int(name[len("kvsharer"):].split("+")[0])
+            if shared not in plans:
+                plans[shared], cal = calibrated_plan(model, shared)
+                record["calibration"].append(cal)
+                print(cal, flush=True)
+        policy, run_model = policy_for(name, plans, model)
+        fit = {}
+        if batch == "max":
+            batch, fit = largest_batch(run_model, policy, args.context, args.steps)
+            print(f"{name}: largest batch {batch} {fit}", flush=True)
+        try:
+            row = bench_decode(run_model, policy, int(batch), args.context, args.steps,
+                               bandwidth, reps=1 if fit else 3)
+        except Exception as e:  # noqa: BLE001 - an out-of-memory batch is a result too
+            row = {"policy": policy.name, "batch": int(batch), "context": args.context,
+                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        row.update({"largest_batch": bool(fit), **fit})
+        record["decode"].append(row)
         print(row, flush=True)
-    write_result("model_8b_full", {
-        **environment(), "model": "Llama-3-8B-shaped, random bf16 weights",
-        "config": LLAMA3_8B.to_dict(), "policy": "full", "read_bandwidth_Bps": bandwidth,
-        "prefill": prefill, "decode": decode})
-    print(f"\nread bandwidth {bandwidth / 1e12:.2f} TB/s; prefill 4K {prefill['tokens_per_s']:.0f} tok/s")
-    print(f"{'batch':>5} {'context':>7} {'step ms':>8} {'tok/s':>8} {'floor ms':>8} {'x floor':>7}")
-    for r in decode:
-        print(f"{r['batch']:>5} {r['context']:>7} {r['step_ms']:>8.2f} {r['tokens_per_s']:>8.1f} "
-              f"{r['floor_ms']:>8.2f} {r['x_floor']:>7.2f}")
+        write_result(f"model_8b_{args.tag}", record)
+    print(f"\nread bandwidth {bandwidth / 1e12:.2f} TB/s, context {args.context}")
+    print(f"{'policy':<18} {'batch':>5} {'step ms':>8} {'tok/s':>8} {'KV GB':>6} {'x floor':>7}")
+    for r in record["decode"]:
+        if "error" in r:
+            print(f"{r['policy']:<18} {r['batch']:>5} {r['error'][:60]}")
+        else:
+            print(f"{r['policy']:<18} {r['batch']:>5} {r['step_ms']:>8.2f} {r['tokens_per_s']:>8.1f} "
+                  f"{r['kv_bytes'] / 1e9:>6.1f} {r['x_floor']:>7.2f}")
 
 
 if __name__ == "__main__":

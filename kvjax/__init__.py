@@ -1,6 +1,6 @@
 """kvjax: long-context LLM inference with compressed KV caches, in JAX."""
 
-from kvjax import policies
+from kvjax import policies, sharing
 from kvjax.config import ModelConfig, UnsupportedConfigError
 from kvjax.generate import GenerationOutput, GenerationStats, generate
 from kvjax.loading import CheckpointError, load, restore, save
@@ -9,5 +9,5 @@ from kvjax.model import Model, forward, init_random
 __all__ = [
     "CheckpointError", "GenerationOutput", "GenerationStats", "Model", "ModelConfig",
     "UnsupportedConfigError", "forward", "generate", "init_random", "load", "policies",
-    "restore", "save",
+    "restore", "save", "sharing",
 ]

@@ -1,4 +1,4 @@
-"""The `kvjax` command: `kvjax demo` (the main job) and `kvjax generate`."""
+"""The `kvjax` command: `kvjax demo` (the main job), `kvjax generate`, `kvjax calibrate`."""
 
 import argparse
 import sys
@@ -20,11 +20,29 @@ def cmd_generate(args) -> None:
     model = kvjax.load(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt_ids = tokenizer(args.prompt).input_ids
-    out = kvjax.generate(model, prompt_ids, policies.by_name(args.policy),
+    policy = policies.by_name(args.policy)
+    if args.plan:
+        policy = policies.kvsharer(kvjax.sharing.SharingPlan.load(args.plan)) + policy
+    out = kvjax.generate(model, prompt_ids, policy,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(tokenizer.decode(out.tokens[0], skip_special_tokens=True))
     _print_stats(out.stats)
+
+
+def cmd_calibrate(args) -> None:
+    from transformers import AutoTokenizer
+
+    import kvjax
+
+    model = kvjax.load(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokens = kvjax.sharing.stdlib_calibration_tokens(tokenizer, args.prompts, args.prompt_tokens)
+    plan = kvjax.sharing.calibrate(model, tokens, args.num_shared, args.threshold)
+    plan.save(args.out)
+    shared = {i: s for i, s in enumerate(plan.sources) if s != i}
+    print(f"shared {plan.num_shared} of {len(plan.sources)} layers (layer: source) {shared}; "
+          f"{len(plan.trials)} trials; plan written to {args.out}")
 
 
 def cmd_demo(args) -> None:
@@ -46,7 +64,18 @@ def main(argv=None) -> None:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--plan", help="a KVSharer plan (kvjax calibrate) to share layers' caches")
     gen.set_defaults(func=cmd_generate)
+
+    cal = sub.add_parser("calibrate", help="find layers that can share a cache (KVSharer)")
+    cal.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    cal.add_argument("--num-shared", type=int, required=True, help="layers to share")
+    cal.add_argument("--threshold", type=float, default=0.5,
+                     help="minimum cosine similarity of the final hidden states")
+    cal.add_argument("--prompts", type=int, default=30, help="calibration prompts (stdlib source)")
+    cal.add_argument("--prompt-tokens", type=int, default=64)
+    cal.add_argument("--out", required=True, help="where to write the plan (JSON)")
+    cal.set_defaults(func=cmd_calibrate)
 
     dem = sub.add_parser("demo", help="compare cache policies on a long-context retrieval prompt")
     dem.add_argument("--context-tokens", type=int, default=2048)

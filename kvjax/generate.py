@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import policies
+from kvjax import policies, sharing
 from kvjax.cache import cache_bytes, dense_bf16_bytes
 from kvjax.model import Model, decode_step, prefill
 from kvjax.sampling import Sampling, sample
@@ -129,7 +129,12 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
     if not isinstance(model, Model):
         raise TypeError(f"generate expects the Model returned by kvjax.load, got {type(model)}")
     cfg = model.config
+    if model.kv_sources is not None:
+        raise ValueError("pass the model kvjax.load returned; a sharing plan is applied by "
+                         "the policy: kvjax.policies.kvsharer(plan)")
     policy = policy or policies.full()
+    if policy.sharing is not None:
+        model = sharing.apply(model, policy.sharing)
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     sampling.validate(cfg.vocab_size)
     if max_new_tokens < 1:

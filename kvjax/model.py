@@ -24,6 +24,17 @@ class Model:
 
     weights: dict
     config: ModelConfig = struct.field(pytree_node=False)
+    # Cross-layer sharing (kvjax.sharing.apply): layer -> the earlier layer whose K/V it attends
+    # over. A shared layer's weights hold no K/V projection. None: every layer keeps its own.
+    kv_sources: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def cache_slots(self) -> tuple[int, ...]:
+        """The cache slot each layer attends over: stored layers in order, shared layers their
+        source's slot. The cache holds one layer cache per distinct slot."""
+        sources = self.kv_sources or tuple(range(self.config.num_layers))
+        stored = sorted(set(sources))
+        return tuple(stored.index(s) for s in sources)
 
 
 # Projections that read the same input are stored concatenated, so decode runs one larger
@@ -34,12 +45,13 @@ FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("
 
 
 def fuse_layer(parts: dict) -> dict:
-    """Per-projection weights (as in `layer_shapes`) -> the stored layer with fused projections."""
-    layer = {name: w for name, w in parts.items() if not any(name in p for p in FUSED.values())}
+    """Per-projection weights (as in `layer_shapes`) -> the stored layer with fused projections
+    (a group is fused when all its parts are there: a shared layer keeps a lone wq)."""
+    layer = dict(parts)
     for fused, names in FUSED.items():
-        if names[0] in parts:
+        if all(n in parts for n in names):
             axis = 0 if fused == "bqkv" else 1  # the heads axis, or the MLP's output axis
-            layer[fused] = jnp.concatenate([parts[n] for n in names], axis=axis)
+            layer[fused] = jnp.concatenate([layer.pop(n) for n in names], axis=axis)
     return layer
 
 
@@ -144,17 +156,26 @@ def apply_rope(x, positions, inv_freq):
 
 
 def qkv_projection(layer, cfg: ModelConfig, x, positions):
-    """x [B, T, E] -> q [B, T, Hq, K], k and v [B, T, Hkv, K], with biases, q/k norms and RoPE."""
+    """x [B, T, E] -> q [B, T, Hq, K], k and v [B, T, Hkv, K], with biases, q/k norms and RoPE.
+    A layer that shares another's cache has only a query projection: k and v are None."""
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-    qkv = jnp.einsum("bte,ehk->bthk", h, layer["wqkv"])  # [B, T, Hq + 2 Hkv, K]
-    if cfg.qkv_bias:
-        qkv = qkv + layer["bqkv"]
-    q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
+    if "wq" in layer:  # shared: no K/V projection at all
+        q = jnp.einsum("bte,ehk->bthk", h, layer["wq"])  # [B, T, Hq, K]
+        q, k, v = (q + layer["bq"] if cfg.qkv_bias else q), None, None
+    else:
+        qkv = jnp.einsum("bte,ehk->bthk", h, layer["wqkv"])  # [B, T, Hq + 2 Hkv, K]
+        if cfg.qkv_bias:
+            qkv = qkv + layer["bqkv"]
+        q, k, v = jnp.split(qkv, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
+    inv_freq = rope_inv_freq(cfg)
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
-    inv_freq = rope_inv_freq(cfg)
-    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+    q = apply_rope(q, positions, inv_freq)
+    if k is not None:
+        if cfg.qk_norm:
+            k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
+        k = apply_rope(k, positions, inv_freq)
+    return q, k, v
 
 
 def attention_output_and_mlp(layer, cfg: ModelConfig, x, attn):
@@ -180,20 +201,28 @@ def unembed(model: Model, x):
     return jnp.einsum("...e,ev->...v", h, lm_head, preferred_element_type=jnp.float32)
 
 
-def forward_prompt(model: Model, tokens, lengths):
+def forward_prompt(model: Model, tokens, lengths, kv_sources=None):
     """Runs a right-padded prompt batch through every layer.
 
     tokens [B, T] int32, lengths [B] (real tokens per row; the rest is padding).
-    Returns hidden states [B, T, E] and each layer's (k, v), both [B, Hkv, T, K].
+    kv_sources: an int array [L] (traced: one compilation serves every sharing plan that
+    calibration tries) of the layer whose K/V each layer attends over; None: model.kv_sources.
+    Returns hidden states [B, T, E] and the (k, v) each layer attended over, [B, Hkv, T, K].
     """
     cfg = model.config
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     x = embed(model, tokens)
     layer_kv = []
-    for layer in model.weights["layers"]:
+    for i, layer in enumerate(model.weights["layers"]):
         q, k, v = qkv_projection(layer, cfg, x, positions)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, K]
+        if k is None:  # a shared layer (model.kv_sources): its source's K/V
+            k, v = layer_kv[model.kv_sources[i]]
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, K]
+        if kv_sources is not None:  # pick layer kv_sources[i] <= i among the K/V so far
+            k = jnp.stack([kv[0] for kv in layer_kv] + [k])[kv_sources[i]]
+            v = jnp.stack([kv[1] for kv in layer_kv] + [v])[kv_sources[i]]
         attn = prefill_attention(q.transpose(0, 2, 1, 3), k, v, lengths)  # [B, Hq, T, K]
         x = attention_output_and_mlp(layer, cfg, x, attn.transpose(0, 2, 1, 3))
         layer_kv.append((k, v))
@@ -216,7 +245,9 @@ def prefill(model: Model, cache, tokens, lengths):
     """
     hidden, layer_kv = forward_prompt(model, tokens, lengths)
     last_hidden = hidden[jnp.arange(tokens.shape[0]), lengths - 1]  # [B, E]
-    cache = tuple(c.write_prompt(k, v, lengths) for c, (k, v) in zip(cache, layer_kv))
+    first_of_slot = {slot: i for i, slot in reversed(list(enumerate(model.cache_slots)))}
+    cache = tuple(c.write_prompt(*layer_kv[first_of_slot[slot]], lengths)
+                  for slot, c in enumerate(cache))
     return unembed(model, last_hidden), cache
 
 
@@ -224,11 +255,11 @@ def decode_step(model: Model, cache, tokens, positions):
     """Appends one token per row: tokens [B] at positions [B]. Returns logits [B, V] and the cache."""
     cfg = model.config
     x = embed(model, tokens[:, None])  # [B, 1, E]
-    new_cache = []
-    for layer, layer_cache in zip(model.weights["layers"], cache):
+    cache = list(cache)
+    for layer, slot in zip(model.weights["layers"], model.cache_slots):
         q, k, v = qkv_projection(layer, cfg, x, positions[:, None])  # [B, 1, H, K]
-        layer_cache = layer_cache.append(k[:, 0], v[:, 0])
-        attn = layer_cache.attend(q[:, 0])  # [B, Hq, K]
+        if k is not None:  # a stored layer; a shared one reads its source's slot, written above
+            cache[slot] = cache[slot].append(k[:, 0], v[:, 0])
+        attn = cache[slot].attend(q[:, 0])  # [B, Hq, K]
         x = attention_output_and_mlp(layer, cfg, x, attn[:, None])
-        new_cache.append(layer_cache)
-    return unembed(model, x[:, 0]), tuple(new_cache)
+    return unembed(model, x[:, 0]), tuple(cache)

@@ -4,8 +4,9 @@ A policy is composed of optional parts; papers' settings are presets over it:
 - `quantization`: how K and V are quantized (bits, per-channel or per-token groups) and how
   many recent tokens stay in full precision. `kivi()` is KIVI / MiniKV's quantizer, `hetero()`
   LeanKV's precision tiers (more bits for keys than for values).
-Token selection and cross-layer sharing join as further parts. Invalid combinations fail at
-construction with a message that says what to change.
+- `sharing`: a KVSharer plan (kvjax.sharing): which layers attend over an earlier layer's cache.
+Parts compose with `+`, e.g. `kvsharer(plan) + kivi()`. Token selection joins as a further part.
+Invalid combinations fail at construction with a message that says what to change.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ import dataclasses
 from kvjax.cache import DenseLayerCache, QuantizedLayerCache
 from kvjax.config import ModelConfig
 from kvjax.quantization import QuantSpec
+from kvjax.sharing import SharingPlan
 
 _RESIDUAL_MULTIPLE = 16  # the residual is attended in blocks of 16 tokens by the decode kernel
 
@@ -44,16 +46,37 @@ class Policy:
 
     name: str = "full"
     quantization: Quantization | None = None
+    sharing: SharingPlan | None = None
+
+    def __add__(self, other: "Policy") -> "Policy":
+        """The parts of both policies; a part set by both is ambiguous and refused."""
+        parts = {}
+        for part in ("quantization", "sharing"):
+            mine, theirs = getattr(self, part), getattr(other, part)
+            if mine is not None and theirs is not None:
+                raise ValueError(f"{self.name} and {other.name} both set {part}: keep one")
+            parts[part] = theirs if mine is None else mine
+        names = [p.name for p in (self, other) if p.name != "full"]
+        return Policy(name="+".join(names) or "full", **parts)
+
+    def num_slots(self, cfg: ModelConfig) -> int:
+        """Layer caches the policy keeps: one per layer that is not shared."""
+        if self.sharing is None:
+            return cfg.num_layers
+        if len(self.sharing.sources) != cfg.num_layers:
+            raise ValueError(f"the sharing plan covers {len(self.sharing.sources)} layers, the "
+                             f"model has {cfg.num_layers}: it was made for another model")
+        return cfg.num_layers - self.sharing.num_shared
 
     def allocate(self, cfg: ModelConfig, batch: int, capacity: int, dtype):
-        """One empty layer cache per decoder layer, sized for `capacity` tokens per head."""
+        """One empty layer cache per stored layer, sized for `capacity` tokens per head."""
         shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim, dtype)
         if self.quantization is None:
-            return tuple(DenseLayerCache.allocate(*shape) for _ in range(cfg.num_layers))
+            return tuple(DenseLayerCache.allocate(*shape) for _ in range(self.num_slots(cfg)))
         q = self.quantization
         k_spec, v_spec = q.key.for_head_dim(cfg.head_dim), q.value.for_head_dim(cfg.head_dim)
         return tuple(QuantizedLayerCache.allocate(*shape, k_spec, v_spec, q.residual)
-                     for _ in range(cfg.num_layers))
+                     for _ in range(self.num_slots(cfg)))
 
 
 def full() -> Policy:
@@ -79,6 +102,15 @@ def hetero(k_bits: int = 8, v_bits: int = 4, group: int | None = None,
                          f"every score), got k_bits={k_bits} < v_bits={v_bits}: swap them")
     return Policy(name=f"k{k_bits}v{v_bits}", quantization=Quantization(
         key=QuantSpec(k_bits, group), value=QuantSpec(v_bits, group), residual=residual))
+
+
+def kvsharer(plan: SharingPlan) -> Policy:
+    """KVSharer: the plan's shared layers attend over their source layer's cache and store
+    nothing. Compose with a cache format: kvsharer(plan) + kivi()."""
+    if not isinstance(plan, SharingPlan):
+        raise TypeError(f"kvsharer takes a SharingPlan (kvjax.sharing.calibrate or "
+                        f"SharingPlan.load), got {type(plan).__name__}")
+    return Policy(name=f"kvsharer{plan.num_shared}", sharing=plan)
 
 
 PRESETS = {

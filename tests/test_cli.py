@@ -39,3 +39,20 @@ def test_demo_runs(capsys):
     printed = capsys.readouterr().out
     assert re.search(r"prompt: \d+ tokens, passkey \d{5}", printed)
     assert re.search(r"^full\s+[\d.]+", printed, re.M)
+
+
+def test_calibrate_then_generate_with_the_plan(checkpoint_with_tokenizer, tmp_path, capsys):
+    path, plan_path = checkpoint_with_tokenizer, tmp_path / "plan.json"
+    main(["calibrate", "--model", str(path), "--num-shared", "1", "--threshold", "-1",
+          "--prompts", "4", "--prompt-tokens", "16", "--out", str(plan_path)])
+    assert re.search(r"shared 1 of 3 layers", capsys.readouterr().out)
+    plan = kvjax.sharing.SharingPlan.load(plan_path)
+    main(["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "5",
+          "--plan", str(plan_path), "--policy", "k8v4"])
+    printed = capsys.readouterr().out
+    expected = kvjax.generate(kvjax.load(path), list(b"Hello"),
+                              kvjax.policies.kvsharer(plan) + kvjax.policies.hetero(8, 4),
+                              max_new_tokens=5).tokens[0]
+    assert printed.startswith(byte_tokenizer().decode(expected, skip_special_tokens=True))
+    with pytest.raises(SystemExit, match=r"num_shared must be in \[1, 2\]"):
+        main(["calibrate", "--model", str(path), "--num-shared", "3", "--out", str(plan_path)])
