@@ -1,7 +1,8 @@
 """Prefill and decode speed of a Llama-3-8B-shaped model with random bf16 weights, any policy.
 
 Decode steps are timed inside generate's on-device loop and set against their floor:
-(weight bytes read per step + allocated cache bytes) / measured read bandwidth. A run is
+(weight bytes read per step + cache bytes the layers attend over) / measured read bandwidth. A
+layer sharing another's cache still reads all of it, so sharing saves memory, not reads. A run is
 POLICY:BATCH (POLICY a preset name, optionally prefixed kvsharerN+ for N shared layers from a
 calibration on the same random model) or POLICY:max, the largest batch whose cache and decode
 temporaries fit in the GPU's memory, computed from allocated bytes and then run.
@@ -96,11 +97,14 @@ def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3):
 
     seconds = median_seconds(run, warmup=1, reps=reps) / steps
     weight_bytes = nbytes(model.weights) - model.weights["embed"].nbytes
-    kv_bytes = nbytes(state["cache"])  # the kernels read at most this
-    floor = (weight_bytes + kv_bytes) / bandwidth
+    kv_bytes = nbytes(state["cache"])  # allocated
+    slots = model.cache_slots  # every layer reads its slot's cache, shared or not
+    kv_read = sum(nbytes(state["cache"][slot]) for slot in slots)
+    floor = (weight_bytes + kv_read) / bandwidth
     return {"policy": policy.name, "batch": batch, "context": context,
             "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds, "floor_ms": floor * 1e3,
-            "x_floor": seconds / floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
+            "x_floor": seconds / floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+            "kv_bytes_read_per_step": kv_read}
 
 
 def largest_batch(model, policy, context, steps):
