@@ -54,41 +54,34 @@ def test_dense_decode_kernel_matches_reference(rng, hq, hkv, num_splits):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-3 * scale)
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (8, 1)])
-def test_packed_decode_kernel_matches_reference(rng, name, hq, hkv):
+def check_packed_kernel(rng, name, hq, hkv, S, q_dtype, tol, **kernel_args):
+    """The kernel over a quantized cache vs the float32 reference over its dequantization."""
     k_spec, v_spec = SPECS[name]
-    B, S, D = 2, 256, 64
-    q = rng.standard_normal((B, hq, D), np.float32)
+    B, D = 2, 64
+    q = rng.standard_normal((B, hq, D)).astype(q_dtype)
     k, v = (rng.standard_normal((B, hkv, S, D), np.float32) for _ in range(2))
     k[..., 3] *= 20  # an outlier channel, as real keys have
     lengths = _random_lengths(rng, B, hkv, S)
     k_parts, v_parts = quantize_tokens(k, k_spec), quantize_tokens(v, v_spec)
     ours = merge_partials([decode_partials(q, k_parts, v_parts, lengths, k_spec=k_spec,
-                                           v_spec=v_spec, num_splits=2, interpret=True)],
-                          jnp.float32)
-    k_hat, v_hat = dequantize_tokens(*k_parts, k_spec), dequantize_tokens(*v_parts, v_spec)
-    ref = merge_partials([reference_partials(q, k_hat, v_hat, lengths)], jnp.float32)
-    scale = np.abs(np.asarray(ref)).max()
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-3 * scale)
-    assert not np.asarray(ours)[0, :hq // hkv].any()  # the empty head attends to nothing
-
-
-@pytest.mark.parametrize("name", ["kivi2", "k4v2_g8", "k8v4"])
-def test_packed_decode_kernel_bf16_matches_reference(rng, name):
-    """bf16 queries take the kernel's exact-offset code conversion (2 and 4 bits) or a plain
-    conversion (8 bits); the reference attends in float32 over the same dequantized cache."""
-    k_spec, v_spec = SPECS[name]
-    B, hq, hkv, S, D = 2, 8, 2, 160, 64
-    q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
-    k, v = (rng.standard_normal((B, hkv, S, D), np.float32) for _ in range(2))
-    lengths = _random_lengths(rng, B, hkv, S)
-    k_parts, v_parts = quantize_tokens(k, k_spec), quantize_tokens(v, v_spec)
-    ours = merge_partials([decode_partials(q, k_parts, v_parts, lengths, k_spec=k_spec,
-                                           v_spec=v_spec, block=32, interpret=True)],
+                                           v_spec=v_spec, interpret=True, **kernel_args)],
                           jnp.float32)
     k_hat, v_hat = dequantize_tokens(*k_parts, k_spec), dequantize_tokens(*v_parts, v_spec)
     ref = merge_partials([reference_partials(q.astype(np.float32), k_hat, v_hat, lengths)],
                          jnp.float32)
     scale = np.abs(np.asarray(ref)).max()
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-2 * scale)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=tol * scale)
+    assert not np.asarray(ours)[0, :hq // hkv].any()  # the empty head attends to nothing
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (8, 1)])
+def test_packed_decode_kernel_matches_reference(rng, name, hq, hkv):
+    check_packed_kernel(rng, name, hq, hkv, 256, np.float32, 1e-3, num_splits=2)
+
+
+@pytest.mark.parametrize("name", ["kivi2", "k4v2_g8", "k8v4"])
+def test_packed_decode_kernel_bf16_matches_reference(rng, name):
+    """bf16 queries take the kernel's exact-offset code conversion (2 and 4 bits) or a plain
+    conversion (8 bits)."""
+    check_packed_kernel(rng, name, 8, 2, 160, ml_dtypes.bfloat16, 1e-2, block=32)
