@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from kvjax import policies
+from kvjax import policies, sharing
 from kvjax.config import ModelConfig
 from kvjax.generate import generate
 from kvjax.loading import load, save_hf
@@ -51,11 +51,18 @@ def run(context_tokens: int = 2048, max_new_tokens: int = 16) -> None:
     ids = tokenizer(text).input_ids
     print("model: a random-weight Llama (4 layers, GQA 8/2) written as an HF checkpoint; its "
           "answers are not meaningful until the trained reference model ships")
-    print(f"prompt: {len(ids)} tokens, passkey {passkey}\n")
-    print(f"{'policy':<10} {'cache MiB':>10} {'vs bf16':>8} {'prefill ms':>11} {'decode tok/s':>13}  answer")
-    for name in sorted(policies.PRESETS):
-        out = generate(model, ids, policies.by_name(name), max_new_tokens=max_new_tokens)
+    # KVSharer needs a plan: calibrated on standard-library text (any plan is as good as another
+    # for random weights, hence threshold -1).
+    plan = sharing.calibrate(model, sharing.stdlib_calibration_tokens(tokenizer), num_shared=1,
+                             threshold=-1.0, progress=False)
+    shared = {i: s for i, s in enumerate(plan.sources) if s != i}
+    print(f"prompt: {len(ids)} tokens, passkey {passkey}; KVSharer plan (layer: source) {shared}\n")
+    runs = {name: policies.by_name(name) for name in sorted(policies.PRESETS)}
+    runs["kvsharer1+kivi2"] = policies.kvsharer(plan) + policies.kivi()
+    print(f"{'policy':<16} {'cache MiB':>10} {'vs bf16':>8} {'prefill ms':>11} {'decode tok/s':>13}  answer")
+    for name, policy in runs.items():
+        out = generate(model, ids, policy, max_new_tokens=max_new_tokens)
         s = out.stats
         answer = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
-        print(f"{name:<10} {s.cache_bytes / 2**20:>10.2f} {s.compression:>+8.1%} "
+        print(f"{name:<16} {s.cache_bytes / 2**20:>10.2f} {s.compression:>+8.1%} "
               f"{s.prefill_seconds * 1e3:>11.1f} {s.decode_tokens_per_second:>13.1f}  {answer!r}")

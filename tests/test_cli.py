@@ -38,7 +38,8 @@ def test_demo_runs(capsys):
     main(["demo", "--context-tokens", "300", "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
     assert re.search(r"prompt: \d+ tokens, passkey \d{5}", printed)
-    assert re.search(r"^full\s+[\d.]+", printed, re.M)
+    for policy in ("full", "kivi2", "k4v2", "kvsharer1\\+kivi2"):
+        assert re.search(rf"^{policy}\s+[\d.]+", printed, re.M)
 
 
 def test_calibrate_then_generate_with_the_plan(checkpoint_with_tokenizer, tmp_path, capsys):
