@@ -29,12 +29,15 @@ class Model:
     kv_sources: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
     @property
+    def stored_layers(self) -> tuple[int, ...]:
+        """Layers that keep their own cache, in order: cache slot s holds stored_layers[s]'s."""
+        return tuple(sorted(set(self.kv_sources or range(self.config.num_layers))))
+
+    @property
     def cache_slots(self) -> tuple[int, ...]:
-        """The cache slot each layer attends over: stored layers in order, shared layers their
-        source's slot. The cache holds one layer cache per distinct slot."""
-        sources = self.kv_sources or tuple(range(self.config.num_layers))
-        stored = sorted(set(sources))
-        return tuple(stored.index(s) for s in sources)
+        """The cache slot each layer attends over (a shared layer: its source's)."""
+        sources = self.kv_sources or range(self.config.num_layers)
+        return tuple(self.stored_layers.index(s) for s in sources)
 
 
 # Projections that read the same input are stored concatenated, so decode runs one larger
@@ -245,9 +248,8 @@ def prefill(model: Model, cache, tokens, lengths):
     """
     hidden, layer_kv = forward_prompt(model, tokens, lengths)
     last_hidden = hidden[jnp.arange(tokens.shape[0]), lengths - 1]  # [B, E]
-    first_of_slot = {slot: i for i, slot in reversed(list(enumerate(model.cache_slots)))}
-    cache = tuple(c.write_prompt(*layer_kv[first_of_slot[slot]], lengths)
-                  for slot, c in enumerate(cache))
+    cache = tuple(c.write_prompt(*layer_kv[layer], lengths)
+                  for c, layer in zip(cache, model.stored_layers))
     return unembed(model, last_hidden), cache
 
 
