@@ -12,7 +12,6 @@ temporaries fit in the GPU's memory, computed from allocated bytes and then run.
 """
 
 import argparse
-import math
 import time
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 
 from benchmarks.common import environment, median_seconds, read_bandwidth, write_result
 from kvjax import policies, sharing
-from kvjax.cache import DenseLayerCache, QuantizedLayerCache
+from kvjax.cache import DenseLayerCache, QuantizedLayerCache, cache_bytes
 from kvjax.config import Llama3RopeScaling, ModelConfig
 from kvjax.generate import _decode, _prefill
 from kvjax.model import init_random
@@ -32,11 +31,6 @@ LLAMA3_8B = ModelConfig(
     num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
     rms_norm_eps=1e-5, rope_theta=500000.0,
     rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 8192), dtype="bfloat16")
-
-
-def nbytes(tree) -> int:
-    """Bytes of every array (or ShapeDtypeStruct) of a pytree."""
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _random_leaf(key, x):
@@ -99,10 +93,10 @@ def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3):
         return out
 
     seconds = median_seconds(run, warmup=1, reps=reps) / steps
-    weight_bytes = nbytes(model.weights) - model.weights["embed"].nbytes
-    kv_bytes = nbytes(state["cache"])  # allocated
+    weight_bytes = cache_bytes(model.weights) - model.weights["embed"].nbytes
+    kv_bytes = cache_bytes(state["cache"])  # allocated
     slots = model.cache_slots  # every layer reads its slot's cache, shared or not
-    kv_read = sum(nbytes(state["cache"][slot]) for slot in slots)
+    kv_read = sum(cache_bytes(state["cache"][slot]) for slot in slots)
     floor = (weight_bytes + kv_read) / bandwidth
     return {"policy": policy.name, "batch": batch, "context": context,
             "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds, "floor_ms": floor * 1e3,
@@ -116,11 +110,11 @@ def largest_batch(model, policy, context, steps):
     of a 16-row batch (both linear in the batch), 2 GiB kept free."""
     cfg, reps = model.config, 3
     capacity = context + (reps + 2) * steps
-    per_row = nbytes(jax.eval_shape(lambda: policy.allocate(cfg, 1, capacity, jnp.bfloat16)))
+    per_row = cache_bytes(jax.eval_shape(lambda: policy.allocate(cfg, 1, capacity, jnp.bfloat16)))
     probe = jax.eval_shape(lambda: policy.allocate(cfg, 16, capacity, jnp.bfloat16))
     temp = compile_decode(model, probe, steps).memory_analysis().temp_size_in_bytes / 16
     limit = jax.devices()[0].memory_stats()["bytes_limit"]
-    free = limit - nbytes(model.weights) - 2 * 2**30
+    free = limit - cache_bytes(model.weights) - 2 * 2**30
     return int(free // (per_row + temp)), {"bytes_limit": limit, "cache_bytes_per_row": per_row,
                                            "temp_bytes_per_row": temp}
 

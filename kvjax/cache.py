@@ -8,6 +8,8 @@ On the GPU, attention and quantization run through the Pallas kernels of pallas_
 other backends (and for shapes the kernels do not take) through their jnp references.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -221,8 +223,9 @@ def _write_rows(store, new, start, where):
 
 
 def cache_bytes(cache) -> int:
-    """Bytes the cache really allocates on the device (every array of the pytree)."""
-    return sum(x.nbytes for x in jax.tree.leaves(cache))
+    """Bytes the cache really allocates on the device (every array of the pytree); also takes
+    the jax.eval_shape of a cache, to size one before allocating it."""
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
 
 
 def dense_bf16_bytes(cfg, batch, capacity) -> int:

@@ -63,9 +63,7 @@ class Policy:
         """Layer caches the policy keeps: one per layer that is not shared."""
         if self.sharing is None:
             return cfg.num_layers
-        if len(self.sharing.sources) != cfg.num_layers:
-            raise ValueError(f"the sharing plan covers {len(self.sharing.sources)} layers, the "
-                             f"model has {cfg.num_layers}: it was made for another model")
+        self.sharing.check_layers(cfg.num_layers)
         return cfg.num_layers - self.sharing.num_shared
 
     def allocate(self, cfg: ModelConfig, batch: int, capacity: int, dtype):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from kvjax.model import FUSED, Model, forward_prompt, fuse_layer, split_layer
+from kvjax.model import Model, forward_prompt, fuse_layer, split_layer
 
 _KV_ONLY = ("wk", "wv", "bk", "bv", "k_norm")  # what a shared layer no longer needs
 
@@ -53,6 +53,11 @@ class SharingPlan:
                     f"layer {i} reads layer {s}, which is not an earlier layer keeping its own "
                     "cache: a plan must point each shared layer at an earlier stored layer (this "
                     "one is cyclic or chained; calibrate() makes valid plans)")
+
+    def check_layers(self, num_layers: int) -> None:
+        if len(self.sources) != num_layers:
+            raise ValueError(f"the sharing plan covers {len(self.sources)} layers, the model has "
+                             f"{num_layers}: it was made for another model")
 
     @property
     def num_shared(self) -> int:
@@ -85,9 +90,7 @@ def model_fingerprint(model: Model) -> str:
 def apply(model: Model, plan: SharingPlan) -> Model:
     """The model with the plan's shared layers stripped of their K/V projections."""
     cfg = model.config
-    if len(plan.sources) != cfg.num_layers:
-        raise ValueError(f"the plan covers {len(plan.sources)} layers, the model has "
-                         f"{cfg.num_layers}: it was made for another model")
+    plan.check_layers(cfg.num_layers)
     if plan.model_id != model_fingerprint(model):
         raise ValueError(f"the plan was made for model {plan.model_id}, not this one "
                          f"({model_fingerprint(model)}): calibrate a plan for this model")
@@ -96,7 +99,6 @@ def apply(model: Model, plan: SharingPlan) -> Model:
         if plan.sources[i] != i:
             parts = split_layer(layer, cfg)
             layer = fuse_layer({n: x for n, x in parts.items() if n not in _KV_ONLY})
-            assert not any(f in layer for f in FUSED if f != "w_gate_up")
         layers.append(layer)
     return Model(weights=model.weights | {"layers": tuple(layers)}, config=cfg,
                  kv_sources=plan.sources)

@@ -1,5 +1,7 @@
 """KVSharer: the calibration search, generation with a plan, bytes, lowering and errors."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +65,9 @@ def test_plan_equals_numpy_search(model6, rng):
     similarity = sharing.similarity_fn(model6, tokens)
     single = [similarity(sharing.share(tuple(range(L)), i, j)) for i in range(L) for j in range(i)]
     threshold = float(np.median(single))  # some trials pass, some fail
-    plan = sharing.calibrate(model6, tokens, num_shared=3, threshold=threshold, progress=False)
+    with warnings.catch_warnings():  # fewer than 3 may pass: calibrate warns, as it should
+        warnings.simplefilter("ignore", UserWarning)
+        plan = sharing.calibrate(model6, tokens, num_shared=3, threshold=threshold, progress=False)
     k, v = sharing.capture_kv(model6, jnp.asarray(tokens))
     expected, trials = numpy_search(k, v, similarity, 3, threshold)
     assert plan.sources == expected
@@ -75,14 +79,12 @@ def test_plan_equals_numpy_search(model6, rng):
 def test_captured_kv_is_the_prompt_average(model6, rng):
     tokens = rng.integers(0, 89, (3, 11))
     k, v = sharing.capture_kv(model6, jnp.asarray(tokens))
-    for row in range(3):  # one prompt at a time, then averaged by numpy
-        _, kv = forward_prompt(model6, jnp.asarray(tokens[row:row + 1]), jnp.array([11]))
-        if row == 0:
-            k_sum = np.stack([np.asarray(x[0][0], np.float64) for x in kv])
-        else:
-            k_sum += np.stack([np.asarray(x[0][0], np.float64) for x in kv])
-    np.testing.assert_allclose(np.asarray(k), k_sum / 3, rtol=1e-5, atol=1e-6)
-    assert v.shape == k.shape == (L, 2, 11, 16)
+    per_prompt = [forward_prompt(model6, jnp.asarray(row[None]), jnp.array([11]))[1]
+                  for row in tokens]  # one prompt at a time: [prompt][layer] -> (k, v)
+    for which, captured in ((0, k), (1, v)):
+        expected = np.mean([[np.asarray(kv[which][0], np.float64) for kv in layers]
+                            for layers in per_prompt], axis=0)  # [L, Hkv, T, K]
+        np.testing.assert_allclose(np.asarray(captured), expected, rtol=1e-5, atol=1e-6)
 
 
 def recompute_reference(model, prompt, sources, steps):
@@ -189,6 +191,9 @@ def test_errors(model6, checkpoints, rng):
     for n in (0, L, L + 3):
         with pytest.raises(ValueError, match=rf"num_shared must be in \[1, {L - 1}\]"):
             sharing.calibrate(model6, tokens, n, progress=False)
+    with pytest.warns(UserWarning, match="only 0 of 2 layers could be shared at threshold 1.0"):
+        plan = sharing.calibrate(model6, tokens, 2, threshold=1.0, progress=False)
+    assert plan.num_shared == 0 and len(plan.trials) == L * (L - 1) // 2  # every pair tried
     with pytest.raises(ValueError, match="equal length"):
         sharing.calibrate(model6, [[1, 2, 3], [4, 5]], 1, progress=False)
     with pytest.raises(ValueError, match="cyclic or chained"):
@@ -201,7 +206,7 @@ def test_errors(model6, checkpoints, rng):
     with pytest.raises(ValueError, match="made for model .* not this one"):
         kvjax.generate(other, [1, 2], policies.kvsharer(plan_for(model6, SOURCES)))
     small = kvjax.load(checkpoints("llama_gqa2")[0])  # 3 layers
-    with pytest.raises(ValueError, match="covers 6 layers, the model has 3"):
+    with pytest.raises(ValueError, match="plan covers 6 layers, the model has 3"):
         kvjax.generate(small, [1, 2], policies.kvsharer(plan_for(model6, SOURCES)))
     plan = policies.kvsharer(plan_for(model6, SOURCES))
     with pytest.raises(ValueError, match="both set sharing"):
