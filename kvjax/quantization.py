@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SUPPORTED_BITS = (2, 4, 8)
 STATS_DTYPE = jnp.bfloat16
@@ -84,11 +85,14 @@ def round_to_stats(x, down: bool):
 
 def stats_from_range(lo, hi, bits: int):
     """Group minima and maxima (float32) -> the stored scale and zero (float32 holding bf16s)."""
-    levels = 2**bits - 1
+    # A multiply by the rounded reciprocal, not a division: XLA turns division by a constant
+    # into that multiply on some backends and not others, and the stored scale must not depend
+    # on the backend.
+    inv_levels = np.float32(1 / (2**bits - 1))
     zero = round_to_stats(lo, down=True)
     span = hi - zero  # exactly 0 for a constant group
     # hi/levels - zero/levels only where the span overflows (outliers near float max).
-    scale = jnp.where(jnp.isfinite(span), span / levels, hi / levels - zero / levels)
+    scale = jnp.where(jnp.isfinite(span), span * inv_levels, hi * inv_levels - zero * inv_levels)
     return round_to_stats(scale, down=False), zero
 
 

@@ -13,20 +13,22 @@ from tests.test_attention import decode_reference
 
 
 def qdq64(x, spec):
-    """Quantize-dequantize x [S, D] in float64 by the formulas of kvjax.quantization, with the
-    stats rounded down (zero) and up (scale) to bfloat16 as stored."""
+    """Quantize-dequantize x [S, D] by the formulas of kvjax.quantization, stats and codes in
+    float32 as the format specifies (float64 would round some near-half codes and near-boundary
+    scales the other way), the stats rounded down (zero) and up (scale) to bfloat16 as stored,
+    and the reconstruction in float64."""
     def bf16(a, down):
         r = a.astype(ml_dtypes.bfloat16)
-        off = r.astype(np.float64) > a if down else r.astype(np.float64) < a
+        off = r.astype(np.float32) > a if down else r.astype(np.float32) < a
         return np.where(off, np.nextafter(r, np.full(r.shape, -np.inf if down else np.inf,
-                                                     ml_dtypes.bfloat16)), r).astype(np.float64)
-    levels = 2**spec.bits - 1
+                                                     ml_dtypes.bfloat16)), r).astype(np.float32)
+    levels = np.float32(2**spec.bits - 1)  # the span is multiplied by 1/levels in float32
     groups = x.T if spec.per_channel else x  # groups along the last axis
-    g = groups.reshape(groups.shape[0], -1, spec.group).astype(np.float64)
+    g = groups.reshape(groups.shape[0], -1, spec.group).astype(np.float32)
     zero = bf16(g.min(-1), down=True)[..., None]
-    scale = bf16((g.max(-1)[..., None] - zero) / levels, down=False)
-    codes = np.clip(np.floor((g - zero) / np.where(scale > 0, scale, 1) + 0.5), 0, levels)
-    out = (codes * scale + zero).reshape(groups.shape)
+    scale = bf16((g.max(-1)[..., None] - zero) * np.float32(1 / levels), down=False)
+    codes = np.clip(np.floor((g - zero) / np.where(scale > 0, scale, 1) + np.float32(0.5)), 0, levels)
+    out = (codes.astype(np.float64) * scale + zero).reshape(groups.shape)
     return out.T if spec.per_channel else out
 
 
