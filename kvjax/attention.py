@@ -21,6 +21,21 @@ def group_queries(q, num_kv_heads):
     return q.reshape(B, num_kv_heads, Hq // num_kv_heads, *q.shape[2:])
 
 
+def _prompt_probs(q, k, lengths):
+    """Causal softmax of a right-padded prompt: q [B, Hq, T, K], k [B, Hkv, T, K], lengths [B]
+    -> float32 probabilities [B, Hkv, g, T (queries), T (keys)]. Padded query rows see
+    themselves too, so no row is empty."""
+    K, T = q.shape[-1], q.shape[2]
+    qg = group_queries(q, k.shape[1])  # [B, Hkv, g, T, K]
+    scores = jnp.einsum("bhgqk,bhsk->bhgqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * K ** -0.5
+    query_pos = jnp.arange(T)[:, None]
+    key_pos = jnp.arange(T)[None, :]
+    visible = (key_pos <= query_pos)[None] & (key_pos[None] < lengths[:, None, None])  # [B, T, T]
+    visible = visible | (key_pos == query_pos)[None]
+    return jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
+
+
 def prefill_attention(q, k, v, lengths):
     """Causal attention of a right-padded prompt over itself.
 
@@ -28,17 +43,25 @@ def prefill_attention(q, k, v, lengths):
     Returns [B, Hq, T, K] in q's dtype. Padded query rows attend causally too, so they stay finite.
     """
     B, Hq, T, K = q.shape
-    qg = group_queries(q, k.shape[1])  # [B, Hkv, g, T, K]
-    scores = jnp.einsum("bhgqk,bhsk->bhgqs", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * K ** -0.5
-    query_pos = jnp.arange(T)[:, None]
-    key_pos = jnp.arange(T)[None, :]
-    visible = (key_pos <= query_pos)[None] & (key_pos[None] < lengths[:, None, None])  # [B, T, T]
-    visible = visible | (key_pos == query_pos)[None]  # padded rows see themselves: no empty row
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _prompt_probs(q, k, lengths).astype(v.dtype)
     out = jnp.einsum("bhgqs,bhsk->bhgqk", probs, v)
     return out.reshape(B, Hq, T, K)
+
+
+def key_scores(q, k, lengths, window=None, reduce="sum"):
+    """Accumulated attention of each prompt key (H2O; SnapKV and LeanKV with a window).
+
+    q [B, Hq, T, K]; k [B, Hkv, T, K]; lengths [B]. Sums, over the real queries of each row (the
+    last `window` of them, or all when None), each query's softmax probability of the key,
+    first combined over the query group by `reduce` ("sum" or "max"). -> [B, Hkv, T] float32.
+    """
+    T = q.shape[2]
+    query_pos = jnp.arange(T)[None, :]  # [1, T]
+    first = 0 if window is None else jnp.maximum(lengths - window, 0)[:, None]
+    counted = (query_pos < lengths[:, None]) & (query_pos >= first)  # [B, T]
+    probs = _prompt_probs(q, k, lengths)  # [B, Hkv, g, T, T]
+    per_query = probs.max(axis=2) if reduce == "max" else probs.sum(axis=2)  # [B, Hkv, T, T]
+    return jnp.where(counted[:, None, :, None], per_query, 0.0).sum(axis=2)
 
 
 def decode_partials(q, k, v, lengths):
