@@ -78,7 +78,7 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
     first_query = 0 if window is None else jnp.maximum(n - window, 0)
     scale = head_dim ** -0.5
 
-    def body(i, acc):
+    def body(i, acc):  # acc [block_q, block_k]: summed over query rows once, at the end
         q0 = pl.multiple_of(i * block_q, block_q)
         q_pos = q0 + jnp.arange(block_q)
         visible = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] < n)
@@ -93,12 +93,13 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
                 reduced = p
             else:
                 reduced = jnp.maximum(reduced, p) if reduce == "max" else reduced + p
-        return acc + reduced.sum(axis=0)
+        return acc + reduced
 
     # Query blocks before this key block cannot see it (causal), nor those before the window.
     start = jnp.maximum(k0, first_query) // block_q
-    acc = jax.lax.fori_loop(start, pl.cdiv(n, block_q), body, jnp.zeros((block_k,), jnp.float32))
-    scores_ref[...] = jnp.where(k_pos < n, acc, 0.0)
+    acc = jax.lax.fori_loop(start, pl.cdiv(n, block_q), body,
+                            jnp.zeros((block_q, block_k), jnp.float32))
+    scores_ref[...] = jnp.where(k_pos < n, acc.sum(axis=0), 0.0)
 
 
 def _pad_tokens(x, T: int):
@@ -110,13 +111,14 @@ def _pad_tokens(x, T: int):
 
 @functools.partial(jax.jit, static_argnames=(
     "block_q", "block_k", "num_warps", "num_stages", "interpret"))
-def prefill_attention(q, k, v, lengths, *, block_q=64, block_k=64, num_warps=4, num_stages=2,
+def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8, num_stages=3,
                       interpret=False):
     """Causal attention of a right-padded prompt over itself (pass 1).
 
     q [B, Hq, T, D]; k, v [B, Hkv, T, D]; lengths [B] real tokens per row (any T: padded to the
     blocks inside). Returns out [B, Hq, T, D] in q's dtype, zeros at padded rows, and the
-    log-sum-exp of each row's scaled scores, lse [B, Hq, T] float32.
+    log-sum-exp of each row's scaled scores, lse [B, Hq, T] float32. Default blocks, warps and
+    stages: the fastest of the sweep at 16K on an H100 (benchmarks/results/prefill_sweep.json).
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -143,14 +145,15 @@ def prefill_attention(q, k, v, lengths, *, block_q=64, block_k=64, num_warps=4, 
 
 @functools.partial(jax.jit, static_argnames=(
     "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret"))
-def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=64,
-               num_warps=4, num_stages=2, interpret=False):
+def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
+               num_warps=8, num_stages=3, interpret=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
     window: only the last `window` real queries of each row count (None: all of them).
     reduce: how a query's probabilities combine over the query heads of a KV head, "sum" or
-    "max". Returns scores [B, Hkv, T] float32, zero past each row's length.
+    "max". Returns scores [B, Hkv, T] float32, zero past each row's length. Defaults: the
+    sweep's fastest (query blocks of 128 exceed the shared memory).
     """
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
