@@ -68,12 +68,14 @@ class DenseLayerCache:
         return self.k.shape[2]
 
     def write_prompt(self, k, v, lengths):
-        """Stores a right-padded prompt's k, v [B, Hkv, T, K]; lengths [B] real tokens per row."""
+        """Stores a right-padded prompt's k, v [B, Hkv, T, K]; lengths: real tokens per row [B]
+        or per head [B, Hkv] (after selection). Padding past the capacity is dropped."""
+        k, v = k[:, :, :self.capacity], v[:, :, :self.capacity]
         T = k.shape[2]
         return self.replace(
             k=self.k.at[:, :, :T].set(k.astype(self.k.dtype)),
             v=self.v.at[:, :, :T].set(v.astype(self.v.dtype)),
-            lengths=jnp.broadcast_to(lengths[:, None], self.lengths.shape).astype(jnp.int32),
+            lengths=_per_head(lengths, self.lengths.shape),
         )
 
     def append(self, k, v):
@@ -117,9 +119,21 @@ class QuantizedLayerCache:
     v_spec: QuantSpec = struct.field(pytree_node=False)
 
     @classmethod
-    def allocate(cls, batch, num_kv_heads, capacity, head_dim, dtype, k_spec, v_spec, residual):
-        # The store is a whole number of kernel blocks (64 tokens, or one key group if larger).
-        store = _round_up(capacity, max(64, k_spec.token_group))
+    def allocate(cls, batch, num_kv_heads, capacity, head_dim, dtype, k_spec, v_spec, residual,
+                 appends=None):
+        """An empty cache for `capacity` tokens per head, of which at most `appends` come after
+        write_prompt (None: any number). The quantized store holds only what can ever be
+        quantized: the prompt less the residual it keeps, plus one residual per possible flush."""
+        group = k_spec.token_group
+        quantized = capacity
+        if appends is not None:
+            prompt = capacity - appends
+            flushes = -(-appends // residual)
+            quantized = min(capacity, max(prompt - residual + group - 1, 0) // group * group
+                            + flushes * residual)
+        # A whole number of kernel blocks (64 tokens, or one key group if larger), and a whole
+        # residual (a flush writes one, even where it can never happen).
+        store = _round_up(max(quantized, residual), max(64, group))
         lead = (batch, num_kv_heads)
 
         def quantized(spec):
@@ -149,30 +163,30 @@ class QuantizedLayerCache:
         return self.v_codes, self.v_scale, self.v_zero
 
     def write_prompt(self, k, v, lengths):
-        """Stores a right-padded prompt's k, v [B, Hkv, T, K]; lengths [B] real tokens per row.
+        """Stores a right-padded prompt's k, v [B, Hkv, T, K]; lengths: real tokens per row [B]
+        or per head [B, Hkv] (after selection).
 
-        Each row keeps its last tokens in the residual, as many as fit in whole key groups
+        Each head keeps its last tokens in the residual, as many as fit in whole key groups
         (more than R - group, at most R), and quantizes the rest.
         """
         T, group, R = k.shape[2], self.k_spec.token_group, self.residual
-        num_quantized = jnp.maximum(lengths - R + group - 1, 0) // group * group  # [B]
+        lengths = _per_head(lengths, self.num_quantized.shape)
+        num_quantized = jnp.maximum(lengths - R + group - 1, 0) // group * group  # [B, Hkv]
         parts = []
+        store = self.k_codes.shape[2]  # tokens past it are never quantized (allocate says why)
         for x, spec, old in ((k, self.k_spec, self._k_parts()), (v, self.v_spec, self._v_parts())):
-            new = _quantize(_round_tokens(x, group), spec)
+            new = _quantize(_round_tokens(x, group)[:, :, :store], spec)
             parts.append([o.at[:, :, :n.shape[2]].set(n) for o, n in zip(old, new)])
-        take = jnp.minimum(num_quantized[:, None] + jnp.arange(R)[None, :], T - 1)  # [B, R]
-        take = take[:, None, :, None]
+        take = jnp.minimum(num_quantized[..., None] + jnp.arange(R), T - 1)[..., None]  # [B, Hkv, R, 1]
 
-        def tail(x):  # each row's tokens [num_quantized, num_quantized + R) -> [B, Hkv, R, K]
+        def tail(x):  # each head's tokens [num_quantized, num_quantized + R) -> [B, Hkv, R, K]
             return jnp.take_along_axis(x, take, axis=2).astype(self.k_residual.dtype)
 
-        shape = self.num_quantized.shape
         return self.replace(
             k_codes=parts[0][0], k_scale=parts[0][1], k_zero=parts[0][2],
             v_codes=parts[1][0], v_scale=parts[1][1], v_zero=parts[1][2],
             k_residual=tail(k), v_residual=tail(v),
-            num_quantized=jnp.broadcast_to(num_quantized[:, None], shape).astype(jnp.int32),
-            num_residual=jnp.broadcast_to((lengths - num_quantized)[:, None], shape).astype(jnp.int32),
+            num_quantized=num_quantized, num_residual=lengths - num_quantized,
         )
 
     def _flush(self):
@@ -206,6 +220,12 @@ class QuantizedLayerCache:
                               self.k_spec, self.v_spec)
         residual = _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)
         return merge_partials([quantized, residual], q.dtype)
+
+
+def _per_head(lengths, shape):
+    """Token counts per row [B] or per head [B, Hkv] -> int32 [B, Hkv]."""
+    lengths = lengths[:, None] if lengths.ndim == 1 else lengths
+    return jnp.broadcast_to(lengths, shape).astype(jnp.int32)
 
 
 def _round_tokens(x, multiple: int):

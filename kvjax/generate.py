@@ -14,7 +14,7 @@ from kvjax.model import Model, decode_step, prefill
 from kvjax.sampling import Sampling, sample
 
 PAD = -1  # marks the slots after a row's EOS in the device-side output buffer
-_BUCKET = 64  # prompt lengths and cache capacities are rounded up to this: fewer recompiles
+_BUCKET = 64  # prompt lengths (and, in the caches, capacities) are rounded up to this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +83,9 @@ def _eos_ids(eos_token_id, model: Model) -> tuple[int, ...]:
     return tuple(int(t) for t in eos_token_id)
 
 
-@functools.partial(jax.jit, donate_argnames="cache")
-def _prefill(model, cache, tokens, lengths):
-    return prefill(model, cache, tokens, lengths)
+@functools.partial(jax.jit, static_argnames="selection", donate_argnames="cache")
+def _prefill(model, cache, tokens, lengths, selection):
+    return prefill(model, cache, tokens, lengths, selection)
 
 
 @functools.partial(jax.jit, static_argnames=("num_tokens", "sampling", "eos_ids"),
@@ -157,15 +157,16 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
     padded = np.zeros((B, T), np.int32)
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row
-    capacity = _round_up(max(T, total), _BUCKET)
-    cache = policy.allocate(cfg, B, capacity, model.weights["embed"].dtype)
+    appends = max_new_tokens - 1  # the last sampled token is never written to the cache
+    cache = policy.allocate(cfg, B, int(lengths.max()), appends, model.weights["embed"].dtype)
     allocated = cache_bytes(cache)
     tokens_d, lengths_d = jnp.asarray(padded), jnp.asarray(lengths)
     key = jax.random.key(seed)
     decode_kwargs = dict(num_tokens=max_new_tokens, sampling=sampling, eos_ids=_eos_ids(eos_token_id, model))
 
     t0 = time.perf_counter()
-    prefill_fn = _prefill.lower(model, cache, tokens_d, lengths_d).compile()
+    prefill_fn = _prefill.lower(model, cache, tokens_d, lengths_d,
+                                selection=policy.selection).compile()
     compile_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     logits, cache = jax.block_until_ready(prefill_fn(model, cache, tokens_d, lengths_d))
@@ -184,7 +185,7 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
         prompt_tokens=int(lengths.sum()),
         generated_tokens=sum(len(g) for g in generated),
         cache_bytes=allocated,
-        dense_bf16_cache_bytes=dense_bf16_bytes(cfg, B, capacity),
+        dense_bf16_cache_bytes=dense_bf16_bytes(cfg, B, _round_up(int(lengths.max()) + appends, _BUCKET)),
         compile_seconds=compile_seconds,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,

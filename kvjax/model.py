@@ -10,8 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import prefill_attention
+from kvjax.attention import key_scores, prefill_attention
+from kvjax.cache import use_kernels
 from kvjax.config import ModelConfig
+from kvjax.selection import Selection, compact
+from pallas_kernels import prefill_attention as prefill_kernel
 
 
 @struct.dataclass
@@ -204,19 +207,34 @@ def unembed(model: Model, x):
     return jnp.einsum("...e,ev->...v", h, lm_head, preferred_element_type=jnp.float32)
 
 
-def forward_prompt(model: Model, tokens, lengths, kv_sources=None):
+def prompt_attention(q, k, v, lengths, selection: Selection | None = None):
+    """Causal attention of a right-padded prompt, q [B, Hq, T, K] over k, v [B, Hkv, T, K], and
+    the key scores [B, Hkv, T] the selection ranks by (None when it needs none). The Pallas
+    kernels on the GPU (memory linear in T), the jnp references elsewhere."""
+    scored = selection is not None and selection.scorer != "none"
+    score_args = dict(window=selection.score_window, reduce=selection.reduce) if scored else {}
+    if use_kernels(q.shape[-1]):
+        out, lse = prefill_kernel.prefill_attention(q, k, v, lengths)
+        return out, prefill_kernel.key_scores(q, k, lse, lengths, **score_args) if scored else None
+    out = prefill_attention(q, k, v, lengths)
+    return out, key_scores(q, k, lengths, **score_args) if scored else None
+
+
+def forward_prompt(model: Model, tokens, lengths, kv_sources=None, selection=None):
     """Runs a right-padded prompt batch through every layer.
 
     tokens [B, T] int32, lengths [B] (real tokens per row; the rest is padding).
     kv_sources: an int array [L] (traced: one compilation serves every sharing plan that
     calibration tries) of the layer whose K/V each layer attends over; None: model.kv_sources.
-    Returns hidden states [B, T, E] and the (k, v) each layer attended over, [B, Hkv, T, K].
+    selection: when given, each layer also returns the key scores it ranks tokens by.
+    Returns hidden states [B, T, E], the (k, v) each layer attended over, [B, Hkv, T, K], and
+    each layer's key scores [B, Hkv, T] (None without a scoring selection).
     """
     cfg = model.config
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     x = embed(model, tokens)
-    layer_kv = []
+    layer_kv, layer_scores = [], []
     for i, layer in enumerate(model.weights["layers"]):
         q, k, v = qkv_projection(layer, cfg, x, positions)
         if k is None:  # a shared layer (model.kv_sources): its source's K/V
@@ -226,31 +244,40 @@ def forward_prompt(model: Model, tokens, lengths, kv_sources=None):
         if kv_sources is not None:  # pick layer kv_sources[i] <= i among the K/V so far
             k = jnp.stack([kv[0] for kv in layer_kv] + [k])[kv_sources[i]]
             v = jnp.stack([kv[1] for kv in layer_kv] + [v])[kv_sources[i]]
-        attn = prefill_attention(q.transpose(0, 2, 1, 3), k, v, lengths)  # [B, Hq, T, K]
+        attn, scores = prompt_attention(q.transpose(0, 2, 1, 3), k, v, lengths, selection)
         x = attention_output_and_mlp(layer, cfg, x, attn.transpose(0, 2, 1, 3))
         layer_kv.append((k, v))
-    return x, layer_kv
+        layer_scores.append(scores)
+    return x, layer_kv, layer_scores
 
 
 @jax.jit
 def forward(model: Model, tokens):
     """Full-sequence logits [B, T, V] for unpadded tokens [B, T] (parity tests, perplexity)."""
     lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
-    hidden, _ = forward_prompt(model, tokens, lengths)
+    hidden, _, _ = forward_prompt(model, tokens, lengths)
     return unembed(model, hidden)
 
 
-def prefill(model: Model, cache, tokens, lengths):
+def prefill(model: Model, cache, tokens, lengths, selection: Selection | None = None):
     """Runs the prompt and fills the cache.
 
     tokens [B, T] right-padded, lengths [B]. Returns the logits [B, V] of each row's last real
-    token and the cache holding every layer's prompt K/V.
+    token and the cache holding every stored layer's prompt K/V: all of it, or per KV head the
+    tokens `selection` keeps, compacted (a shared layer's queries do not score its source).
     """
-    hidden, layer_kv = forward_prompt(model, tokens, lengths)
+    hidden, layer_kv, layer_scores = forward_prompt(model, tokens, lengths, selection=selection)
     last_hidden = hidden[jnp.arange(tokens.shape[0]), lengths - 1]  # [B, E]
-    cache = tuple(c.write_prompt(*layer_kv[layer], lengths)
-                  for c, layer in zip(cache, model.stored_layers))
-    return unembed(model, last_hidden), cache
+    L, T = model.config.num_layers, tokens.shape[1]
+    filled = []
+    for c, layer in zip(cache, model.stored_layers):
+        (k, v), scores, kept = layer_kv[layer], layer_scores[layer], lengths
+        if selection is not None:
+            scores = jnp.zeros(k.shape[:3], jnp.float32) if scores is None else scores
+            keep = selection.keep(scores, lengths, layer, L)  # [B, Hkv, T]
+            k, v, kept = compact(k, v, keep, selection.bound(layer, L, T))
+        filled.append(c.write_prompt(k, v, kept))
+    return unembed(model, last_hidden), tuple(filled)
 
 
 def decode_step(model: Model, cache, tokens, positions):

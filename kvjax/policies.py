@@ -5,15 +5,20 @@ A policy is composed of optional parts; papers' settings are presets over it:
   many recent tokens stay in full precision. `kivi()` is KIVI / MiniKV's quantizer, `hetero()`
   LeanKV's precision tiers (more bits for keys than for values).
 - `sharing`: a KVSharer plan (kvjax.sharing): which layers attend over an earlier layer's cache.
-Parts compose with `+`, e.g. `kvsharer(plan) + kivi()`. Token selection joins as a further part.
+- `selection`: which prompt tokens each KV head keeps (kvjax.selection): H2O, SnapKV, PyramidKV,
+  StreamingLLM, AdaKV; MiniKV is pyramid H2O selection plus 2-bit quantization.
+Parts compose with `+`, e.g. `kvsharer(plan) + minikv()` or `snapkv(1024) + kivi(4)`.
 Invalid combinations fail at construction with a message that says what to change.
 """
 
 import dataclasses
 
+import numpy as np
+
 from kvjax.cache import DenseLayerCache, QuantizedLayerCache
 from kvjax.config import ModelConfig
 from kvjax.quantization import QuantSpec
+from kvjax.selection import Budget, Selection
 from kvjax.sharing import SharingPlan
 
 _RESIDUAL_MULTIPLE = 16  # the residual is attended in blocks of 16 tokens by the decode kernel
@@ -47,11 +52,12 @@ class Policy:
     name: str = "full"
     quantization: Quantization | None = None
     sharing: SharingPlan | None = None
+    selection: Selection | None = None
 
     def __add__(self, other: "Policy") -> "Policy":
         """The parts of both policies; a part set by both is ambiguous and refused."""
         parts = {}
-        for part in ("quantization", "sharing"):
+        for part in ("quantization", "sharing", "selection"):
             mine, theirs = getattr(self, part), getattr(other, part)
             if mine is not None and theirs is not None:
                 raise ValueError(f"{self.name} and {other.name} both set {part}: keep one")
@@ -59,22 +65,38 @@ class Policy:
         names = [p.name for p in (self, other) if p.name != "full"]
         return Policy(name="+".join(names) or "full", **parts)
 
-    def num_slots(self, cfg: ModelConfig) -> int:
-        """Layer caches the policy keeps: one per layer that is not shared."""
+    def stored_layers(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """Layers that keep a cache, in slot order: all of them, or those a plan does not share."""
         if self.sharing is None:
-            return cfg.num_layers
+            return tuple(range(cfg.num_layers))
         self.sharing.check_layers(cfg.num_layers)
-        return cfg.num_layers - self.sharing.num_shared
+        return tuple(sorted(set(self.sharing.sources)))
 
-    def allocate(self, cfg: ModelConfig, batch: int, capacity: int, dtype):
-        """One empty layer cache per stored layer, sized for `capacity` tokens per head."""
-        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim, dtype)
-        if self.quantization is None:
-            return tuple(DenseLayerCache.allocate(*shape) for _ in range(self.num_slots(cfg)))
-        q = self.quantization
-        k_spec, v_spec = q.key.for_head_dim(cfg.head_dim), q.value.for_head_dim(cfg.head_dim)
-        return tuple(QuantizedLayerCache.allocate(*shape, k_spec, v_spec, q.residual)
-                     for _ in range(self.num_slots(cfg)))
+    def num_slots(self, cfg: ModelConfig) -> int:
+        return len(self.stored_layers(cfg))
+
+    def slot_capacities(self, cfg: ModelConfig, prompt_len: int, appends: int):
+        """Tokens each stored layer's cache holds per head: the prompt (or what selection keeps
+        of it) plus `appends` decoded tokens."""
+        return tuple(appends + (prompt_len if self.selection is None else
+                                self.selection.bound(layer, cfg.num_layers, prompt_len))
+                     for layer in self.stored_layers(cfg))
+
+    def allocate(self, cfg: ModelConfig, batch: int, prompt_len: int, appends: int, dtype):
+        """One empty layer cache per stored layer, for prompts of at most `prompt_len` tokens
+        followed by at most `appends` decoded tokens."""
+        caches = []
+        for capacity in self.slot_capacities(cfg, prompt_len, appends):
+            if self.quantization is None:  # whole decode-kernel blocks of 64 tokens
+                caches.append(DenseLayerCache.allocate(
+                    batch, cfg.num_kv_heads, -(-capacity // 64) * 64, cfg.head_dim, dtype))
+                continue
+            q = self.quantization
+            k_spec, v_spec = q.key.for_head_dim(cfg.head_dim), q.value.for_head_dim(cfg.head_dim)
+            caches.append(QuantizedLayerCache.allocate(
+                batch, cfg.num_kv_heads, capacity, cfg.head_dim, dtype, k_spec, v_spec,
+                q.residual, appends=appends))
+        return tuple(caches)
 
 
 def full() -> Policy:
@@ -111,12 +133,82 @@ def kvsharer(plan: SharingPlan) -> Policy:
     return Policy(name=f"kvsharer{plan.num_shared}", sharing=plan)
 
 
+def h2o(heavy: int | float = 0.1, recent: int | float = 0.1) -> Policy:
+    """H2O: per head, the `heavy` tokens with the most attention from all prompt queries, and the
+    `recent` last tokens (counts, or fractions of each prompt)."""
+    return Policy(name="h2o", selection=Selection(
+        "h2o", Budget.of(heavy, "heavy"), Budget.of(recent, "recent")))
+
+
+def _capacity_minus_window(capacity, window: int, method: str) -> Budget:
+    """SnapKV-style capacities include the window: the heavy budget is what is left."""
+    cap = Budget.of(capacity, "capacity")
+    if cap.tokens and cap.tokens < window:
+        raise ValueError(f"{method} capacity={capacity} is below its window of {window} tokens: "
+                         f"use a capacity of at least {window}")
+    return Budget(cap.ratio, cap.tokens - window)
+
+
+def snapkv(capacity: int | float = 1024, window: int = 32, pool: int = 7) -> Policy:
+    """SnapKV: scores from the last `window` prompt queries, max-pooled over `pool` positions;
+    per head the best capacity - window prefix tokens and the window itself. capacity: tokens,
+    or a fraction of each prompt (the window included); no eviction while the prompt fits."""
+    return Policy(name="snapkv", selection=Selection(
+        "snapkv", _capacity_minus_window(capacity, window, "snapkv"), Budget(tokens=window),
+        score_window=window, pool=pool))
+
+
+def adakv(capacity: int | float = 1024, window: int = 32, pool: int = 7, floor: float = 0.2,
+          cap: float = 2.0) -> Policy:
+    """AdaKV over SnapKV's scores: a layer's heavy budget (H heads x capacity - window) goes to
+    its best scores across heads; each head keeps at least `floor` of its share by its own
+    scores and at most `cap` times its share (the dense cache is sized for that)."""
+    return Policy(name="adakv", selection=Selection(
+        "snapkv", _capacity_minus_window(capacity, window, "adakv"), Budget(tokens=window),
+        score_window=window, pool=pool, adaptive=True, adaptive_floor=floor, adaptive_cap=cap))
+
+
+def pyramidkv(capacity: int = 1024, window: int = 32, beta: float = 20, pool: int = 7) -> Policy:
+    """PyramidKV: SnapKV's scores and window with heavy budgets shrinking linearly with depth,
+    averaging capacity - window (methods.md's formula, in tokens)."""
+    if not isinstance(capacity, (int, np.integer)):
+        raise TypeError(f"pyramidkv's capacity is a token count (its formula divides integers), "
+                        f"got {capacity!r}")
+    return Policy(name="pyramidkv", selection=Selection(
+        "snapkv", _capacity_minus_window(capacity, window, "pyramidkv"), Budget(tokens=window),
+        score_window=window, pool=pool, pyramid_beta=beta))
+
+
+def streaming(window: int | float = 1020, sinks: int = 4) -> Policy:
+    """StreamingLLM: the first `sinks` tokens and the last `window` ones."""
+    return Policy(name="streaming", selection=Selection(
+        "none", Budget(), Budget.of(window, "window"), sinks=sinks))
+
+
+def minikv(heavy: float = 0.25, recent: float = 0.25, delta: float = 7, bits: int = 2,
+           group: int = 16, residual: int = 128) -> Policy:
+    """MiniKV: H2O heavy hitters with pyramid layer budgets (layer 0 keeps 2h - h/delta of the
+    prompt, the last layer h/delta), the last `recent` share of the prompt in every layer, then
+    the kept tokens in 2 bits (keys per channel, values per token, groups of `group`) with a
+    full-precision residual of `residual` tokens for decode."""
+    selection = Selection("h2o", Budget.of(heavy, "heavy"), Budget.of(recent, "recent"),
+                          pyramid_beta=delta)
+    return Policy(name="minikv", selection=selection,
+                  quantization=kivi(bits, group, residual).quantization)
+
+
 PRESETS = {
     "full": full,
     "kivi2": kivi,
     "kivi4": lambda: kivi(bits=4),
     "k8v4": hetero,
     "k4v2": lambda: hetero(4, 2),
+    "h2o": h2o,
+    "snapkv": snapkv,
+    "adakv": adakv,
+    "pyramidkv": pyramidkv,
+    "streaming": streaming,
+    "minikv": minikv,
 }
 
 

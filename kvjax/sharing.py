@@ -109,7 +109,7 @@ def capture_kv(model: Model, tokens):
     """Each layer's post-RoPE K and V over tokens [N, T], averaged over the N prompts, float32:
     k, v [L, Hkv, T, K]."""
     lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
-    _, layer_kv = forward_prompt(model, tokens, lengths)
+    _, layer_kv, _ = forward_prompt(model, tokens, lengths)
     k = jnp.stack([kv[0].astype(jnp.float32).mean(0) for kv in layer_kv])
     v = jnp.stack([kv[1].astype(jnp.float32).mean(0) for kv in layer_kv])
     return k, v
@@ -130,7 +130,7 @@ def layer_distances(k, v) -> np.ndarray:
 @jax.jit
 def _final_hidden(model: Model, tokens, kv_sources):
     lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
-    hidden, _ = forward_prompt(model, tokens, lengths, kv_sources)
+    hidden, _, _ = forward_prompt(model, tokens, lengths, kv_sources)
     return hidden.astype(jnp.float32)  # [N, T, E]
 
 

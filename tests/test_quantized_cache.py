@@ -44,7 +44,8 @@ def test_cache_matches_float64_simulation_across_flushes(rng, k_spec, v_spec, re
     lengths = np.array([61, 19], np.int32)
     k = rng.standard_normal((B, H, T + steps, D)).astype(np.float32)
     v = rng.standard_normal((B, H, T + steps, D)).astype(np.float32)
-    cache = QuantizedLayerCache.allocate(B, H, T + steps, D, np.float32, k_spec, v_spec, residual)
+    cache = QuantizedLayerCache.allocate(B, H, T + steps, D, np.float32, k_spec, v_spec,
+                                         residual, appends=steps)  # the tightest store
     cache = cache.write_prompt(k[:, :, :T], v[:, :, :T], lengths)
     append, attend = jax.jit(QuantizedLayerCache.append), jax.jit(QuantizedLayerCache.attend)
     group = k_spec.token_group
@@ -81,11 +82,14 @@ def test_allocated_bytes_follow_the_format(policy):
     cfg = kvjax.config.ModelConfig(
         model_type="llama", vocab_size=10, hidden_size=256, intermediate_size=8, num_layers=3,
         num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=4096)
-    B, capacity = 3, 1000
-    cache = policy.allocate(cfg, B, capacity, np.dtype("bfloat16"))
+    B, prompt, appends = 3, 1000, 150
+    cache = policy.allocate(cfg, B, prompt, appends, np.dtype("bfloat16"))
     q = policy.quantization
-    store = -(-capacity // 64) * 64
-    D, R = cfg.head_dim, q.residual
+    D, R, group = cfg.head_dim, q.residual, q.key.token_group
+    # The store holds what can be quantized: the prompt less the residual it keeps after
+    # write_prompt (whole key groups), then a whole residual per flush the appends can cause.
+    quantized = (prompt - R + group - 1) // group * group + -(-appends // R) * R
+    store = -(-quantized // 64) * 64
 
     def part(spec):
         group = spec.group or D
@@ -152,7 +156,7 @@ def test_kivi2_generates_across_flushes(model32, rng):
     out = kvjax.generate(model32, prompts, policy, max_new_tokens=100, eos_token_id=())
     assert [len(t) for t in out.tokens] == [100, 100]  # 3+ flushes per row
     assert all(0 <= t < 97 for row in out.tokens for t in row)
-    capacity = 256  # prompt bucket 192 (130 -> 192) ... 130 + 100 rounded up to 64
-    expected = cache_bytes(policy.allocate(model32.config, 2, capacity, np.dtype("float32")))
+    # The longest prompt and 99 appends (the 100th token is never cached).
+    expected = cache_bytes(policy.allocate(model32.config, 2, 130, 99, np.dtype("float32")))
     assert out.stats.cache_bytes == expected
     assert out.stats.compression > 0

@@ -116,8 +116,8 @@ def duplicated_cache_reference(model, prompt, policy, sources, steps):
     receives its source's K/V, so it holds what the source's does, flushes included."""
     cfg = model.config
     tokens, lengths = jnp.asarray([prompt]), jnp.array([len(prompt)])
-    caches = policy.allocate(cfg, 1, 128, jnp.float32)
-    hidden, layer_kv = forward_prompt(model, tokens, lengths, jnp.asarray(sources))
+    caches = policy.allocate(cfg, 1, len(prompt), steps, jnp.float32)
+    hidden, layer_kv, _ = forward_prompt(model, tokens, lengths, jnp.asarray(sources))
     caches = [c.write_prompt(k, v, lengths) for c, (k, v) in zip(caches, layer_kv)]
     logits = unembed(model, hidden[:, -1])
 
@@ -155,8 +155,8 @@ def test_low_bit_generation_with_plan_equals_duplicated_caches(model6, rng):
 def test_cache_bytes_fall_by_the_shared_share(model6, base):
     shared = policies.kvsharer(plan_for(model6, SOURCES)) + base
     cfg = model6.config
-    plain = cache_bytes(base.allocate(cfg, 2, 256, jnp.bfloat16))
-    assert cache_bytes(shared.allocate(cfg, 2, 256, jnp.bfloat16)) * L == plain * (L - 3)
+    plain = cache_bytes(base.allocate(cfg, 2, 256, 0, jnp.bfloat16))
+    assert cache_bytes(shared.allocate(cfg, 2, 256, 0, jnp.bfloat16)) * L == plain * (L - 3)
     with_plan = kvjax.generate(model6, [1, 2, 3], shared, max_new_tokens=2).stats
     without = kvjax.generate(model6, [1, 2, 3], base, max_new_tokens=2).stats
     assert with_plan.cache_bytes * L == without.cache_bytes * (L - 3)
@@ -166,7 +166,7 @@ def test_shared_layers_lower_without_kv_projection(model6):
     from kvjax.model import decode_step
     applied = sharing.apply(model6, plan_for(model6, SOURCES))
     cfg = model6.config
-    cache = policies.kvsharer(plan_for(model6, SOURCES)).allocate(cfg, 1, 64, jnp.float32)
+    cache = policies.kvsharer(plan_for(model6, SOURCES)).allocate(cfg, 1, 64, 0, jnp.float32)
     jaxpr = jax.make_jaxpr(decode_step)(applied, cache, jnp.array([1]), jnp.array([0]))
     projections = [e.invars[1].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"
                    and e.invars[1].aval.shape[:1] == (cfg.hidden_size,)
