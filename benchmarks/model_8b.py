@@ -8,10 +8,12 @@ calibration on the same random model) or POLICY:max, the largest batch whose cac
 temporaries fit in the GPU's memory, computed from allocated bytes and then run.
 
     python -m benchmarks.model_8b --runs full:16,kivi2:16 --tag decode   # results/model_8b_decode.json
+    python -m benchmarks.model_8b --prefill minikv:131072 --runs "" --tag prefill
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m benchmarks.model_8b --runs full:max --tag max
 """
 
 import argparse
+import functools
 import time
 
 import jax
@@ -53,19 +55,21 @@ def _holding(cache, context):
                          num_residual=full - jnp.minimum(full, quantized))
 
 
-def filled_cache(policy, cfg, batch, context, capacity, key):
-    """A cache of the policy's format holding `context` random tokens per row (decode speed does
-    not depend on values), made layer by layer without a full-precision copy."""
-    empty = jax.eval_shape(lambda: policy.allocate(cfg, batch, capacity, jnp.bfloat16))
+def filled_cache(policy, cfg, batch, context, appends, key):
+    """A cache of the policy's format holding, per row, `context` random tokens (or as many as
+    its selection keeps of them, layer by layer) with room for `appends` more. Decode speed does
+    not depend on the values; each layer is made alone, with no full-precision copy."""
+    empty = jax.eval_shape(lambda: policy.allocate(cfg, batch, context, appends, jnp.bfloat16))
+    held = policy.slot_capacities(cfg, context, 0)  # tokens each stored layer keeps
 
-    @jax.jit
-    def random_layer(key):
-        leaves, treedef = jax.tree.flatten(empty[0])
+    def random_layer(key, empty_layer, tokens):
+        leaves, treedef = jax.tree.flatten(empty_layer)
         keys = jax.random.split(key, len(leaves))
         return _holding(treedef.unflatten([_random_leaf(k, x) for k, x in zip(keys, leaves)]),
-                        context)
+                        tokens)
 
-    return tuple(random_layer(jax.random.fold_in(key, i)) for i in range(len(empty)))
+    return tuple(jax.jit(functools.partial(random_layer, empty_layer=e, tokens=n))(
+        jax.random.fold_in(key, i)) for i, (e, n) in enumerate(zip(empty, held)))
 
 
 def compile_decode(model, cache, steps):
@@ -78,11 +82,11 @@ def compile_decode(model, cache, steps):
 
 def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3):
     cfg = model.config
-    capacity = context + (reps + 2) * steps
+    appends = (reps + 2) * steps
     # Compile first: XLA's autotuner takes scratch memory that a full GPU does not have.
     decode = compile_decode(model, jax.eval_shape(
-        lambda: policy.allocate(cfg, batch, capacity, jnp.bfloat16)), steps)
-    cache = filled_cache(policy, cfg, batch, context, capacity, jax.random.key(1))
+        lambda: policy.allocate(cfg, batch, context, appends, jnp.bfloat16)), steps)
+    cache = filled_cache(policy, cfg, batch, context, appends, jax.random.key(1))
     logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
     positions = jnp.full((batch,), context, jnp.int32)
     state = {"cache": cache}
@@ -108,10 +112,10 @@ def largest_batch(model, policy, context, steps):
     """The largest batch whose cache, decode temporaries and weights fit in the GPU's memory:
     cache bytes per row from the allocated format, temporaries per row from the compiled decode
     of a 16-row batch (both linear in the batch), 2 GiB kept free."""
-    cfg, reps = model.config, 3
-    capacity = context + (reps + 2) * steps
-    per_row = cache_bytes(jax.eval_shape(lambda: policy.allocate(cfg, 1, capacity, jnp.bfloat16)))
-    probe = jax.eval_shape(lambda: policy.allocate(cfg, 16, capacity, jnp.bfloat16))
+    cfg, appends = model.config, 3 * steps  # bench_decode's appends with reps=1
+    per_row = cache_bytes(jax.eval_shape(
+        lambda: policy.allocate(cfg, 1, context, appends, jnp.bfloat16)))
+    probe = jax.eval_shape(lambda: policy.allocate(cfg, 16, context, appends, jnp.bfloat16))
     temp = compile_decode(model, probe, steps).memory_analysis().temp_size_in_bytes / 16
     limit = jax.devices()[0].memory_stats()["bytes_limit"]
     free = limit - cache_bytes(model.weights) - 2 * 2**30
@@ -120,19 +124,28 @@ def largest_batch(model, policy, context, steps):
 
 
 def bench_prefill(model, policy, length):
+    """Seconds to prefill one `length`-token prompt into the policy's cache (selection, scores
+    and quantization included). Prompts of 64K and more are timed once, after one warm-up."""
     cfg = model.config
-    cache = policy.allocate(cfg, 1, length, jnp.bfloat16)
+    cache = policy.allocate(cfg, 1, length, 0, jnp.bfloat16)
     tokens = jax.random.randint(jax.random.key(2), (1, length), 0, cfg.vocab_size)
     lengths = jnp.array([length], jnp.int32)
-    prefill = _prefill.lower(model, cache, tokens, lengths).compile()
+    t0 = time.perf_counter()
+    prefill = _prefill.lower(model, cache, tokens, lengths, selection=policy.selection).compile()
+    compile_seconds = time.perf_counter() - t0
+    memory = prefill.memory_analysis()
     state = {"cache": cache}
 
     def run():
         logits, state["cache"] = prefill(model, state["cache"], tokens, lengths)
         return logits
 
-    seconds = median_seconds(run, warmup=1, reps=5)
-    return {"batch": 1, "length": length, "ms": seconds * 1e3, "tokens_per_s": length / seconds}
+    seconds = median_seconds(run, warmup=1, reps=1 if length >= 65536 else 5)
+    return {"policy": policy.name, "batch": 1, "length": length, "ms": seconds * 1e3,
+            "tokens_per_s": length / seconds, "compile_s": compile_seconds,
+            "cache_bytes": cache_bytes(state["cache"]),
+            "temp_bytes": memory.temp_size_in_bytes if memory else None,
+            "peak_bytes_in_use": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")}
 
 
 def calibrated_plan(model, num_shared):
@@ -165,19 +178,22 @@ def main():
                         help="POLICY:BATCH or POLICY:max, comma separated")
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--prefill", action="store_true", help="also time a 4K prefill (full)")
+    parser.add_argument("--prefill", default="",
+                        help="POLICY:LENGTH prefills to time first, comma separated")
     parser.add_argument("--tag", default="decode", help="results/model_8b_<tag>.json")
     args = parser.parse_args()
     bandwidth = read_bandwidth()
     model = init_random(LLAMA3_8B, jax.random.key(0))
     record = {**environment(), "model": "Llama-3-8B-shaped, random bf16 weights",
               "config": LLAMA3_8B.to_dict(), "read_bandwidth_Bps": bandwidth, "decode": [],
-              "calibration": []}
-    if args.prefill:
-        record["prefill"] = bench_prefill(model, policies.full(), 4096)
-        print(record["prefill"], flush=True)
+              "calibration": [], "prefill": []}
+    for run in filter(None, args.prefill.split(",")):
+        name, length = run.split(":")
+        record["prefill"].append(bench_prefill(model, policies.by_name(name), int(length)))
+        print(record["prefill"][-1], flush=True)
+        write_result(f"model_8b_{args.tag}", record)
     plans = {}
-    for run in args.runs.split(","):
+    for run in filter(None, args.runs.split(",")):
         name, batch = run.split(":")
         if name.startswith("kvsharer"):
             shared = int(name[len("kvsharer"):].split("+")[0])

@@ -37,7 +37,7 @@ def gemv_shapes():
 def decode_memory(batch, context, layers=2):
     cfg = dataclasses.replace(LLAMA3_8B, num_layers=layers)
     model = jax.eval_shape(lambda: init_random(cfg, jax.random.key(0)))
-    cache = jax.eval_shape(lambda: policies.full().allocate(cfg, batch, context, jnp.bfloat16))
+    cache = jax.eval_shape(lambda: policies.full().allocate(cfg, batch, context, 0, jnp.bfloat16))
     logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32)
     pos = jax.ShapeDtypeStruct((batch,), jnp.int32)
     compiled = _decode.lower(model, cache, logits, pos, jax.random.key(0), num_tokens=9,
