@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import cuda_event_seconds, environment, median_seconds, write_result
+from kvjax import attention
 from pallas_kernels import prefill_attention as kernel
 
 HQ, HKV, D = 32, 8, 128
@@ -54,6 +55,21 @@ def ours(q, k, v, lengths, window=None, scored=False, fwd=None, bwd=None):
     if not scored:
         return out
     return out, kernel.key_scores(q, k, lse, lengths, window=window, **bwd)
+
+
+def errors(S=4096):
+    """Largest error of our output and scores (H2O and a 32-query window, sum and max over the
+    group) against the jnp references, relative to the largest reference value."""
+    q, k, v, lengths = inputs(S, key=1)
+    out, lse = kernel.prefill_attention(q, k, v, lengths)
+    rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                             / jnp.max(jnp.abs(b.astype(jnp.float32))))
+    record = {"S": S, "out": rel(out, attention.prefill_attention(q, k, v, lengths))}
+    for window, reduce in ((None, "sum"), (32, "max")):
+        ours = kernel.key_scores(q, k, lse, lengths, window=window, reduce=reduce)
+        record[f"scores_{window}_{reduce}"] = rel(
+            ours, attention.key_scores(q, k, lengths, window=window, reduce=reduce))
+    return record
 
 
 def sweep(S=16384):
@@ -95,6 +111,8 @@ def main():
         record["sweep"] = sweep()
         fwd, bwd = best(record["sweep"], "forward"), best(record["sweep"], "scores")
         record["chosen"] = {"forward": fwd, "scores": bwd}
+    record["relative_error_vs_reference"] = errors()
+    print(record["relative_error_vs_reference"], flush=True)
     rows = []
     for S in (int(s) for s in args.lengths.split(",")):
         q, k, v, lengths = inputs(S)
