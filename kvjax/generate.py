@@ -116,13 +116,44 @@ def _decode(model, cache, logits, positions, key, *, num_tokens, sampling, eos_i
     return out, cache
 
 
+@functools.partial(jax.jit, donate_argnames="cache")
+def _extend(model, cache, logits, tokens, lengths, positions):
+    """Appends row b's first lengths[b] of tokens [B, Q] to the cache at positions[b] onwards,
+    one decode step each (uncompressed, like generated tokens). Returns the logits after each
+    row's last appended token (`logits` where it has none) and the cache."""
+    def step(carry, i):
+        cache, logits = carry
+        new_logits, new_cache = decode_step(model, cache, tokens[:, i], positions + i)
+        active = i < lengths  # [B]: rows whose question is not over
+
+        def pick(new, old):  # every cache leaf is batch-major
+            return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+        return (jax.tree.map(pick, new_cache, cache), pick(new_logits, logits)), None
+
+    (cache, logits), _ = jax.lax.scan(step, (cache, logits), jnp.arange(tokens.shape[1]))
+    return logits, cache
+
+
+def _padded(rows) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids -> right-padded [B, T] (T rounded up to _BUCKET) and lengths [B]."""
+    lengths = np.array([len(r) for r in rows], np.int32)
+    padded = np.zeros((len(rows), _round_up(int(lengths.max()), _BUCKET)), np.int32)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = row
+    return padded, lengths
+
+
 def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, eos_token_id=None) -> GenerationOutput:
+             top_p: float = 1.0, seed: int = 0, eos_token_id=None,
+             context=None) -> GenerationOutput:
     """Generates up to max_new_tokens tokens for each prompt.
 
     tokens: one prompt (a list or 1-D array of ids), or a batch (a list of id lists of any
     lengths, or a 2-D array). Rows are independent: each equals its own single-row run.
+    context: one prompt compressed on its own, before any question is seen (question-agnostic
+    mode, the kvpress convention): the policy selects and quantizes the context once, then each
+    row of `tokens` (a question) is appended to its copy uncompressed, and generation follows.
     eos_token_id: an id or ids that end a row; None uses the checkpoint's, () disables stopping.
     Greedy by default; temperature > 0 samples, optionally within top_k / top_p.
     """
@@ -140,26 +171,29 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rows = _prompt_rows(tokens, cfg.vocab_size)
-    lengths = np.array([len(r) for r in rows], np.int32)
-    total = int(lengths.max()) + max_new_tokens
+    questions = None
+    if context is not None:
+        questions, rows = rows, _prompt_rows(context, cfg.vocab_size)
+        if len(rows) != 1:
+            raise ValueError(f"context is one prompt shared by every question, got {len(rows)} "
+                             "rows: pass the questions as the batch")
+    padded, lengths = _padded(rows)
+    q_max = 0 if questions is None else max(len(q) for q in questions)
+    total = int(lengths.max()) + q_max + max_new_tokens
     if total > cfg.max_position_embeddings:
         raise ValueError(
-            f"the longest prompt ({lengths.max()} tokens) plus max_new_tokens ({max_new_tokens}) "
-            f"is {total}, beyond the model's {cfg.max_position_embeddings} positions: shorten the "
-            "prompt or lower max_new_tokens")
+            f"the longest prompt ({lengths.max() + q_max} tokens) plus max_new_tokens "
+            f"({max_new_tokens}) is {total}, beyond the model's {cfg.max_position_embeddings} "
+            "positions: shorten the prompt or lower max_new_tokens")
     if cfg.sliding_window is not None and total > cfg.sliding_window:
         raise ValueError(
             f"{total} tokens exceed the model's sliding window of {cfg.sliding_window}; kvjax "
             "computes full attention, which equals sliding-window attention only within the "
             "window: shorten the prompt or lower max_new_tokens")
 
-    B, T = len(rows), _round_up(int(lengths.max()), _BUCKET)
-    padded = np.zeros((B, T), np.int32)
-    for i, row in enumerate(rows):
-        padded[i, :len(row)] = row
-    appends = max_new_tokens - 1  # the last sampled token is never written to the cache
-    cache = policy.allocate(cfg, B, int(lengths.max()), appends, model.weights["embed"].dtype)
-    allocated = cache_bytes(cache)
+    appends = q_max + max_new_tokens - 1  # the last sampled token is never written to the cache
+    cache = policy.allocate(cfg, len(rows), int(lengths.max()), appends,
+                            model.weights["embed"].dtype)
     tokens_d, lengths_d = jnp.asarray(padded), jnp.asarray(lengths)
     key = jax.random.key(seed)
     decode_kwargs = dict(num_tokens=max_new_tokens, sampling=sampling, eos_ids=_eos_ids(eos_token_id, model))
@@ -171,21 +205,37 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
     t0 = time.perf_counter()
     logits, cache = jax.block_until_ready(prefill_fn(model, cache, tokens_d, lengths_d))
     prefill_seconds = time.perf_counter() - t0
+    positions = lengths_d
+    if questions is not None:  # one compressed context, copied for each question
+        q_tokens, q_lengths = (jnp.asarray(a) for a in _padded(questions))
+        B = len(questions)
+        cache, logits = jax.tree.map(lambda x: jnp.repeat(x, B, axis=0), (cache, logits))
+        positions = jnp.broadcast_to(lengths_d, (B,))
+        t0 = time.perf_counter()
+        extend_fn = _extend.lower(model, cache, logits, q_tokens, q_lengths, positions).compile()
+        compile_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits, cache = jax.block_until_ready(
+            extend_fn(model, cache, logits, q_tokens, q_lengths, positions))
+        prefill_seconds += time.perf_counter() - t0
+        positions = positions + q_lengths
+    allocated = cache_bytes(cache)
 
     t0 = time.perf_counter()
-    decode_fn = _decode.lower(model, cache, logits, lengths_d, key, **decode_kwargs).compile()
+    decode_fn = _decode.lower(model, cache, logits, positions, key, **decode_kwargs).compile()
     compile_seconds += time.perf_counter() - t0
     t0 = time.perf_counter()
-    out, cache = jax.block_until_ready(decode_fn(model, cache, logits, lengths_d, key))
+    out, cache = jax.block_until_ready(decode_fn(model, cache, logits, positions, key))
     decode_seconds = time.perf_counter() - t0
 
     out = np.asarray(out)
     generated = [row[row != PAD].tolist() for row in out]
     stats = GenerationStats(
-        prompt_tokens=int(lengths.sum()),
+        prompt_tokens=int(lengths.sum()) + sum(len(q) for q in questions or ()),
         generated_tokens=sum(len(g) for g in generated),
         cache_bytes=allocated,
-        dense_bf16_cache_bytes=dense_bf16_bytes(cfg, B, _round_up(int(lengths.max()) + appends, _BUCKET)),
+        dense_bf16_cache_bytes=dense_bf16_bytes(
+            cfg, len(generated), _round_up(int(lengths.max()) + appends, _BUCKET)),
         compile_seconds=compile_seconds,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
