@@ -59,6 +59,7 @@ def run(context_tokens: int = 2048, max_new_tokens: int = 16) -> None:
     print(f"prompt: {len(ids)} tokens, passkey {passkey}; KVSharer plan (layer: source) {shared}\n")
     runs = {name: policies.by_name(name) for name in sorted(policies.PRESETS)}
     runs["kvsharer1+kivi2"] = policies.kvsharer(plan) + policies.kivi()
+    runs["kvsharer1+minikv"] = policies.kvsharer(plan) + policies.minikv()
     print(f"{'policy':<16} {'cache MiB':>10} {'vs bf16':>8} {'prefill ms':>11} {'decode tok/s':>13}  answer")
     for name, policy in runs.items():
         out = generate(model, ids, policy, max_new_tokens=max_new_tokens)

@@ -38,7 +38,8 @@ def test_demo_runs(capsys):
     main(["demo", "--context-tokens", "300", "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
     assert re.search(r"prompt: \d+ tokens, passkey \d{5}", printed)
-    for policy in ("full", "kivi2", "k4v2", "kvsharer1\\+kivi2"):
+    for policy in ("full", "kivi2", "k4v2", "minikv", "snapkv", "h2o", "streaming",
+                   "kvsharer1\\+kivi2", "kvsharer1\\+minikv"):
         assert re.search(rf"^{policy}\s+[\d.]+", printed, re.M)
 
 
