@@ -5,7 +5,6 @@ Llama-architecture model written to a local folder in HF format (through the sam
 checkpoint), so its answers are not meaningful: it shows the pipeline, the memory and the speed.
 """
 
-import random
 import tempfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import jax
 
 from kvjax import policies, sharing
 from kvjax.config import ModelConfig
+from kvjax.eval import make_samples
 from kvjax.generate import generate
 from kvjax.loading import load, save_hf
 from kvjax.model import init_random
@@ -31,15 +31,6 @@ def random_checkpoint(path: Path) -> Path:
     return path
 
 
-def passkey_prompt(num_filler_sentences: int, seed: int = 0) -> tuple[str, str]:
-    rng = random.Random(seed)
-    passkey = str(rng.randint(10000, 99999))
-    filler = ["The grass is green. The sky is blue. The sun is yellow. Here we go again."] * (
-        num_filler_sentences)
-    filler.insert(rng.randint(0, len(filler)), f"The pass key is {passkey}. Remember it.")
-    return " ".join(filler) + "\nWhat is the pass key? The pass key is", passkey
-
-
 def run(context_tokens: int = 2048, max_new_tokens: int = 16) -> None:
     from transformers import AutoTokenizer
 
@@ -47,8 +38,9 @@ def run(context_tokens: int = 2048, max_new_tokens: int = 16) -> None:
         path = random_checkpoint(Path(folder))
         model = load(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    text, passkey = passkey_prompt(max(1, context_tokens // 76))
-    ids = tokenizer(text).input_ids
+    sample = make_samples("passkey", tokenizer, context_tokens, 1)[0]
+    ids = tokenizer(sample.context + "\n" + sample.question).input_ids
+    passkey = sample.answers[0]
     print("model: a random-weight Llama (4 layers, GQA 8/2) written as an HF checkpoint; its "
           "answers are not meaningful until the trained reference model ships")
     # KVSharer needs a plan: calibrated on standard-library text (any plan is as good as another

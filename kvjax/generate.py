@@ -120,18 +120,20 @@ def _decode(model, cache, logits, positions, key, *, num_tokens, sampling, eos_i
 def _extend(model, cache, logits, tokens, lengths, positions):
     """Appends row b's first lengths[b] of tokens [B, Q] to the cache at positions[b] onwards,
     one decode step each (uncompressed, like generated tokens). Returns the logits after each
-    row's last appended token (`logits` where it has none) and the cache."""
+    row's last appended token (`logits` where it has none), the cache, and the log-probability
+    [B, Q] that the logits before each token gave it (teacher forcing: perplexity)."""
     def step(carry, i):
         cache, logits = carry
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, i, None], axis=1)[:, 0]
         new_logits, new_cache = decode_step(model, cache, tokens[:, i], positions + i)
-        active = i < lengths  # [B]: rows whose question is not over
+        active = i < lengths  # [B]: rows whose tokens are not over
 
         def pick(new, old):  # every cache leaf is batch-major
             return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-        return (jax.tree.map(pick, new_cache, cache), pick(new_logits, logits)), None
+        return (jax.tree.map(pick, new_cache, cache), pick(new_logits, logits)), logprob
 
-    (cache, logits), _ = jax.lax.scan(step, (cache, logits), jnp.arange(tokens.shape[1]))
-    return logits, cache
+    (cache, logits), logprobs = jax.lax.scan(step, (cache, logits), jnp.arange(tokens.shape[1]))
+    return logits, cache, logprobs.T
 
 
 def _padded(rows) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +217,7 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
         extend_fn = _extend.lower(model, cache, logits, q_tokens, q_lengths, positions).compile()
         compile_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
-        logits, cache = jax.block_until_ready(
+        logits, cache, _ = jax.block_until_ready(
             extend_fn(model, cache, logits, q_tokens, q_lengths, positions))
         prefill_seconds += time.perf_counter() - t0
         positions = positions + q_lengths
@@ -241,3 +243,26 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
         decode_seconds=decode_seconds,
     )
     return GenerationOutput(tokens=generated, stats=stats)
+
+
+def continuation_logprobs(model: Model, context, continuation,
+                          policy: policies.Policy | None = None) -> np.ndarray:
+    """log p(continuation[i] | context, continuation[:i]) for each i, float32 [len(continuation)],
+    with the context prefilled (and compressed) under `policy` and the continuation teacher-forced
+    through decode steps, as generated tokens would be: perplexity under a cache policy."""
+    policy = policy or policies.full()
+    cfg = model.config
+    if policy.sharing is not None:
+        model = sharing.apply(model, policy.sharing)
+    (context,), (continuation,) = (_prompt_rows([row], cfg.vocab_size) for row in (context, continuation))
+    if len(context) + len(continuation) > cfg.max_position_embeddings:
+        raise ValueError(f"context and continuation ({len(context) + len(continuation)} tokens) "
+                         f"exceed the model's {cfg.max_position_embeddings} positions")
+    padded, lengths = _padded([context])
+    cache = policy.allocate(cfg, 1, len(context), len(continuation), model.weights["embed"].dtype)
+    logits, cache = _prefill(model, cache, jnp.asarray(padded), jnp.asarray(lengths),
+                             selection=policy.selection)
+    q_tokens, q_lengths = _padded([continuation])
+    _, _, logprobs = _extend(model, cache, logits, jnp.asarray(q_tokens), jnp.asarray(q_lengths),
+                             jnp.asarray(lengths))
+    return np.asarray(logprobs[0, :len(continuation)])
