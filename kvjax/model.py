@@ -220,13 +220,16 @@ def prompt_attention(q, k, v, lengths, selection: Selection | None = None):
     return out, key_scores(q, k, lengths, **score_args) if scored else None
 
 
-def forward_prompt(model: Model, tokens, lengths, kv_sources=None, selection=None):
+def forward_prompt(model: Model, tokens, lengths, kv_sources=None, selection=None,
+                   attention=None):
     """Runs a right-padded prompt batch through every layer.
 
     tokens [B, T] int32, lengths [B] (real tokens per row; the rest is padding).
     kv_sources: an int array [L] (traced: one compilation serves every sharing plan that
     calibration tries) of the layer whose K/V each layer attends over; None: model.kv_sources.
     selection: when given, each layer also returns the key scores it ranks tokens by.
+    attention: replaces the attention (q, k, v, lengths) -> [B, Hq, T, K], without scores
+    (training passes a differentiable one; the Pallas kernels have no gradient).
     Returns hidden states [B, T, E], the (k, v) each layer attended over, [B, Hkv, T, K], and
     each layer's key scores [B, Hkv, T] (None without a scoring selection).
     """
@@ -244,7 +247,11 @@ def forward_prompt(model: Model, tokens, lengths, kv_sources=None, selection=Non
         if kv_sources is not None:  # pick layer kv_sources[i] <= i among the K/V so far
             k = jnp.stack([kv[0] for kv in layer_kv] + [k])[kv_sources[i]]
             v = jnp.stack([kv[1] for kv in layer_kv] + [v])[kv_sources[i]]
-        attn, scores = prompt_attention(q.transpose(0, 2, 1, 3), k, v, lengths, selection)
+        q = q.transpose(0, 2, 1, 3)  # [B, Hq, T, K]
+        if attention is None:
+            attn, scores = prompt_attention(q, k, v, lengths, selection)
+        else:
+            attn, scores = attention(q, k, v, lengths), None
         x = attention_output_and_mlp(layer, cfg, x, attn.transpose(0, 2, 1, 3))
         layer_kv.append((k, v))
         layer_scores.append(scores)

@@ -105,3 +105,20 @@ def test_eval_command(tmp_path, capsys):
     assert len(result["tasks"]["passkey"]["samples"]) == 2
     assert np.isfinite(result["perplexity"])
     assert re.search(r"^passkey\s+score [\d.]+", printed, re.M)
+
+
+def test_training_batches_are_deterministic_and_mask_the_answers():
+    from benchmarks import train_reference_model as train
+    text = b"def f(x):\n    return x\n" * 400
+    tokens, mask = train.batch(3, 0, 8192, text, task_share=1.0)
+    again, _ = train.batch(3, 0, 8192, text, task_share=1.0)
+    np.testing.assert_array_equal(tokens, again)
+    assert tokens.shape[0] * tokens.shape[1] <= 8192 and tokens.shape[1] in train.LENGTHS
+    for row, m in zip(tokens, mask):
+        answer = row[m == 1]
+        assert answer[-1] == train.EOS and (m == 1).sum() >= 2
+        first = np.flatnonzero(m)[0]  # the answer follows the question and is in the context
+        assert bytes(answer[:-1].tolist()).decode().split(", ")[0] in bytes(
+            row[:first].tolist()).decode()
+    lm_tokens, lm_mask = train.batch(4, 0, 8192, text, task_share=0.0)
+    assert lm_mask.all() and bytes(lm_tokens[0].tolist()) in text
