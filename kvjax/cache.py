@@ -59,7 +59,9 @@ class DenseLayerCache:
 
     @classmethod
     def allocate(cls, batch, num_kv_heads, capacity, head_dim, dtype):
-        shape = (batch, num_kv_heads, capacity, head_dim)
+        """An empty cache for at least `capacity` tokens per head, in whole 64-token blocks of
+        the decode kernel."""
+        shape = (batch, num_kv_heads, _round_up(capacity, 64), head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    lengths=jnp.zeros((batch, num_kv_heads), jnp.int32))
 
@@ -78,14 +80,16 @@ class DenseLayerCache:
             lengths=_per_head(lengths, self.lengths.shape),
         )
 
-    def append(self, k, v):
-        """Writes one token's k, v [B, Hkv, K] at each head's length. The caller sizes the cache."""
+    def append(self, k, v, active=None):
+        """Writes one token's k, v [B, Hkv, K] at each head's length. The caller sizes the cache.
+        active [B] bool (None: all rows): an inactive row writes past its length, where nothing
+        is read and the next append overwrites, and keeps its length."""
         B, H = self.lengths.shape
         b, h = jnp.arange(B)[:, None], jnp.arange(H)[None, :]
         return self.replace(
             k=self.k.at[b, h, self.lengths].set(k.astype(self.k.dtype)),
             v=self.v.at[b, h, self.lengths].set(v.astype(self.v.dtype)),
-            lengths=self.lengths + 1,
+            lengths=self.lengths + _grows(active),
         )
 
     def attend(self, q):
@@ -189,9 +193,13 @@ class QuantizedLayerCache:
             num_quantized=num_quantized, num_residual=lengths - num_quantized,
         )
 
-    def _flush(self):
-        """Quantizes the residual of every head whose residual is full into its store."""
-        full = self.num_residual == self.residual  # [B, Hkv]
+    def _full(self, active):
+        """Heads whose residual is full, of the active rows: [B, Hkv] bool."""
+        return (self.num_residual == self.residual) & (_grows(active) > 0)
+
+    def _flush(self, active):
+        """Quantizes the residual of every full head of the active rows into its store."""
+        full = self._full(active)
         start = self.num_quantized
         updated = {}
         for name, x, spec in (("k", self.k_residual, self.k_spec), ("v", self.v_residual, self.v_spec)):
@@ -202,16 +210,18 @@ class QuantizedLayerCache:
         return self.replace(**updated, num_quantized=jnp.where(full, start + self.residual, start),
                             num_residual=jnp.where(full, 0, self.num_residual))
 
-    def append(self, k, v):
-        """Writes one token's k, v [B, Hkv, K] to the residual, flushing full residuals first."""
-        cache = jax.lax.cond(jnp.any(self.num_residual == self.residual),
-                             QuantizedLayerCache._flush, lambda c: c, self)
+    def append(self, k, v, active=None):
+        """Writes one token's k, v [B, Hkv, K] to the residual, flushing full residuals first.
+        active [B] bool (None: all rows): an inactive row neither flushes nor grows; its write
+        lands past its residual (or out of bounds, dropped), where nothing is read."""
+        cache = jax.lax.cond(jnp.any(self._full(active)),
+                             lambda c: c._flush(active), lambda c: c, self)
         B, H = cache.num_residual.shape
         b, h, n = jnp.arange(B)[:, None], jnp.arange(H)[None, :], cache.num_residual
         return cache.replace(
             k_residual=cache.k_residual.at[b, h, n].set(k.astype(cache.k_residual.dtype)),
             v_residual=cache.v_residual.at[b, h, n].set(v.astype(cache.v_residual.dtype)),
-            num_residual=n + 1,
+            num_residual=n + _grows(active),
         )
 
     def attend(self, q):
@@ -220,6 +230,11 @@ class QuantizedLayerCache:
                               self.k_spec, self.v_spec)
         residual = _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)
         return merge_partials([quantized, residual], q.dtype)
+
+
+def _grows(active):
+    """Tokens an append adds per (row, head): 1, or 1 for the active rows [B] only."""
+    return 1 if active is None else active[:, None].astype(jnp.int32)
 
 
 def _per_head(lengths, shape):

@@ -125,12 +125,9 @@ def _extend(model, cache, logits, tokens, lengths, positions):
     def step(carry, i):
         cache, logits = carry
         logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, i, None], axis=1)[:, 0]
-        new_logits, new_cache = decode_step(model, cache, tokens[:, i], positions + i)
         active = i < lengths  # [B]: rows whose tokens are not over
-
-        def pick(new, old):  # every cache leaf is batch-major
-            return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-        return (jax.tree.map(pick, new_cache, cache), pick(new_logits, logits)), logprob
+        new_logits, cache = decode_step(model, cache, tokens[:, i], positions + i, active)
+        return (cache, jnp.where(active[:, None], new_logits, logits)), logprob
 
     (cache, logits), logprobs = jax.lax.scan(step, (cache, logits), jnp.arange(tokens.shape[1]))
     return logits, cache, logprobs.T

@@ -34,13 +34,18 @@ class Model:
     @property
     def stored_layers(self) -> tuple[int, ...]:
         """Layers that keep their own cache, in order: cache slot s holds stored_layers[s]'s."""
-        return tuple(sorted(set(self.kv_sources or range(self.config.num_layers))))
+        return stored_layers(self.kv_sources or range(self.config.num_layers))
 
     @property
     def cache_slots(self) -> tuple[int, ...]:
         """The cache slot each layer attends over (a shared layer: its source's)."""
         sources = self.kv_sources or range(self.config.num_layers)
         return tuple(self.stored_layers.index(s) for s in sources)
+
+
+def stored_layers(kv_sources) -> tuple[int, ...]:
+    """The layers a sharing map (layer -> the layer whose K/V it attends over) keeps caches of."""
+    return tuple(sorted(set(kv_sources)))
 
 
 # Projections that read the same input are stored concatenated, so decode runs one larger
@@ -287,15 +292,16 @@ def prefill(model: Model, cache, tokens, lengths, selection: Selection | None = 
     return unembed(model, last_hidden), tuple(filled)
 
 
-def decode_step(model: Model, cache, tokens, positions):
-    """Appends one token per row: tokens [B] at positions [B]. Returns logits [B, V] and the cache."""
+def decode_step(model: Model, cache, tokens, positions, active=None):
+    """Appends one token per row: tokens [B] at positions [B]. Returns logits [B, V] and the cache.
+    active [B] bool: rows whose token is kept (None: all); the others' caches stay as they were."""
     cfg = model.config
     x = embed(model, tokens[:, None])  # [B, 1, E]
     cache = list(cache)
     for layer, slot in zip(model.weights["layers"], model.cache_slots):
         q, k, v = qkv_projection(layer, cfg, x, positions[:, None])  # [B, 1, H, K]
         if k is not None:  # a stored layer; a shared one reads its source's slot, written above
-            cache[slot] = cache[slot].append(k[:, 0], v[:, 0])
+            cache[slot] = cache[slot].append(k[:, 0], v[:, 0], active)
         attn = cache[slot].attend(q[:, 0])  # [B, Hq, K]
         x = attention_output_and_mlp(layer, cfg, x, attn[:, None])
     return unembed(model, x[:, 0]), tuple(cache)

@@ -17,6 +17,7 @@ import numpy as np
 
 from kvjax.cache import DenseLayerCache, QuantizedLayerCache
 from kvjax.config import ModelConfig
+from kvjax.model import stored_layers
 from kvjax.quantization import QuantSpec
 from kvjax.selection import Budget, Selection
 from kvjax.sharing import SharingPlan
@@ -70,10 +71,7 @@ class Policy:
         if self.sharing is None:
             return tuple(range(cfg.num_layers))
         self.sharing.check_layers(cfg.num_layers)
-        return tuple(sorted(set(self.sharing.sources)))
-
-    def num_slots(self, cfg: ModelConfig) -> int:
-        return len(self.stored_layers(cfg))
+        return stored_layers(self.sharing.sources)
 
     def slot_capacities(self, cfg: ModelConfig, prompt_len: int, appends: int):
         """Tokens each stored layer's cache holds per head: the prompt (or what selection keeps
@@ -87,9 +85,9 @@ class Policy:
         followed by at most `appends` decoded tokens."""
         caches = []
         for capacity in self.slot_capacities(cfg, prompt_len, appends):
-            if self.quantization is None:  # whole decode-kernel blocks of 64 tokens
-                caches.append(DenseLayerCache.allocate(
-                    batch, cfg.num_kv_heads, -(-capacity // 64) * 64, cfg.head_dim, dtype))
+            if self.quantization is None:
+                caches.append(DenseLayerCache.allocate(batch, cfg.num_kv_heads, capacity,
+                                                       cfg.head_dim, dtype))
                 continue
             q = self.quantization
             k_spec, v_spec = q.key.for_head_dim(cfg.head_dim), q.value.for_head_dim(cfg.head_dim)

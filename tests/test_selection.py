@@ -194,6 +194,14 @@ def test_question_agnostic_mode(model6, rng):
                             eos_token_id=()).tokens[0] for q in questions]
     assert agnostic.tokens == alone
     assert agnostic.stats.cache_bytes < asked.stats.cache_bytes
+    # Rows whose question ended idle while the others append, across a residual flush: a batch
+    # of questions equals each question alone.
+    lowbit = policies.snapkv(capacity=40, window=8) + policies.kivi(2, group=16, residual=32)
+    uneven = [rng.integers(0, 89, n).tolist() for n in (14, 40)]
+    batched = kvjax.generate(model6, uneven, lowbit, context=context, max_new_tokens=8,
+                             eos_token_id=()).tokens
+    assert batched == [kvjax.generate(model6, [q], lowbit, context=context, max_new_tokens=8,
+                                      eos_token_id=()).tokens[0] for q in uneven]
     with pytest.raises(ValueError, match="context is one prompt"):
         kvjax.generate(model6, questions, context=[context, context])
 
