@@ -76,7 +76,8 @@ def task_row(rng: random.Random, length: int):
 
 
 def batch(step: int, seed: int, tokens_per_step: int, text: bytes, task_share: float):
-    """tokens [B, T] int32 and loss mask [B, T] float32 for one step (T drawn per step)."""
+    """tokens [B, T] int32 and loss mask [B, T] float32 for one step (T drawn per step): 1 on
+    language-modelling targets, 2 on answer targets."""
     rng = random.Random(f"{seed}/{step}")
     T = rng.choice(LENGTHS)
     B = max(1, tokens_per_step // T)
@@ -85,7 +86,7 @@ def batch(step: int, seed: int, tokens_per_step: int, text: bytes, task_share: f
     for b in range(B):
         if rng.random() < task_share:
             ids, m = task_row(rng, T)
-            ids, m = ids[-T:], m[-T:]
+            ids, m = ids[-T:], [2 * x for x in m[-T:]]
         else:
             start = rng.randrange(len(text) - T)
             ids, m = list(text[start:start + T]), [1] * T
@@ -101,21 +102,32 @@ def causal_attention(q, k, v, lengths):
 
 
 def loss_fn(weights, tokens, mask):
-    """Mean next-token cross-entropy over the masked targets; bf16 compute, float32 weights."""
+    """Mean next-token cross-entropy over the text targets (mask 1) plus the mean over the answer
+    targets (mask 2), so that a few answer bytes per long row are not drowned out by the text;
+    bf16 compute, float32 weights. Returns (loss, (text loss, answer loss))."""
     model = Model(jax.tree.map(lambda w: w.astype(jnp.bfloat16), weights), CONFIG)
     lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
     hidden, _, _ = forward_prompt(model, tokens, lengths, attention=causal_attention)
     logits = unembed(model, hidden[:, :-1])  # float32 [B, T-1, V]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
-    weight = mask[:, 1:]
-    return -(logp * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+    parts = tuple(-(logp * w).sum() / jnp.maximum(w.sum(), 1.0)
+                  for w in ((mask[:, 1:] == 1), (mask[:, 1:] == 2)))
+    return parts[0] + parts[1], parts
+
+
+def schedule(total_steps: int, lr: float, warmup: int = 500, decay_share: float = 0.2):
+    """Warmup, constant, then a linear decay to lr/10 over the last `decay_share` of the steps
+    (warmup-stable-decay): until the decay starts, a later run may still move total_steps."""
+    decay = max(1, int(total_steps * decay_share))
+    stable = max(0, total_steps - decay - warmup)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr),
+         optax.linear_schedule(lr, lr / 10, decay)], [warmup, warmup + stable])
 
 
 def optimizer(total_steps: int, lr: float):
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(500, total_steps // 10 + 1),
-                                                  total_steps, lr / 10)
     return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
+                       optax.adamw(schedule(total_steps, lr), b1=0.9, b2=0.95, weight_decay=0.1))
 
 
 def export(weights, path: Path) -> None:
@@ -166,10 +178,11 @@ def main():
 
     @jax.jit
     def train_step(state, tokens, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(state["weights"], tokens, mask)
+        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["weights"], tokens,
+                                                                      mask)
         updates, opt_state = opt.update(grads, state["opt"], state["weights"])
         return {"weights": optax.apply_updates(state["weights"], updates), "opt": opt_state,
-                "step": state["step"] + 1}, loss
+                "step": state["step"] + 1}, jnp.stack(parts)
 
     deadline = start + 60 * args.minutes - 90  # room to save, export and evaluate
     step = int(state["step"])
@@ -180,8 +193,9 @@ def main():
         step += 1
         window.append(loss)
         if step % 100 == 0 or step == args.total_steps:
-            log.append({"step": step, "loss": float(np.mean(jax.device_get(window))),
-                        "seconds": time.perf_counter() - start})
+            text_loss, answer_loss = np.mean(jax.device_get(window), axis=0)
+            log.append({"step": step, "text_loss": float(text_loss),
+                        "answer_loss": float(answer_loss), "seconds": time.perf_counter() - start})
             print(log[-1], flush=True)
             window = []
     checkpointer.save(workdir / "state", state, force=True)

@@ -115,10 +115,11 @@ def test_training_batches_are_deterministic_and_mask_the_answers():
     np.testing.assert_array_equal(tokens, again)
     assert tokens.shape[0] * tokens.shape[1] <= 8192 and tokens.shape[1] in train.LENGTHS
     for row, m in zip(tokens, mask):
-        answer = row[m == 1]
-        assert answer[-1] == train.EOS and (m == 1).sum() >= 2
+        assert set(np.unique(m)) == {0, 2}  # task rows: loss on the answer only
+        answer = row[m == 2]
+        assert answer[-1] == train.EOS and (m == 2).sum() >= 2
         first = np.flatnonzero(m)[0]  # the answer follows the question and is in the context
         assert bytes(answer[:-1].tolist()).decode().split(", ")[0] in bytes(
             row[:first].tolist()).decode()
     lm_tokens, lm_mask = train.batch(4, 0, 8192, text, task_share=0.0)
-    assert lm_mask.all() and bytes(lm_tokens[0].tolist()) in text
+    assert (lm_mask == 1).all() and bytes(lm_tokens[0].tolist()) in text
