@@ -70,8 +70,9 @@ def task_row(rng: random.Random, length: int):
         sample = evaluation.TASKS[task](length - 64, ByteIds(), rng)
     except ValueError:  # too short for this task's needles: the passkey fits every length
         sample = evaluation.passkey(length - 64, ByteIds(), rng)
-    prompt = list((sample.context + "\n" + sample.question + " ").encode())
-    answer = list(", ".join(sample.answers).encode()) + [EOS]
+    # As kvjax.eval asks: the prompt ends with the question, the answer begins with its space.
+    prompt = list((sample.context + "\n" + sample.question).encode())
+    answer = list((" " + ", ".join(sample.answers)).encode()) + [EOS]
     return prompt + answer, [0] * len(prompt) + [1] * len(answer)
 
 

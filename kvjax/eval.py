@@ -185,21 +185,28 @@ def load_longbench(path) -> list[Sample]:
 
 def run_samples(model: Model, tokenizer, samples: list[Sample], policy: policies.Policy,
                 agnostic: bool = False, max_new_tokens: int = 32, scorer=ruler_score,
-                progress: bool = True) -> dict:
-    """Generates an answer to each sample under the policy and scores it. Returns the mean
-    score, the compression of the first sample's cache, and each sample's output."""
+                progress: bool = True, batch_size: int = 1) -> dict:
+    """Generates an answer to each sample under the policy, `batch_size` samples a batch (rows
+    are independent: the answers do not depend on it), and scores it. Returns the mean score,
+    the compression of the first batch's cache, and each sample's output."""
     rows, compression = [], None
-    for sample in tqdm(samples, desc=samples[0].task if samples else "", disable=not progress):
-        context = tokenizer(sample.context).input_ids
-        question = tokenizer("\n" + sample.question, add_special_tokens=False).input_ids
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    for batch in tqdm(batches, desc=samples[0].task if samples else "", disable=not progress):
+        contexts = [tokenizer(s.context).input_ids for s in batch]
+        questions = [tokenizer("\n" + s.question, add_special_tokens=False).input_ids
+                     for s in batch]
         if agnostic:
-            out = generate(model, [question], policy, context=context, max_new_tokens=max_new_tokens)
+            out = generate(model, questions, policy, context=contexts,
+                           max_new_tokens=max_new_tokens)
         else:
-            out = generate(model, context + question, policy, max_new_tokens=max_new_tokens)
-        text = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+            out = generate(model, [c + q for c, q in zip(contexts, questions)], policy,
+                           max_new_tokens=max_new_tokens)
         compression = out.stats.compression if compression is None else compression
-        rows.append({"output": text, "answers": list(sample.answers), "score": scorer(sample, text),
-                     "prompt_tokens": out.stats.prompt_tokens})
+        for sample, context, question, tokens in zip(batch, contexts, questions, out.tokens):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            rows.append({"output": text, "answers": list(sample.answers),
+                         "score": scorer(sample, text),
+                         "prompt_tokens": len(context) + len(question)})
     return {"score": float(np.mean([r["score"] for r in rows])) if rows else float("nan"),
             "compression": compression, "samples": rows}
 

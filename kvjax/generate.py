@@ -150,9 +150,11 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
 
     tokens: one prompt (a list or 1-D array of ids), or a batch (a list of id lists of any
     lengths, or a 2-D array). Rows are independent: each equals its own single-row run.
-    context: one prompt compressed on its own, before any question is seen (question-agnostic
-    mode, the kvpress convention): the policy selects and quantizes the context once, then each
-    row of `tokens` (a question) is appended to its copy uncompressed, and generation follows.
+    context: prompts compressed on their own, before any question is seen (question-agnostic
+    mode, the kvpress convention): the policy selects and quantizes each context, then each row
+    of `tokens` (a question) is appended to its context's cache uncompressed, and generation
+    follows. One context is shared by every question (compressed once, its cache copied for
+    each), or there is one context per question.
     eos_token_id: an id or ids that end a row; None uses the checkpoint's, () disables stopping.
     Greedy by default; temperature > 0 samples, optionally within top_k / top_p.
     """
@@ -173,9 +175,9 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
     questions = None
     if context is not None:
         questions, rows = rows, _prompt_rows(context, cfg.vocab_size)
-        if len(rows) != 1:
-            raise ValueError(f"context is one prompt shared by every question, got {len(rows)} "
-                             "rows: pass the questions as the batch")
+        if len(rows) not in (1, len(questions)):
+            raise ValueError(f"got {len(rows)} contexts for {len(questions)} questions: pass one "
+                             "context shared by every question, or one context per question")
     padded, lengths = _padded(rows)
     q_max = 0 if questions is None else max(len(q) for q in questions)
     total = int(lengths.max()) + q_max + max_new_tokens
@@ -205,10 +207,11 @@ def generate(model: Model, tokens, policy: policies.Policy | None = None, *,
     logits, cache = jax.block_until_ready(prefill_fn(model, cache, tokens_d, lengths_d))
     prefill_seconds = time.perf_counter() - t0
     positions = lengths_d
-    if questions is not None:  # one compressed context, copied for each question
+    if questions is not None:  # each question appended to its compressed context
         q_tokens, q_lengths = (jnp.asarray(a) for a in _padded(questions))
         B = len(questions)
-        cache, logits = jax.tree.map(lambda x: jnp.repeat(x, B, axis=0), (cache, logits))
+        if len(rows) == 1:  # one shared context: its cache copied for each question
+            cache, logits = jax.tree.map(lambda x: jnp.repeat(x, B, axis=0), (cache, logits))
         positions = jnp.broadcast_to(lengths_d, (B,))
         t0 = time.perf_counter()
         extend_fn = _extend.lower(model, cache, logits, q_tokens, q_lengths, positions).compile()

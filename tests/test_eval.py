@@ -119,7 +119,8 @@ def test_training_batches_are_deterministic_and_mask_the_answers():
         answer = row[m == 2]
         assert answer[-1] == train.EOS and (m == 2).sum() >= 2
         first = np.flatnonzero(m)[0]  # the answer follows the question and is in the context
-        assert bytes(answer[:-1].tolist()).decode().split(", ")[0] in bytes(
+        assert answer[0] == ord(" ")  # the prompt ends with the question, as kvjax.eval asks
+        assert bytes(answer[1:-1].tolist()).decode().split(", ")[0] in bytes(
             row[:first].tolist()).decode()
     lm_tokens, lm_mask = train.batch(4, 0, 8192, text, task_share=0.0)
     assert (lm_mask == 1).all() and bytes(lm_tokens[0].tolist()) in text

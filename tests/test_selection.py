@@ -202,8 +202,14 @@ def test_question_agnostic_mode(model6, rng):
                              eos_token_id=()).tokens
     assert batched == [kvjax.generate(model6, [q], lowbit, context=context, max_new_tokens=8,
                                       eos_token_id=()).tokens[0] for q in uneven]
-    with pytest.raises(ValueError, match="context is one prompt"):
-        kvjax.generate(model6, questions, context=[context, context])
+    # One context per question, of uneven lengths: each row equals its pair alone.
+    contexts = [context, rng.integers(0, 89, 71).tolist()]
+    paired = kvjax.generate(model6, uneven, lowbit, context=contexts, max_new_tokens=8,
+                            eos_token_id=()).tokens
+    assert paired == [kvjax.generate(model6, [q], lowbit, context=c, max_new_tokens=8,
+                                     eos_token_id=()).tokens[0] for c, q in zip(contexts, uneven)]
+    with pytest.raises(ValueError, match="3 contexts for 2 questions"):
+        kvjax.generate(model6, questions, context=[context] * 3)
 
 
 def test_kvsharer_composes_with_minikv(model6, rng):
