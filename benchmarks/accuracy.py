@@ -49,12 +49,14 @@ def measure(args):
         row = {"tasks": {}}
         for task, rows in samples.items():
             result = evaluation.run_samples(model, tokenizer, rows, policy, agnostic=True,
-                                            max_new_tokens=40, progress=False)
+                                            max_new_tokens=40, progress=False,
+                                            batch_size=args.batch_size)
             row["tasks"][task] = result["score"]
             row["compression"] = result["compression"]
         row["score"] = float(np.mean(list(row["tasks"].values())))
         record["policies"][name] = row
         print(name, row, flush=True)
+        write_result("accuracy", record)  # so far: a run cut short keeps what it measured
     full = record["policies"]["full"]["score"]
     for row in record["policies"].values():
         row["recovery"] = row["score"] / full if full else float("nan")
@@ -86,6 +88,7 @@ def main():
     parser.add_argument("--model", default="kvjax/reference_model")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="samples a generate call")
     parser.add_argument("--policies", help="comma separated presets (default: all)")
     parser.add_argument("--num-shared", type=int, default=1, help="KVSharer layers (0: none)")
     parser.add_argument("--threshold", type=float, default=0.5)
