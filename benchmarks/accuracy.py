@@ -42,8 +42,7 @@ def measure(args):
     samples = {t: evaluation.make_samples(t, tokenizer, args.length, args.samples, seed=777)
                for t in TASKS}
     names = args.policies.split(",") if args.policies else sorted(policies.PRESETS)
-    if "full" not in names:
-        names = ["full", *names]  # the reference of the recovery
+    names = ["full", *(n for n in names if n != "full")]  # first: the reference of the recovery
     for name, policy in policies_to_measure(model, tokenizer, names, args.num_shared,
                                             args.threshold).items():
         row = {"tasks": {}}

@@ -6,6 +6,9 @@ import sys
 
 from kvjax import policies
 from kvjax.eval import TASKS
+from kvjax.loading import REFERENCE_MODEL
+
+MODEL_HELP = "checkpoint folder (config.json, safetensors, tokenizer); default: the bundled model"
 
 
 def _print_stats(stats) -> None:
@@ -56,6 +59,7 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    import jax
     from transformers import AutoTokenizer
 
     import kvjax
@@ -64,7 +68,8 @@ def cmd_eval(args) -> None:
     model = kvjax.load(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     policy = _policy(args)
-    result = {"model": args.model, "policy": policy.name, "length": args.length,
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "model": args.model, "policy": policy.name, "length": args.length,
               "samples": args.samples, "seed": args.seed, "question_agnostic": args.agnostic,
               "tasks": {}}
     for task in filter(None, args.tasks.split(",")):
@@ -95,7 +100,8 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     from kvjax import demo
 
-    demo.run(context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens)
+    demo.run(context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens,
+             seed=args.seed)
 
 
 def main(argv=None) -> None:
@@ -103,7 +109,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a Hugging Face checkpoint")
-    gen.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    gen.add_argument("--model", default=str(REFERENCE_MODEL), help=MODEL_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--policy", default="full", choices=sorted(policies.PRESETS))
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -115,7 +121,7 @@ def main(argv=None) -> None:
     gen.set_defaults(func=cmd_generate)
 
     cal = sub.add_parser("calibrate", help="find layers that can share a cache (KVSharer)")
-    cal.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    cal.add_argument("--model", default=str(REFERENCE_MODEL), help=MODEL_HELP)
     cal.add_argument("--num-shared", type=int, required=True, help="layers to share")
     cal.add_argument("--threshold", type=float, default=0.5,
                      help="minimum cosine similarity of the final hidden states")
@@ -125,7 +131,7 @@ def main(argv=None) -> None:
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="score a policy on generated retrieval tasks, perplexity, LongBench")
-    ev.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    ev.add_argument("--model", default=str(REFERENCE_MODEL), help=MODEL_HELP)
     ev.add_argument("--policy", default="full", choices=sorted(policies.PRESETS))
     ev.add_argument("--plan", help="a KVSharer plan (kvjax calibrate) to share layers' caches")
     ev.add_argument("--tasks", default="passkey,niah_single",
@@ -143,8 +149,9 @@ def main(argv=None) -> None:
     ev.set_defaults(func=cmd_eval)
 
     dem = sub.add_parser("demo", help="compare cache policies on a long-context retrieval prompt")
-    dem.add_argument("--context-tokens", type=int, default=2048)
-    dem.add_argument("--max-new-tokens", type=int, default=16)
+    dem.add_argument("--context-tokens", type=int, default=4096)
+    dem.add_argument("--max-new-tokens", type=int, default=12)
+    dem.add_argument("--seed", type=int, default=0, help="which passkey prompt")
     dem.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

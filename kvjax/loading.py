@@ -22,6 +22,10 @@ class CheckpointError(ValueError):
 # Tensors some checkpoints carry that the forward pass recomputes or does not need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+# kvjax's bundled model: a 4.7M-parameter byte-level Llama (GQA 8/2) trained to retrieve from
+# 4K-token contexts (benchmarks/train_reference_model.py), in HF format with its tokenizer.
+REFERENCE_MODEL = Path(__file__).with_name("reference_model")
+
 
 def _hf_layout(cfg: ModelConfig):
     """Maps each HF tensor name to (layer index or None, our name, HF shape, transposed).

@@ -35,9 +35,10 @@ def test_generate_command_reports_bad_input(checkpoint_with_tokenizer):
 
 
 def test_demo_runs(capsys):
-    main(["demo", "--context-tokens", "300", "--max-new-tokens", "4"])
+    main(["demo", "--context-tokens", "300", "--max-new-tokens", "7"])
     printed = capsys.readouterr().out
-    assert re.search(r"prompt: \d+ tokens, passkey \d{5}", printed)
+    passkey = re.search(r"prompt: \d+ tokens, passkey (\d{5})", printed).group(1)
+    assert re.search(rf"^full\s+.*'\s*{passkey}", printed, re.M)  # the bundled model retrieves
     for policy in ("full", "kivi2", "k4v2", "minikv", "snapkv", "h2o", "streaming",
                    "kvsharer1\\+kivi2", "kvsharer1\\+minikv"):
         assert re.search(rf"^{policy}\s+[\d.]+", printed, re.M)

@@ -2,6 +2,7 @@
 kernel would run them)."""
 
 import json
+import re
 from pathlib import Path
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
@@ -20,3 +21,6 @@ def test_quickstart_notebook_executes(capsys):
     assert stats["minikv"].cache_bytes < stats["kivi2"].cache_bytes < stats["full"].cache_bytes
     assert len(namespace["agnostic"].tokens) == 2
     assert "the passkey is" in printed
+    # The bundled model retrieves: every answer printed with a score scores 1.
+    scores = re.findall(r"score (\d)", printed)
+    assert len(scores) == 5 + 2 + 1 and set(scores) == {"1"}, printed
