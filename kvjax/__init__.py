@@ -7,7 +7,7 @@ from kvjax.loading import REFERENCE_MODEL, CheckpointError, load, restore, save
 from kvjax.model import Model, forward, init_random
 
 __all__ = [
-    "REFERENCE_MODEL", "CheckpointError", "GenerationOutput", "GenerationStats", "Model", "ModelConfig",
-    "UnsupportedConfigError", "forward", "generate", "init_random", "load", "policies",
-    "restore", "save", "sharing",
+    "REFERENCE_MODEL", "CheckpointError", "GenerationOutput", "GenerationStats", "Model",
+    "ModelConfig", "UnsupportedConfigError", "forward", "generate", "init_random", "load",
+    "policies", "restore", "save", "sharing",
 ]

@@ -23,9 +23,10 @@ def run(context_tokens: int = 4096, max_new_tokens: int = 12, seed: int = 0) -> 
     shared = {i: s for i, s in enumerate(plan.sources) if s != i}
     print(f"prompt: {len(ids)} tokens, passkey {sample.answers[0]}; KVSharer plan (layer: source) "
           f"{shared}\n")
-    runs = {name: policies.by_name(name) for name in ["full", *sorted(set(policies.PRESETS) - {"full"})]}
-    runs["kvsharer1+kivi2"] = policies.kvsharer(plan) + policies.kivi()
-    runs["kvsharer1+minikv"] = policies.kvsharer(plan) + policies.minikv()
+    names = ["full", *sorted(set(policies.PRESETS) - {"full"})]
+    runs = {name: policies.by_name(name) for name in names}
+    runs[f"kvsharer{plan.num_shared}+kivi2"] = policies.kvsharer(plan) + policies.kivi()
+    runs[f"kvsharer{plan.num_shared}+minikv"] = policies.kvsharer(plan) + policies.minikv()
     print(f"{'policy':<16} {'cache MiB':>10} {'vs bf16':>8} {'prefill ms':>11} {'decode tok/s':>13}  answer")
     for name, policy in runs.items():
         out = generate(model, ids, policy, max_new_tokens=max_new_tokens)
