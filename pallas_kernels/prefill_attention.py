@@ -25,6 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 from kvjax.attention import EMPTY_MAX
 
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
+LOG2_E = 1.4426950408889634
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -34,22 +35,24 @@ def _round_up(n: int, multiple: int) -> int:
 def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k):
     block_q, head_dim = q_ref.shape
     n = len_ref[()]
-    q0 = pl.program_id(2) * block_q
+    # Query blocks run last to first: the heaviest (longest rows) start first, the light ones
+    # fill the tail of the launch.
+    q0 = (pl.num_programs(2) - 1 - pl.program_id(2)) * block_q
     q = q_ref[...]
     q_pos = q0 + jnp.arange(block_q)
-    scale = head_dim ** -0.5
+    scale = head_dim ** -0.5 * LOG2_E  # softmax in base 2: exp2(s * scale - m) is one FMA + ex2
 
     def body(j, carry, masked):
-        o, m, l = carry
+        o, m, l = carry  # m: running maximum of s * scale
         k0 = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(k0, block_k), :]
-        s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
+        s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
         if masked:  # causal and past-the-length keys
             k_pos = k0 + jnp.arange(block_k)
             s = jnp.where((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < n), s, EMPTY_MAX)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
+        m_new = jnp.maximum(m, s.max(axis=1) * scale)
+        correction = jnp.exp2(m - m_new)
+        p = jnp.exp2(s * scale - m_new[:, None])
         v = v_ref[pl.ds(k0, block_k), :]
         o = o * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o, m_new, l * correction + p.sum(axis=1)
@@ -65,7 +68,7 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k):
     seen = (l > 0) & (q_pos < n)  # rows past the length (padding) output zeros
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen[:, None], o / safe_l[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), EMPTY_MAX)
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe_l)) / LOG2_E, EMPTY_MAX)
 
 
 def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce):
@@ -76,29 +79,37 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
     k = k_ref[...]
     k_pos = k0 + jnp.arange(block_k)
     first_query = 0 if window is None else jnp.maximum(n - window, 0)
-    scale = head_dim ** -0.5
+    scale = head_dim ** -0.5 * LOG2_E
 
-    def body(i, acc):  # acc [block_q, block_k]: summed over query rows once, at the end
+    def body(i, acc, masked):  # acc [block_q, block_k]: summed over query rows once, at the end
         q0 = pl.multiple_of(i * block_q, block_q)
-        q_pos = q0 + jnp.arange(block_q)
-        visible = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] < n)
-                   & (q_pos[:, None] >= first_query))
         reduced = None
         for h in range(group):  # the query heads of this KV head
             q = q_ref[h, pl.ds(q0, block_q), :]
-            lse = lse_ref[h, pl.ds(q0, block_q)]
-            s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
-            p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)  # [block_q, block_k]
+            lse = lse_ref[h, pl.ds(q0, block_q)] * LOG2_E
+            s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+            p = jnp.exp2(s * scale - lse[:, None])  # [block_q, block_k]
             if reduced is None:
                 reduced = p
             else:
                 reduced = jnp.maximum(reduced, p) if reduce == "max" else reduced + p
+        if masked:  # keys after the query, queries past the length or before the window
+            q_pos = q0 + jnp.arange(block_q)
+            visible = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] < n)
+                       & (q_pos[:, None] >= first_query))
+            reduced = jnp.where(visible, reduced, 0.0)
         return acc + reduced
 
     # Query blocks before this key block cannot see it (causal), nor those before the window.
+    # Blocks wholly past the diagonal and the window start and within the length need no mask.
     start = jnp.maximum(k0, first_query) // block_q
-    acc = jax.lax.fori_loop(start, pl.cdiv(n, block_q), body,
-                            jnp.zeros((block_q, block_k), jnp.float32))
+    end = pl.cdiv(n, block_q)
+    clear_from = jnp.clip(pl.cdiv(jnp.maximum(k0 + block_k - 1, first_query), block_q), start, end)
+    clear_to = jnp.clip(n // block_q, clear_from, end)
+    acc = jnp.zeros((block_q, block_k), jnp.float32)
+    acc = jax.lax.fori_loop(start, clear_from, functools.partial(body, masked=True), acc)
+    acc = jax.lax.fori_loop(clear_from, clear_to, functools.partial(body, masked=False), acc)
+    acc = jax.lax.fori_loop(clear_to, end, functools.partial(body, masked=True), acc)
     scores_ref[...] = jnp.where(k_pos < n, acc.sum(axis=0), 0.0)
 
 
@@ -124,16 +135,17 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
     Hkv = k.shape[1]
     g = Hq // Hkv
     Tp = _round_up(T, max(block_q, block_k))
+    nq = Tp // block_q
     q, k, v = (_pad_tokens(x, Tp) for x in (q, k, v))
     kv_spec = pl.BlockSpec((None, None, Tp, D), lambda b, h, i: (b, h // g, 0, 0))
+    q_block = lambda b, h, i: (b, h, nq - 1 - i, 0)  # noqa: E731 - last query block first
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, block_k=block_k),
-        grid=(B, Hq, Tp // block_q),
+        grid=(B, Hq, nq),
         in_specs=[pl.BlockSpec((None,), lambda b, h, i: (b,)),
-                  pl.BlockSpec((None, None, block_q, D), lambda b, h, i: (b, h, i, 0)),
-                  kv_spec, kv_spec],
-        out_specs=[pl.BlockSpec((None, None, block_q, D), lambda b, h, i: (b, h, i, 0)),
-                   pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))],
+                  pl.BlockSpec((None, None, block_q, D), q_block), kv_spec, kv_spec],
+        out_specs=[pl.BlockSpec((None, None, block_q, D), q_block),
+                   pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, nq - 1 - i))],
         out_shape=[jax.ShapeDtypeStruct((B, Hq, Tp, D), q.dtype),
                    jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
