@@ -24,9 +24,12 @@ from kvjax.quantization import QuantSpec
 
 _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded to this
 _TARGET_PROGRAMS = 2048  # bf16 at B16 x 32K on an H200: 2048 beat 512 and 8192 (sweep2)
+_MAX_BLOCK = 128  # tokens per block of a packed cache
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
-# dtype -> (16-bit pattern, value): bits | pattern reads as value + bits for bits < value
-_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+LOG2_E = 1.4426950408889634
+_MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
+# dtype -> the high byte of a 16-bit float whose low byte b reads as offset + b (b < 128)
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x43, 128.0), jnp.dtype(jnp.float16): (0x64, 1024.0)}
 
 
 def _chunks(spec: QuantSpec | None, head_dim: int):
@@ -42,133 +45,162 @@ def _chunks(spec: QuantSpec | None, head_dim: int):
     return [(j, c, tile) for c in range(0, width, tile) for j in range(spec.codes_per_byte)]
 
 
-def _codes(packed, spec: QuantSpec, field: int, dtype):
-    """One bit field of packed bytes as dtype, and the offset the values carry.
+def _codes(packed, spec: QuantSpec, field: int, dtype, fast: bool):
+    """One bit field of packed bytes [n, w] as dtype: the codes' exact integer values.
 
-    For 16-bit float dtypes the code goes into the low mantissa bits of a constant whose
-    exponent makes them integers: the bits read as offset + code exactly, with no int-to-float
-    conversion (those run at a quarter of the integer rate). Callers subtract the offset's
-    contribution from the dot, computed from the same rounded operand."""
-    fields = (packed >> jnp.uint8(field * spec.bits)) & jnp.uint8(2**spec.bits - 1)
+    fast (the GPU, 2- and 4-bit codes, 16-bit floats): inline PTX turns four bytes at a time
+    into four floats with one shift, one and, two byte permutes that put each code under a
+    constant high byte (the bits of offset + code) and two paired subtractions of the offset,
+    about 1.5 instructions a code. Otherwise jnp: shift, mask and convert."""
+    fields_mask = 2**spec.bits - 1
     magic = _MAGIC.get(jnp.dtype(dtype))
-    if magic is None or 2**spec.bits > magic[1]:
-        return fields.astype(dtype), 0.0
-    biased = fields.astype(jnp.uint16) | jnp.uint16(magic[0])
-    return jax.lax.bitcast_convert_type(biased, dtype), magic[1]
+    if not fast or magic is None or spec.bits == 8:
+        return ((packed >> jnp.uint8(field * spec.bits)) & jnp.uint8(fields_mask)).astype(dtype)
+    high, offset = magic
+    sub = "sub.rn.bf16x2" if jnp.dtype(dtype) == jnp.bfloat16 else "sub.rn.f16x2"
+    asm = f"""{{
+    .reg .b32 t, c;
+    shr.b32 t, $2, {field * spec.bits};
+    and.b32 t, t, {fields_mask * 0x01010101};
+    mov.b32 c, {high << 24 | high << 8};
+    prmt.b32 $0, t, c, 0x5150;
+    prmt.b32 $1, t, c, 0x5352;
+    {sub} $0, $0, c;
+    {sub} $1, $1, c;
+    }}"""
+    del offset  # c holds offset's bits in each half: the subtraction removes it exactly
+    return plgpu.elementwise_inline_asm(
+        asm, args=[packed], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)])[0]
 
 
-def _scores(q_tiles, refs, spec: QuantSpec | None, tok0, n: int):
-    """Unscaled q.k [rows, n] of tokens [tok0, tok0 + n): dequantization folded into the dot
-    (per-channel: scales multiply q; per-token: scales multiply the dot's columns)."""
-    head_dim = sum(q.shape[1] for q in q_tiles)
-    chunks = _chunks(spec, head_dim)
+def _scores(q_tiles, refs, spec: QuantSpec | None, tok0, n: int, row_group, fast: bool):
+    """Unscaled q.k [rows, n] of tokens [tok0, tok0 + n): dequantization folded into the dot.
+
+    Per-channel keys: row r serves key group tok0 // G + row_group[r] (one group per row
+    group, see _kernel), so its scales multiply its q row and its zeros give a row bias.
+    Per-token keys: scales multiply the dot's columns, zeros q's row sums."""
     if spec is None:
         k = refs[0][pl.ds(tok0, n), :]
         return jax.lax.dot_general(q_tiles[0], k, _NT, preferred_element_type=jnp.float32)
     codes_ref, scale_ref, zero_ref = refs
     dtype = q_tiles[0].dtype
     scores = jnp.zeros((q_tiles[0].shape[0], n), jnp.float32)
+    bias = jnp.zeros((q_tiles[0].shape[0],), jnp.float32)
     packed = {}
-    for q, (j, c, w) in zip(q_tiles, chunks):
+    for q, (j, c, w) in zip(q_tiles, _chunks(spec, q_tiles[0].shape[1] * len(q_tiles))):
         if c not in packed:
             packed[c] = codes_ref[pl.ds(tok0, n), pl.ds(c, w)]  # [n, w] uint8
-        codes, offset = _codes(packed[c], spec, j, dtype)
+        codes = _codes(packed[c], spec, j, dtype, fast)
         q32 = q.astype(jnp.float32)
         channel = j * codes_ref.shape[1] + c
-        if spec.per_channel:  # tokens [tok0, tok0 + n) are one group: a scale per channel
-            scale = scale_ref[tok0 // spec.group, pl.ds(channel, w)].astype(jnp.float32)  # [w]
-            zero = zero_ref[tok0 // spec.group, pl.ds(channel, w)].astype(jnp.float32)
-            qs = (q32 * scale[None, :]).astype(dtype)
+        if spec.per_channel:
+            group = tok0 // spec.group + row_group
+            scale = scale_ref[group, pl.ds(channel, w)].astype(jnp.float32)  # [rows, w]
+            zero = zero_ref[group, pl.ds(channel, w)].astype(jnp.float32)
+            qs = (q32 * scale).astype(dtype)
             scores += jax.lax.dot_general(qs, codes, _NT, preferred_element_type=jnp.float32)
-            bias = (q32 * zero[None, :]).sum(axis=1)
-            if offset:
-                bias -= offset * qs.astype(jnp.float32).sum(axis=1)
-            scores += bias[:, None]
-        else:  # a scale per token
+            bias += (q32 * zero).sum(axis=1)
+        else:
             scale = scale_ref[pl.ds(tok0, n), channel // spec.group].astype(jnp.float32)  # [n]
             zero = zero_ref[pl.ds(tok0, n), channel // spec.group].astype(jnp.float32)
             dots = jax.lax.dot_general(q, codes, _NT, preferred_element_type=jnp.float32)
-            if offset:
-                dots -= offset * q32.sum(axis=1)[:, None]
             scores += dots * scale[None, :] + q32.sum(axis=1)[:, None] * zero[None, :]
-    return scores
+    return scores + bias[:, None]
 
 
-def _accumulate(o_tiles, p, refs, spec: QuantSpec | None, tok0, n: int, dtype):
-    """o_tiles (one per chunk of the head dim) plus p [rows, n] times the values of the tokens;
-    per-token scales fold into p, zeros into p's row sums. Dots run in dtype (the queries')."""
-    head_dim = sum(o.shape[1] for o in o_tiles)
+def _accumulate(o_tiles, p, refs, spec: QuantSpec | None, tok0, n: int, dtype, fast: bool):
+    """o_tiles (one per chunk of the head dim) plus p [rows, n] times the values of the tokens.
+
+    Per-token scales fold into p; the zeros of every value group come from one more dot, of p
+    with the zeros laid out as [n, >=16] columns (column i: group i mod groups)."""
     if spec is None:
         v = refs[0][pl.ds(tok0, n), :]
         return [o_tiles[0] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)]
     codes_ref, scale_ref, zero_ref = refs
+    groups = zero_ref.shape[1]
+    columns = max(16, pl.next_power_of_2(groups))
+    tokens = tok0 + jnp.arange(n)[:, None]
+    zeros = zero_ref[tokens, (jnp.arange(columns) % groups)[None, :]].astype(dtype)  # [n, columns]
+    zero_sums = jnp.dot(p.astype(dtype), zeros, preferred_element_type=jnp.float32)
+    head_dim = sum(o.shape[1] for o in o_tiles)
     out, packed = [], {}
     for o, (j, c, w) in zip(o_tiles, _chunks(spec, head_dim)):
         if c not in packed:
             packed[c] = codes_ref[pl.ds(tok0, n), pl.ds(c, w)]
         group = (j * codes_ref.shape[1] + c) // spec.group
         scale = scale_ref[pl.ds(tok0, n), group].astype(jnp.float32)  # [n]
-        zero = zero_ref[pl.ds(tok0, n), group].astype(jnp.float32)
         ps = (p * scale[None, :]).astype(dtype)
-        codes, offset = _codes(packed[c], spec, j, dtype)
-        bias = (p * zero[None, :]).sum(axis=1)
-        if offset:
-            bias -= offset * ps.astype(jnp.float32).sum(axis=1)
+        codes = _codes(packed[c], spec, j, dtype, fast)
+        bias = jnp.where(jnp.arange(columns)[None, :] == group, zero_sums, 0.0).sum(axis=1)
         out.append(o + jnp.dot(ps, codes, preferred_element_type=jnp.float32) + bias[:, None])
     return out
 
 
-def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, sub_block,
-            blocks_per_split, group_size):
+def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, row_groups,
+            blocks_per_split, fast):
+    """One (batch row, KV head, split). q_ref holds the query group `row_groups` times over.
+
+    With per-channel keys a block spans row_groups key groups, and row group i attends only
+    to the tokens of group i of each block: every row then needs one scale per channel per
+    block, the rows that padding to 16 would waste do real work, and each row group is a
+    separate flash-decoding part (merged with the others later)."""
     k_refs, v_refs = refs[:num_k_refs], refs[num_k_refs:-3]
     o_ref, m_ref, l_ref = refs[-3:]
-    rows, head_dim = q_ref.shape  # rows: the query group padded to _MIN_ROWS
-    row_mask = jnp.arange(rows) < group_size
-    q_tiles = [plgpu.load(q_ref.at[:, pl.ds(j * (head_dim // _fields(k_spec)) + c, w)],
-                          mask=row_mask[:, None], other=0)
+    rows, head_dim = q_ref.shape
+    row_group = jnp.minimum(jnp.arange(rows) // (rows // row_groups), row_groups - 1)
+    q_tiles = [q_ref[:, pl.ds(j * (head_dim // _fields(k_spec)) + c, w)]
                for j, c, w in _chunks(k_spec, head_dim)]
     v_chunks = _chunks(v_spec, head_dim)
     n = len_ref[()]
     first = pl.program_id(2) * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(n, block))
+    token_group = jnp.arange(block) // (block // row_groups)  # [block]
+    scale = head_dim ** -0.5 * LOG2_E  # softmax in base 2
 
     def body(i, carry):
-        for sub in range(block // sub_block):  # sub-blocks: one key group each when per channel
-            o, m, l = carry
-            tok0 = pl.multiple_of(i * block + sub * sub_block, sub_block)
-            scores = _scores(q_tiles, k_refs, k_spec, tok0, sub_block) * head_dim ** -0.5
-            valid = (tok0 + jnp.arange(sub_block)) < n
-            scores = jnp.where(valid[None, :], scores, EMPTY_MAX)
-            m_new = jnp.maximum(m, scores.max(axis=1))
-            correction = jnp.exp(m - m_new)
-            p = jnp.exp(scores - m_new[:, None])  # masked: exp(EMPTY_MAX - real max) = 0
-            o = [oj * correction[:, None] for oj in o]
-            carry = (_accumulate(o, p, v_refs, v_spec, tok0, sub_block, q_ref.dtype), m_new,
-                     correction * l + p.sum(axis=1))
-        return carry
+        o, m, l = carry  # m: running maximum of the base-2 scores
+        tok0 = pl.multiple_of(i * block, block)
+        scores = _scores(q_tiles, k_refs, k_spec, tok0, block, row_group, fast) * scale
+        valid = ((tok0 + jnp.arange(block)) < n)[None, :]
+        if row_groups > 1:
+            valid = valid & (token_group[None, :] == row_group[:, None])
+        scores = jnp.where(valid, scores, _MASKED)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        correction = jnp.exp2(m - m_new)
+        p = jnp.exp2(scores - m_new[:, None])
+        o = [oj * correction[:, None] for oj in o]
+        return (_accumulate(o, p, v_refs, v_spec, tok0, block, q_ref.dtype, fast), m_new,
+                correction * l + p.sum(axis=1))
 
     init = ([jnp.zeros((rows, w), jnp.float32) for _, _, w in v_chunks],
             jnp.full((rows,), EMPTY_MAX, jnp.float32), jnp.zeros((rows,), jnp.float32))
     o, m, l = jax.lax.fori_loop(first, last, body, init)
     for oj, (j, c, w) in zip(o, v_chunks):
-        plgpu.store(o_ref.at[:, pl.ds(j * (head_dim // _fields(v_spec)) + c, w)], oj,
-                    mask=row_mask[:, None])
-    plgpu.store(m_ref, m, mask=row_mask)
-    plgpu.store(l_ref, l, mask=row_mask)
+        o_ref[:, pl.ds(j * (head_dim // _fields(v_spec)) + c, w)] = oj
+    m_ref[...] = jnp.where(l > 0, m / LOG2_E, EMPTY_MAX)
+    l_ref[...] = l
 
 
 def _fields(spec):
     return 1 if spec is None else spec.codes_per_byte
 
 
-def default_block(capacity: int, specs) -> int:
-    """The largest power-of-two token block (16..128 dense, 16..64 packed: the faster in the
-    sweeps) that divides the capacity and covers a whole key group."""
+def default_block(capacity: int, specs, group_size: int) -> int:
+    """Tokens per block: for per-channel keys, as many whole key groups as padded query rows
+    can serve (16 rows: 4 groups for a GQA group of 4), up to 128 tokens; otherwise the largest
+    power of two (16..128 dense, 16..64 packed: the faster in the sweeps). Always a divisor of
+    the capacity."""
     need = max([16] + [s.token_group for s in specs if s is not None])
-    packed = any(s is not None for s in specs)
-    for block in (64, 32, 16) if packed else (128, 64, 32, 16):
-        if block >= need and capacity % block == 0:
+    if specs[0] is not None and specs[0].per_channel:
+        most = min(_MAX_BLOCK, need * max(1, _MIN_ROWS // pl.next_power_of_2(group_size)))
+    else:
+        most = 64 if any(s is not None for s in specs) else 128
+    block = most
+    while block >= need:
+        if capacity % block == 0:
             return block
+        block //= 2
     raise ValueError(f"a cache capacity of {capacity} tokens has no block of 16-128 tokens that "
                      f"is a multiple of {need}: allocate a capacity that is a multiple of 128")
 
@@ -185,29 +217,36 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
 
     k_parts, v_parts: (k,) with k [B, Hkv, S, D] for a dense cache, or (codes, scale, zero) in
     the layout of kvjax.quantization.quantize_tokens with k_spec / v_spec saying how.
-    Returns o [B, Hkv, P, g, D], m and l [B, Hkv, P, g] (float32), P = number of splits.
-    Defaults (blocks of 128 dense / 64 packed tokens, 4 warps, 3 stages, ~2048 programs) are
-    the fastest of the sweeps on an H200 at B16 x 32K (benchmarks/results/kernels_sweep*.json).
+    Returns o [B, Hkv, P, g, D], m and l [B, Hkv, P, g] (float32): P parts, a few per split.
+    Defaults: see default_block; 4 warps, 3 stages and ~2048 programs were the fastest of the
+    sweeps on an H200 at B16 x 32K (benchmarks/results/kernels_sweep*.json).
     """
     B, Hq, D = q.shape
     Hkv, S = lengths.shape[1], k_parts[0].shape[2]
     g = Hq // Hkv
-    block = block or default_block(S, (k_spec, v_spec))
+    block = block or default_block(S, (k_spec, v_spec), g)
+    per_channel = k_spec is not None and k_spec.per_channel
+    row_groups = block // k_spec.group if per_channel else 1
+    if per_channel and (block % k_spec.group or S % block):
+        raise ValueError(f"blocks of {block} tokens must hold whole key groups of "
+                         f"{k_spec.group} and divide the capacity {S}")
+    rows = max(_MIN_ROWS, pl.next_power_of_2(g * row_groups))
+    slot = rows // row_groups  # rows per row group: the query group, zero-padded
     num_blocks = S // block
     num_splits = num_splits or default_splits(B, Hkv, num_blocks)
     blocks_per_split = -(-num_blocks // num_splits)
     num_splits = -(-num_blocks // blocks_per_split)
-    rows = max(_MIN_ROWS, pl.next_power_of_2(g))
+    q_rows = jnp.pad(q.reshape(B, Hkv, 1, g, D), ((0, 0), (0, 0), (0, 0), (0, slot - g), (0, 0)))
+    q_rows = jnp.broadcast_to(q_rows, (B, Hkv, row_groups, slot, D)).reshape(B, Hkv, rows, D)
 
     def whole(x):  # one (batch row, KV head) of a [B, Hkv, ...] array
         return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, s: (b, h) + (0,) * (x.ndim - 2))
 
     kernel = functools.partial(
         _kernel, k_spec=k_spec, v_spec=v_spec, num_k_refs=len(k_parts), block=block,
-        sub_block=k_spec.group if k_spec is not None and k_spec.per_channel else block,
-        blocks_per_split=blocks_per_split, group_size=g)
+        row_groups=row_groups, blocks_per_split=blocks_per_split, fast=not interpret)
     parts = (*k_parts, *v_parts)
-    return pl.pallas_call(
+    o, m, l = pl.pallas_call(
         kernel,
         grid=(B, Hkv, num_splits),
         in_specs=[pl.BlockSpec((None, None), lambda b, h, s: (b, h)),
@@ -216,13 +255,15 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
         out_specs=[pl.BlockSpec((None, None, None, rows, D), lambda b, h, s: (b, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
                    pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, Hkv, num_splits, g, D), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Hkv, num_splits, g), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Hkv, num_splits, g), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((B, Hkv, num_splits, rows, D), jnp.float32),
+                   jax.ShapeDtypeStruct((B, Hkv, num_splits, rows), jnp.float32),
+                   jax.ShapeDtypeStruct((B, Hkv, num_splits, rows), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="kvjax_decode_attention",
-    )(lengths.astype(jnp.int32), q.reshape(B, Hkv, g, D), *parts)
+    )(lengths.astype(jnp.int32), q_rows, *parts)
+    parts_of = lambda x: x.reshape(B, Hkv, num_splits * row_groups, slot, *x.shape[4:])[:, :, :, :g]  # noqa: E731
+    return parts_of(o), parts_of(m), parts_of(l)
 
 
 def bytes_read(q, k_parts, v_parts) -> int:
