@@ -236,7 +236,7 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
     num_splits = num_splits or default_splits(B, Hkv, num_blocks)
     blocks_per_split = -(-num_blocks // num_splits)
     num_splits = -(-num_blocks // blocks_per_split)
-    q_rows = jnp.pad(q.reshape(B, Hkv, 1, g, D), [(0, 0)] * 3 + [(0, slot - g), (0, 0)])
+    q_rows = jnp.pad(q.reshape(B, Hkv, 1, g, D), ((0, 0), (0, 0), (0, 0), (0, slot - g), (0, 0)))
     q_rows = jnp.broadcast_to(q_rows, (B, Hkv, row_groups, slot, D)).reshape(B, Hkv, rows, D)
 
     def whole(x):  # one (batch row, KV head) of a [B, Hkv, ...] array
@@ -262,9 +262,8 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
         interpret=interpret,
         name="kvjax_decode_attention",
     )(lengths.astype(jnp.int32), q_rows, *parts)
-    # [B, Hkv, splits, rows, ...] -> [B, Hkv, parts, g, ...]: each row group is a part
-    return tuple(x.reshape(B, Hkv, num_splits * row_groups, slot, *x.shape[4:])[:, :, :, :g]
-                 for x in (o, m, l))
+    parts_of = lambda x: x.reshape(B, Hkv, num_splits * row_groups, slot, *x.shape[4:])[:, :, :, :g]  # noqa: E731
+    return parts_of(o), parts_of(m), parts_of(l)
 
 
 def bytes_read(q, k_parts, v_parts) -> int:

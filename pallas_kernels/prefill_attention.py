@@ -71,29 +71,7 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k):
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe_l)) / LOG2_E, EMPTY_MAX)
 
 
-def _exp2_pairs(x):
-    """2^x of float32 x (at most ~0 here: log-probabilities) at half precision, two per special
-    function instruction (ex2.approx.f16x2), back in float32.
-
-    The score pass does the forward's exponentials again but none of its P.V: in float32 it
-    cost two thirds of the forward. Halving the special-function work is what lets it cost
-    less; a probability keeps about 3 significant digits and underflows below 2^-24."""
-    asm = """{
-    .reg .b32 h;
-    .reg .b16 lo, hi;
-    cvt.rn.f16x2.f32 h, $3, $2;
-    ex2.approx.f16x2 h, h;
-    mov.b32 {lo, hi}, h;
-    cvt.f32.f16 $0, lo;
-    cvt.f32.f16 $1, hi;
-    }"""
-    return plgpu.elementwise_inline_asm(
-        asm, args=[x], constraints="=r,=r,r,r", pack=2,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
-
-
-def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce,
-                   half_exp):
+def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce):
     group, _, head_dim = q_ref.shape
     block_k = k_ref.shape[0]
     n = len_ref[()]
@@ -110,8 +88,7 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
             q = q_ref[h, pl.ds(q0, block_q), :]
             lse = lse_ref[h, pl.ds(q0, block_q)] * LOG2_E
             s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-            log_p = s * scale - lse[:, None]  # [block_q, block_k]
-            p = _exp2_pairs(log_p) if half_exp else jnp.exp2(log_p)
+            p = jnp.exp2(s * scale - lse[:, None])  # [block_q, block_k]
             if reduced is None:
                 reduced = p
             else:
@@ -179,18 +156,16 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "half_exp",
-    "interpret"))
+    "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret"))
 def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
-               num_warps=8, num_stages=3, half_exp=True, interpret=False):
+               num_warps=8, num_stages=3, interpret=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
     window: only the last `window` real queries of each row count (None: all of them).
     reduce: how a query's probabilities combine over the query heads of a KV head, "sum" or
     "max". Returns scores [B, Hkv, T] float32, zero past each row's length. Defaults: the
-    sweep's fastest (query blocks of 128 exceed the shared memory). half_exp: exponentials
-    two at a time in half precision on the GPU (see _exp2_pairs; float32 in interpret mode).
+    sweep's fastest (query blocks of 128 exceed the shared memory).
     """
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
@@ -202,8 +177,7 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     lse = _pad_tokens(lse, Tp).reshape(B, Hkv, g, Tp)
     k = _pad_tokens(k, Tp)
     scores = pl.pallas_call(
-        functools.partial(_scores_kernel, block_q=block_q, window=window, reduce=reduce,
-                          half_exp=half_exp and not interpret),
+        functools.partial(_scores_kernel, block_q=block_q, window=window, reduce=reduce),
         grid=(B, Hkv, Tp // block_k),
         in_specs=[pl.BlockSpec((None,), lambda b, h, j: (b,)),
                   pl.BlockSpec((None, None, g, Tp, D), lambda b, h, j: (b, h, 0, 0, 0)),
