@@ -45,7 +45,7 @@ def cudnn_seconds(q, k, v):
     for impl in ("cudnn", "xla"):
         try:
             fn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=impl))
-            return median_seconds(lambda: fn(qt, kt, vt), reps=20), impl
+            return median_seconds(lambda: fn(qt, kt, vt), reps=20, inner=10), impl
         except Exception as e:  # noqa: BLE001 - report which implementation ran
             print(f"jax.nn.dot_product_attention implementation={impl} failed: {type(e).__name__}")
     return float("nan"), "none"
@@ -80,9 +80,10 @@ def rel_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# (block, warps, stages, splits); 256-token blocks compiled for minutes and never won; an
-# earlier sweep of warps x stages at the default splits is in results/kernels_sweep1.json.
-SWEEP = [(b, 4, 3, p) for b in (64, 128) for p in (4, 16, 64)] + [(128, 8, 3, 16), (128, 4, 2, 32)]
+# (block, warps, stages, splits); 256-token blocks compiled for minutes and never won. Earlier
+# sweeps of the previous kernel: results/kernels_sweep1.json, kernels_sweep2.json.
+SWEEP = ([(128, 4, 3, p) for p in (8, 16, 32)]
+         + [(128, 8, 3, 16), (128, 4, 4, 16), (128, 8, 4, 16), (64, 4, 3, 16), (64, 8, 3, 16)])
 
 
 def batch_splits_scale(q):
@@ -99,7 +100,7 @@ def sweep_kernel(name, q, parts, lengths, k_spec, v_spec, add):
             kernel.decode_partials, k_spec=k_spec, v_spec=v_spec, block=block,
             num_warps=warps, num_stages=stages, num_splits=splits * batch_splits_scale(q)))
         try:
-            seconds = median_seconds(lambda: fn(q, *parts, lengths), reps=10)
+            seconds = median_seconds(lambda: fn(q, *parts, lengths), reps=10, inner=10)
         except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
             print(f"sweep {name} {block}/{warps}/{stages}/{splits}: {type(e).__name__}")
             continue
@@ -126,13 +127,14 @@ def bench_shape(batch, context, bandwidth, sweep, names):
 
     xla = jax.jit(decode_attention)
     reference = xla(q, k, v, lengths)
-    add("xla_einsum_bf16", median_seconds(lambda: xla(q, k, v, lengths), reps=20), dense_bytes)
+    timed = functools.partial(median_seconds, reps=20, inner=10)
+    add("xla_einsum_bf16", timed(lambda: xla(q, k, v, lengths)), dense_bytes)
     seconds, impl = cudnn_seconds(q, k, v)
     add(f"jax_dot_product_attention_{impl}_bf16", seconds, dense_bytes)
     add("torch_sdpa_bf16", torch_sdpa_seconds(q, k, v), dense_bytes)
 
     ours = jax.jit(lambda q, k, v, n: merge_partials([kernel.decode_partials(q, (k,), (v,), n)], q.dtype))
-    add("kvjax_bf16", median_seconds(lambda: ours(q, k, v, lengths), reps=20), dense_bytes,
+    add("kvjax_bf16", timed(lambda: ours(q, k, v, lengths)), dense_bytes,
         rel_error(ours(q, k, v, lengths), reference))
 
     if sweep:
@@ -143,7 +145,7 @@ def bench_shape(batch, context, bandwidth, sweep, names):
         cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
         nbytes = q.nbytes + sum(x.nbytes for x in jax.tree.leaves(cache))
         err = rel_error(attend(cache, q), jax.jit(reference_attend)(cache, q))
-        add(f"kvjax_{name}", median_seconds(lambda: attend(cache, q), reps=20), nbytes, err)
+        add(f"kvjax_{name}", timed(lambda: attend(cache, q)), nbytes, err)
         if sweep:
             sweep_kernel(name, q, ((cache.k_codes, cache.k_scale, cache.k_zero),
                                    (cache.v_codes, cache.v_scale, cache.v_zero)),

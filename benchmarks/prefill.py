@@ -38,7 +38,7 @@ def cudnn_seconds(q, k, v):
     qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, T, N, D]
     fn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
                                    implementation="cudnn"))
-    return median_seconds(lambda: fn(qt, kt, vt))
+    return median_seconds(lambda: fn(qt, kt, vt), inner=5)
 
 
 def torch_seconds(q, k, v):
@@ -66,26 +66,32 @@ def errors(S=4096):
                              / jnp.max(jnp.abs(b.astype(jnp.float32))))
     record = {"S": S, "out": rel(out, attention.prefill_attention(q, k, v, lengths))}
     for window, reduce in ((None, "sum"), (32, "max")):
+        ref = attention.key_scores(q, k, lengths, window=window, reduce=reduce)
         ours = kernel.key_scores(q, k, lse, lengths, window=window, reduce=reduce)
-        record[f"scores_{window}_{reduce}"] = rel(
-            ours, attention.key_scores(q, k, lengths, window=window, reduce=reduce))
+        record[f"scores_{window}_{reduce}"] = rel(ours, ref)
     return record
 
 
-def sweep(S=16384):
+# Query blocks per pass: the forward's per query head, the score pass's per head of a group of 4
+# (rows of its dot: 4x); keys, warps and stages alike.
+SWEEP_QUERY_BLOCKS = {"forward": (64, 128), "scores": (16, 32, 64)}
+
+
+def sweep(S=16384, passes=("forward", "scores")):
     q, k, v, lengths = inputs(S)
+    _, lse = kernel.prefill_attention(q, k, v, lengths)
     rows = []
-    for bq, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
-        cfg = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
-        for which in ("forward", "scores"):
+    for which in passes:
+        for bq, bk, warps, stages in itertools.product(
+                SWEEP_QUERY_BLOCKS[which], (64, 128), (4, 8), (2, 3)):
+            cfg = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
             try:
                 if which == "forward":
                     fn = jax.jit(functools.partial(kernel.prefill_attention, **cfg))
-                    t = median_seconds(lambda: fn(q, k, v, lengths))
+                    t = median_seconds(lambda: fn(q, k, v, lengths), inner=5)
                 else:
-                    _, lse = kernel.prefill_attention(q, k, v, lengths)
                     fn = jax.jit(functools.partial(kernel.key_scores, **cfg))
-                    t = median_seconds(lambda: fn(q, k, lse, lengths))
+                    t = median_seconds(lambda: fn(q, k, lse, lengths), inner=5)
             except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
                 t = float("nan")
                 print(which, cfg, type(e).__name__, str(e)[:200])
@@ -102,14 +108,16 @@ def best(rows, which):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", default="", help="passes to sweep first: forward,scores")
     parser.add_argument("--lengths", default="4096,16384,65536")
     args = parser.parse_args()
     record = {**environment(), "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bf16"}}
     fwd = bwd = None
     if args.sweep:
-        record["sweep"] = sweep()
-        fwd, bwd = best(record["sweep"], "forward"), best(record["sweep"], "scores")
+        passes = args.sweep.split(",")
+        record["sweep"] = sweep(passes=passes)
+        fwd = best(record["sweep"], "forward") if "forward" in passes else None
+        bwd = best(record["sweep"], "scores") if "scores" in passes else None
         record["chosen"] = {"forward": fwd, "scores": bwd}
     record["relative_error_vs_reference"] = errors()
     print(record["relative_error_vs_reference"], flush=True)
@@ -120,9 +128,10 @@ def main():
         plain = jax.jit(functools.partial(ours, fwd=fwd))
         scored = jax.jit(functools.partial(ours, scored=True, fwd=fwd, bwd=bwd))
         window = jax.jit(functools.partial(ours, scored=True, window=32, fwd=fwd, bwd=bwd))
-        row["ours_ms"] = median_seconds(lambda: plain(q, k, v, lengths)) * 1e3
-        row["ours_scored_ms"] = median_seconds(lambda: scored(q, k, v, lengths)) * 1e3
-        row["ours_window32_ms"] = median_seconds(lambda: window(q, k, v, lengths)) * 1e3
+        timed = functools.partial(median_seconds, inner=5)
+        row["ours_ms"] = timed(lambda: plain(q, k, v, lengths)) * 1e3
+        row["ours_scored_ms"] = timed(lambda: scored(q, k, v, lengths)) * 1e3
+        row["ours_window32_ms"] = timed(lambda: window(q, k, v, lengths)) * 1e3
         row["cudnn_ms"] = cudnn_seconds(q, k, v) * 1e3
         row["torch_sdpa_ms"] = torch_seconds(q, k, v) * 1e3
         row["ours_tflops"] = causal_flops(S) / row["ours_ms"] * 1e-9
