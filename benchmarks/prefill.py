@@ -72,9 +72,8 @@ def errors(S=4096):
     return record
 
 
-# Query blocks per pass: the forward's per query head, the score pass's per head of a group of 4
-# (rows of its dot: 4x); keys, warps and stages alike.
-SWEEP_QUERY_BLOCKS = {"forward": (64, 128), "scores": (16, 32, 64)}
+# Query blocks per pass (the score pass's 128 exceed the shared memory); keys, warps, stages.
+SWEEP_QUERY_BLOCKS = {"forward": (64, 128), "scores": (32, 64)}
 
 
 def sweep(S=16384, passes=("forward", "scores")):

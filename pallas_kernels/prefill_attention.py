@@ -8,7 +8,7 @@ directly: K/V are never repeated in memory.
 
 Pass 2 (`key_scores`) revisits, for one (batch row, KV head, key block), the query blocks that
 can see those keys (only the last `window` queries of the row when a window is given),
-recomputes q.k for all query heads of the group in one dot, turns it into probabilities with the stored log-sum-exp, reduces them over the
+recomputes q.k, turns it into probabilities with the stored log-sum-exp, reduces them over the
 query group (sum, or max as LeanKV defines a KV head's importance) and sums them over the
 queries. Memory stays linear in the prompt: nothing quadratic is ever stored.
 
@@ -74,7 +74,6 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k):
 def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce):
     group, _, head_dim = q_ref.shape
     block_k = k_ref.shape[0]
-    rows = group * block_q  # the whole query group of block_q queries: one dot, M = rows
     n = len_ref[()]
     k0 = pl.program_id(2) * block_k
     k = k_ref[...]
@@ -82,20 +81,24 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
     first_query = 0 if window is None else jnp.maximum(n - window, 0)
     scale = head_dim ** -0.5 * LOG2_E
 
-    def body(i, acc, masked):  # acc: summed over query rows once, at the end
+    def body(i, acc, masked):  # acc [block_q, block_k]: summed over query rows once, at the end
         q0 = pl.multiple_of(i * block_q, block_q)
-        q = q_ref[:, pl.ds(q0, block_q), :].reshape(rows, head_dim)  # head-major rows
-        lse = lse_ref[:, pl.ds(q0, block_q)].reshape(rows) * LOG2_E
-        s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-        p = jnp.exp2(s * scale - lse[:, None])  # [rows, block_k]
-        if reduce == "max":  # over the query heads -> [block_q, block_k]
-            p = p.reshape(group, block_q, block_k).max(axis=0)
+        reduced = None
+        for h in range(group):  # the query heads of this KV head
+            q = q_ref[h, pl.ds(q0, block_q), :]
+            lse = lse_ref[h, pl.ds(q0, block_q)] * LOG2_E
+            s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+            p = jnp.exp2(s * scale - lse[:, None])  # [block_q, block_k]
+            if reduced is None:
+                reduced = p
+            else:
+                reduced = jnp.maximum(reduced, p) if reduce == "max" else reduced + p
         if masked:  # keys after the query, queries past the length or before the window
-            q_pos = q0 + jnp.arange(p.shape[0]) % block_q
+            q_pos = q0 + jnp.arange(block_q)
             visible = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] < n)
                        & (q_pos[:, None] >= first_query))
-            p = jnp.where(visible, p, 0.0)
-        return acc + p
+            reduced = jnp.where(visible, reduced, 0.0)
+        return acc + reduced
 
     # Query blocks before this key block cannot see it (causal), nor those before the window.
     # Blocks wholly past the diagonal and the window start and within the length need no mask.
@@ -103,7 +106,7 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
     end = pl.cdiv(n, block_q)
     clear_from = jnp.clip(pl.cdiv(jnp.maximum(k0 + block_k - 1, first_query), block_q), start, end)
     clear_to = jnp.clip(n // block_q, clear_from, end)
-    acc = jnp.zeros((block_q if reduce == "max" else rows, block_k), jnp.float32)
+    acc = jnp.zeros((block_q, block_k), jnp.float32)
     acc = jax.lax.fori_loop(start, clear_from, functools.partial(body, masked=True), acc)
     acc = jax.lax.fori_loop(clear_from, clear_to, functools.partial(body, masked=False), acc)
     acc = jax.lax.fori_loop(clear_to, end, functools.partial(body, masked=True), acc)
@@ -154,23 +157,21 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
 
 @functools.partial(jax.jit, static_argnames=(
     "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret"))
-def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=None, block_k=128,
+def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
                num_warps=8, num_stages=3, interpret=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
     window: only the last `window` real queries of each row count (None: all of them).
     reduce: how a query's probabilities combine over the query heads of a KV head, "sum" or
-    "max". Returns scores [B, Hkv, T] float32, zero past each row's length. block_q: queries
-    per head per step; the group's heads go through one dot of group * block_q rows (default
-    128 rows).
+    "max". Returns scores [B, Hkv, T] float32, zero past each row's length. Defaults: the
+    sweep's fastest (query blocks of 128 exceed the shared memory).
     """
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
-    block_q = block_q or max(16, 128 // g)
     Tp = _round_up(T, max(block_q, block_k))
     q = _pad_tokens(q, Tp).reshape(B, Hkv, g, Tp, D)
     lse = _pad_tokens(lse, Tp).reshape(B, Hkv, g, Tp)
