@@ -72,8 +72,9 @@ def errors(S=4096):
     return record
 
 
-# Query blocks per pass (the score pass's 128 exceed the shared memory); keys, warps, stages.
-SWEEP_QUERY_BLOCKS = {"forward": (64, 128), "scores": (32, 64)}
+# (query blocks, key blocks) per pass (the score pass's 128-query blocks exceed the shared
+# memory; its larger key blocks re-read the queries fewer times); warps and stages alike.
+SWEEP_BLOCKS = {"forward": ((64, 128), (64, 128)), "scores": ((32, 64), (128, 256))}
 
 
 def sweep(S=16384, passes=("forward", "scores")):
@@ -81,8 +82,7 @@ def sweep(S=16384, passes=("forward", "scores")):
     _, lse = kernel.prefill_attention(q, k, v, lengths)
     rows = []
     for which in passes:
-        for bq, bk, warps, stages in itertools.product(
-                SWEEP_QUERY_BLOCKS[which], (64, 128), (4, 8), (2, 3)):
+        for bq, bk, warps, stages in itertools.product(*SWEEP_BLOCKS[which], (4, 8), (2, 3)):
             cfg = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
             try:
                 if which == "forward":
