@@ -28,8 +28,9 @@ _MAX_BLOCK = 128  # tokens per block of a packed cache
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
 LOG2_E = 1.4426950408889634
 _MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
-# dtype -> the high byte of a 16-bit float whose low byte b reads as offset + b (b < 128)
-_MAGIC = {jnp.dtype(jnp.bfloat16): (0x43, 128.0), jnp.dtype(jnp.float16): (0x64, 1024.0)}
+# dtype -> the high byte of a 16-bit float whose low byte b reads as 128 + b (bf16) or
+# 1024 + b (f16), for b < 128: the float with a zero low byte is the offset itself
+_MAGIC = {jnp.dtype(jnp.bfloat16): 0x43, jnp.dtype(jnp.float16): 0x64}
 
 
 def _chunks(spec: QuantSpec | None, head_dim: int):
@@ -53,10 +54,9 @@ def _codes(packed, spec: QuantSpec, field: int, dtype, fast: bool):
     constant high byte (the bits of offset + code) and two paired subtractions of the offset,
     about 1.5 instructions a code. Otherwise jnp: shift, mask and convert."""
     fields_mask = 2**spec.bits - 1
-    magic = _MAGIC.get(jnp.dtype(dtype))
-    if not fast or magic is None or spec.bits == 8:
+    high = _MAGIC.get(jnp.dtype(dtype))  # c below: the offset in each half, subtracted exactly
+    if not fast or high is None or spec.bits == 8:
         return ((packed >> jnp.uint8(field * spec.bits)) & jnp.uint8(fields_mask)).astype(dtype)
-    high, offset = magic
     sub = "sub.rn.bf16x2" if jnp.dtype(dtype) == jnp.bfloat16 else "sub.rn.f16x2"
     asm = f"""{{
     .reg .b32 t, c;
@@ -68,7 +68,6 @@ def _codes(packed, spec: QuantSpec, field: int, dtype, fast: bool):
     {sub} $0, $0, c;
     {sub} $1, $1, c;
     }}"""
-    del offset  # c holds offset's bits in each half: the subtraction removes it exactly
     return plgpu.elementwise_inline_asm(
         asm, args=[packed], constraints="=r,=r,r", pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)])[0]
