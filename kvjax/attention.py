@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 EMPTY_MAX = -1e30  # the running maximum of a part with no valid token: finite, so exp() is 0
+LOG2_E = 1.4426950408889634  # the kernels' softmax runs in base 2: exp(x) = exp2(x * LOG2_E)
 
 
 def group_queries(q, num_kv_heads):

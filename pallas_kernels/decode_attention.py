@@ -19,14 +19,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kvjax.attention import EMPTY_MAX
+from kvjax.attention import EMPTY_MAX, LOG2_E
 from kvjax.quantization import QuantSpec
 
 _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded to this
 _TARGET_PROGRAMS = 2048  # bf16 at B16 x 32K on an H200: 2048 beat 512 and 8192 (sweep2)
 _MAX_BLOCK = 128  # tokens per block of a packed cache
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
-LOG2_E = 1.4426950408889634
 _MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
 # dtype -> the high byte of a 16-bit float whose low byte b reads as 128 + b (bf16) or
 # 1024 + b (f16), for b < 128: the float with a zero low byte is the offset itself

@@ -22,10 +22,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kvjax.attention import EMPTY_MAX
+from kvjax.attention import EMPTY_MAX, LOG2_E
 
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
-LOG2_E = 1.4426950408889634
 
 
 def _round_up(n: int, multiple: int) -> int:
