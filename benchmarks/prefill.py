@@ -10,7 +10,6 @@ is pass 1 plus pass 2 over all queries (H2O, MiniKV); "window" is pass 2 over th
 
 import argparse
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +71,22 @@ def errors(S=4096):
     return record
 
 
-# (query blocks, key blocks) per pass (the score pass's 128-query blocks exceed the shared
-# memory; its larger key blocks re-read the queries fewer times); warps and stages alike.
-SWEEP_BLOCKS = {"forward": ((64, 128), (64, 128)), "scores": ((32, 64), (128, 256))}
+# Configurations per pass: blocks, warps and stages; for the score pass also how many query
+# heads a program walks (1: per-head programs, partial scores added; 4: the whole group, as
+# "max" needs); fast_exp False is libdevice's exp2, True ex2.approx.ftz (fast_math.exp2).
+# The earlier block and warp grids: results/prefill_sweep.json, prefill_sweep_keys256.json.
+SWEEP = {
+    "forward": [dict(fast_exp=f) for f in (False, True)],
+    "scores": ([dict(heads_per_program=4, fast_exp=f) for f in (False, True)]
+               + [dict(heads_per_program=2, fast_exp=True)]
+               + [dict(heads_per_program=1, block_q=bq, block_k=bk, num_warps=w, num_stages=st,
+                       fast_exp=f)
+                  for bq, bk, w, st, f in ((64, 128, 8, 3, False), (64, 128, 8, 3, True),
+                                           (64, 128, 4, 3, True), (64, 128, 4, 2, True),
+                                           (128, 128, 8, 2, True), (128, 128, 8, 3, True),
+                                           (128, 64, 4, 3, True), (64, 64, 4, 3, True),
+                                           (32, 128, 4, 3, True))]),
+}
 
 
 def sweep(S=16384, passes=("forward", "scores")):
@@ -82,8 +94,7 @@ def sweep(S=16384, passes=("forward", "scores")):
     _, lse = kernel.prefill_attention(q, k, v, lengths)
     rows = []
     for which in passes:
-        for bq, bk, warps, stages in itertools.product(*SWEEP_BLOCKS[which], (4, 8), (2, 3)):
-            cfg = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
+        for cfg in SWEEP[which]:
             try:
                 if which == "forward":
                     fn = jax.jit(functools.partial(kernel.prefill_attention, **cfg))
@@ -102,7 +113,7 @@ def sweep(S=16384, passes=("forward", "scores")):
 def best(rows, which):
     ok = [r for r in rows if r["pass"] == which and r["ms"] == r["ms"]]
     r = min(ok, key=lambda r: r["ms"])
-    return {key: r[key] for key in ("block_q", "block_k", "num_warps", "num_stages")}
+    return {key: value for key, value in r.items() if key not in ("pass", "ms")}
 
 
 def main():

@@ -21,6 +21,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kvjax.attention import EMPTY_MAX, LOG2_E
 from kvjax.quantization import QuantSpec
+from pallas_kernels.fast_math import exp2
 
 _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded to this
 _TARGET_PROGRAMS = 2048  # bf16 at B16 x 32K on an H200: 2048 beat 512 and 8192 (sweep2)
@@ -165,8 +166,8 @@ def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, row_groups
             valid = valid & (token_group[None, :] == row_group[:, None])
         scores = jnp.where(valid, scores, _MASKED)
         m_new = jnp.maximum(m, scores.max(axis=1))
-        correction = jnp.exp2(m - m_new)
-        p = jnp.exp2(scores - m_new[:, None])
+        correction = exp2(m - m_new, fast)
+        p = exp2(scores - m_new[:, None], fast)
         o = [oj * correction[:, None] for oj in o]
         return (_accumulate(o, p, v_refs, v_spec, tok0, block, q_ref.dtype, fast), m_new,
                 correction * l + p.sum(axis=1))
