@@ -80,10 +80,15 @@ def rel_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# (block, warps, stages, splits); 256-token blocks compiled for minutes and never won. Earlier
-# sweeps of the previous kernel: results/kernels_sweep1.json, kernels_sweep2.json.
-SWEEP = ([(128, 4, 3, p) for p in (8, 16, 32)]
-         + [(128, 8, 3, 16), (128, 4, 4, 16), (128, 8, 4, 16), (64, 4, 3, 16), (64, 8, 3, 16)])
+# (block, warps, stages, splits) per sweep entry, "block/warps/stages/splits" on the command
+# line; 256-token blocks compiled for minutes and never won. Earlier sweeps:
+# results/kernels_sweep1.json, kernels_sweep2.json, kernels_sweep3.json.
+SWEEP = ("128/4/3/8,128/4/3/16,128/4/3/32,128/8/3/16,128/4/4/16,128/8/4/16,64/4/3/16,"
+         "64/8/3/16")
+
+
+def parse_sweep(text):
+    return [tuple(map(int, entry.split("/"))) for entry in text.split(",") if entry]
 
 
 def batch_splits_scale(q):
@@ -92,10 +97,10 @@ def batch_splits_scale(q):
     return max(1, 16 // q.shape[0])
 
 
-def sweep_kernel(name, q, parts, lengths, k_spec, v_spec, add):
+def sweep_kernel(name, q, parts, lengths, k_spec, v_spec, add, configs):
     """Times the kernel alone over token blocks, warps and pipeline stages."""
     nbytes = q.nbytes + sum(x.nbytes for p in parts for x in p)
-    for block, warps, stages, splits in SWEEP:
+    for block, warps, stages, splits in configs:
         fn = jax.jit(functools.partial(
             kernel.decode_partials, k_spec=k_spec, v_spec=v_spec, block=block,
             num_warps=warps, num_stages=stages, num_splits=splits * batch_splits_scale(q)))
@@ -109,6 +114,7 @@ def sweep_kernel(name, q, parts, lengths, k_spec, v_spec, add):
 
 
 def bench_shape(batch, context, bandwidth, sweep, names):
+    """sweep: {kernel name ("bf16" or a QUANTIZED key): configurations to time it alone in}."""
     key = jax.random.key(batch * context)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (batch, HQ, D), jnp.bfloat16)
@@ -137,8 +143,8 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     add("kvjax_bf16", timed(lambda: ours(q, k, v, lengths)), dense_bytes,
         rel_error(ours(q, k, v, lengths), reference))
 
-    if sweep:
-        sweep_kernel("bf16", q, ((k,), (v,)), lengths, None, None, add)
+    if "bf16" in sweep:
+        sweep_kernel("bf16", q, ((k,), (v,)), lengths, None, None, add, sweep["bf16"])
     attend = jax.jit(lambda c, q: c.attend(q))
     for name in names:
         policy = QUANTIZED[name]
@@ -146,10 +152,10 @@ def bench_shape(batch, context, bandwidth, sweep, names):
         nbytes = q.nbytes + sum(x.nbytes for x in jax.tree.leaves(cache))
         err = rel_error(attend(cache, q), jax.jit(reference_attend)(cache, q))
         add(f"kvjax_{name}", timed(lambda: attend(cache, q)), nbytes, err)
-        if sweep:
+        if name in sweep:
             sweep_kernel(name, q, ((cache.k_codes, cache.k_scale, cache.k_zero),
                                    (cache.v_codes, cache.v_scale, cache.v_zero)),
-                         cache.num_quantized, cache.k_spec, cache.v_spec, add)
+                         cache.num_quantized, cache.k_spec, cache.v_spec, add, sweep[name])
         del cache
     return rows
 
@@ -157,7 +163,9 @@ def bench_shape(batch, context, bandwidth, sweep, names):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="16x4096,16x32768,1x131072")
-    parser.add_argument("--sweep", action="store_true", help="also sweep block/warps/stages")
+    parser.add_argument("--sweep", default="", help="kernels to sweep alone: bf16,kivi2,...")
+    parser.add_argument("--configs", default=SWEEP, help="block/warps/stages/splits,...")
+    parser.add_argument("--tag", default="", help="results/kernels_<tag>.json")
     parser.add_argument("--policies", default=",".join(QUANTIZED), help="quantized kernels to run")
     args = parser.parse_args()
     t0 = time.time()
@@ -166,8 +174,10 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         batch, context = map(int, shape.split("x"))
-        rows += bench_shape(batch, context, bandwidth, args.sweep, args.policies.split(","))
-    write_result("kernels", {**environment(), "read_bandwidth_Bps": bandwidth,
+        sweep = {name: parse_sweep(args.configs) for name in args.sweep.split(",") if name}
+        rows += bench_shape(batch, context, bandwidth, sweep, args.policies.split(","))
+    name = f"kernels_{args.tag}" if args.tag else "kernels"
+    write_result(name, {**environment(), "read_bandwidth_Bps": bandwidth,
                              "heads": {"q": HQ, "kv": HKV, "dim": D}, "rows": rows})
     print(f"\nread ceiling {bandwidth / 1e12:.2f} TB/s ({time.time() - t0:.0f} s)")
     print(f"{'kernel':<44} {'B x S':>10} {'ms':>8} {'TB/s':>6} {'ceil':>5} {'rel err':>8}")

@@ -1,5 +1,6 @@
 """Runs each decode kernel a few times at one shape, for a profiler to read (Nsight Compute).
 
+    bash benchmarks/profile.sh kivi2 16x32768     # or by hand:
     ncu --clock-control none -k regex:decode --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         python -m benchmarks.profile_decode --policies bf16,kivi2

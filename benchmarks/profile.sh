@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Nsight Compute profiles on the GPU machine: the details page (speed of light, occupancy, warp
+# stalls, instruction mix) and the SASS with per-instruction execution counts, as CSV under $OUT
+# (or ./profile), of one decode kernel (default kivi2 at B16 x 32K) or, with "prefill" as the
+# policy, of the prefill forward and key-score kernels at the length given (default 16K).
+#     bash benchmarks/profile.sh [policy|prefill] [shape|length]
+set -uo pipefail
+policy=${1:-kivi2}
+out=${OUT:-profile}
+mkdir -p "$out"
+if [ "$policy" = prefill ]; then
+  kernels=kvjax_prefill count=2
+  program=(python -m benchmarks.profile_prefill --length "${2:-16384}")
+else
+  kernels=kvjax_decode count=1
+  program=(python -m benchmarks.profile_decode --policies "$policy" --shape "${2:-16x32768}" --calls 1)
+fi
+ncu --clock-control none -k "regex:$kernels" --launch-count $count --set full --import-source yes \
+    -f -o /tmp/profile "${program[@]}" > "$out/ncu_$policy.log" 2>&1
+tail -3 "$out/ncu_$policy.log"
+ncu -i /tmp/profile.ncu-rep --page details --csv > "$out/${policy}_details.csv"
+ncu -i /tmp/profile.ncu-rep --page source --csv --print-source sass > "$out/${policy}_sass.csv" \
+    || echo "source page export failed"
