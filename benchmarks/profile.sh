@@ -5,6 +5,8 @@
 # policy, of the prefill forward and key-score kernels at the length given (default 16K).
 #     bash benchmarks/profile.sh [policy|prefill] [shape|length]
 set -uo pipefail
+# Kernel replay saves and restores the device memory in use: no preallocated pool.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 policy=${1:-kivi2}
 out=${OUT:-profile}
 mkdir -p "$out"
@@ -15,9 +17,10 @@ else
   kernels=kvjax_decode count=1
   program=(python -m benchmarks.profile_decode --policies "$policy" --shape "${2:-16x32768}" --calls 1)
 fi
-ncu --clock-control none -k "regex:$kernels" --launch-count $count --set full --import-source yes \
+timeout 240 ncu --clock-control none -k "regex:$kernels" --launch-count $count --set full --import-source yes \
     -f -o /tmp/profile "${program[@]}" > "$out/ncu_$policy.log" 2>&1
 tail -3 "$out/ncu_$policy.log"
+pkill -f "benchmarks.profile_" || true  # a profiled process left behind would hold the GPU
 ncu -i /tmp/profile.ncu-rep --page details --csv > "$out/${policy}_details.csv"
 ncu -i /tmp/profile.ncu-rep --page source --csv --print-source sass > "$out/${policy}_sass.csv" \
     || echo "source page export failed"
