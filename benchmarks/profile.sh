@@ -20,7 +20,7 @@ fi
 timeout 240 ncu --clock-control none -k "regex:$kernels" --launch-count $count --set full --import-source yes \
     -f -o /tmp/profile "${program[@]}" > "$out/ncu_$policy.log" 2>&1
 tail -3 "$out/ncu_$policy.log"
-pkill -f "benchmarks.profile_" || true  # a profiled process left behind would hold the GPU
+pkill -f "[b]enchmarks.profile_" || true  # a profiled process left behind would hold the GPU
 ncu -i /tmp/profile.ncu-rep --page details --csv > "$out/${policy}_details.csv"
 ncu -i /tmp/profile.ncu-rep --page source --csv --print-source sass > "$out/${policy}_sass.csv" \
     || echo "source page export failed"
