@@ -71,21 +71,14 @@ def errors(S=4096):
     return record
 
 
-# Configurations per pass: blocks, warps and stages; for the score pass also how many query
-# heads a program walks (1: per-head programs, partial scores added; 4: the whole group, as
-# "max" needs); fast_exp False is libdevice's exp2, True ex2.approx.ftz (fast_math.exp2).
-# The earlier block and warp grids: results/prefill_sweep.json, prefill_sweep_keys256.json.
+# Configurations per pass: (query block, key block, warps, stages). Earlier sweeps:
+# results/prefill_sweep.json (blocks and warps), prefill_sweep_keys256.json (256-key blocks),
+# prefill_sweep_exp_heads.json (libdevice vs ex2.approx.ftz exponentials; score programs per
+# query head or per group).
 SWEEP = {
-    "forward": [dict(fast_exp=f) for f in (False, True)],
-    "scores": ([dict(heads_per_program=4, fast_exp=f) for f in (False, True)]
-               + [dict(heads_per_program=2, fast_exp=True)]
-               + [dict(heads_per_program=1, block_q=bq, block_k=bk, num_warps=w, num_stages=st,
-                       fast_exp=f)
-                  for bq, bk, w, st, f in ((64, 128, 8, 3, False), (64, 128, 8, 3, True),
-                                           (64, 128, 4, 3, True), (64, 128, 4, 2, True),
-                                           (128, 128, 8, 2, True), (128, 128, 8, 3, True),
-                                           (128, 64, 4, 3, True), (64, 64, 4, 3, True),
-                                           (32, 128, 4, 3, True))]),
+    "forward": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
+    "scores": [(64, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+               (128, 64, 8, 3), (64, 128, 8, 4)],
 }
 
 
@@ -94,7 +87,8 @@ def sweep(S=16384, passes=("forward", "scores")):
     _, lse = kernel.prefill_attention(q, k, v, lengths)
     rows = []
     for which in passes:
-        for cfg in SWEEP[which]:
+        for bq, bk, warps, stages in SWEEP[which]:
+            cfg = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
             try:
                 if which == "forward":
                     fn = jax.jit(functools.partial(kernel.prefill_attention, **cfg))

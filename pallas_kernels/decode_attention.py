@@ -21,11 +21,16 @@ from jax.experimental.pallas import triton as plgpu
 
 from kvjax.attention import EMPTY_MAX, LOG2_E
 from kvjax.quantization import QuantSpec
-from pallas_kernels.fast_math import exp2
+from pallas_kernels.fast_math import exp2, exp2_affine
 
 _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded to this
-_TARGET_PROGRAMS = 2048  # bf16 at B16 x 32K on an H200: 2048 beat 512 and 8192 (sweep2)
-_MAX_BLOCK = 128  # tokens per block of a packed cache
+# Launch defaults per cache kind, the fastest of the sweeps at B16 x 32K on an H200
+# (benchmarks/results/kernels_sweep2.json for bf16, kernels_sweep4.json for packed caches):
+# programs in the grid, warps per program, most tokens per block. One warp per program keeps a
+# packed block's whole softmax, its layout changes and the value dot inside one warp (with four,
+# the rows' maxima and the probabilities crossed warps through shared memory at every block).
+_DENSE = dict(programs=2048, num_warps=4, max_block=128)
+_PACKED = dict(programs=4096, num_warps=1, max_block=64)
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
 _MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
 # dtype -> the high byte of a 16-bit float whose low byte b reads as 128 + b (bf16) or
@@ -158,16 +163,16 @@ def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, row_groups
     scale = head_dim ** -0.5 * LOG2_E  # softmax in base 2
 
     def body(i, carry):
-        o, m, l = carry  # m: running maximum of the base-2 scores
+        o, m, l = carry  # m: running maximum of the base-2 scores (q.k * scale)
         tok0 = pl.multiple_of(i * block, block)
-        scores = _scores(q_tiles, k_refs, k_spec, tok0, block, row_group, fast) * scale
+        scores = _scores(q_tiles, k_refs, k_spec, tok0, block, row_group, fast)  # unscaled
         valid = ((tok0 + jnp.arange(block)) < n)[None, :]
         if row_groups > 1:
             valid = valid & (token_group[None, :] == row_group[:, None])
-        scores = jnp.where(valid, scores, _MASKED)
-        m_new = jnp.maximum(m, scores.max(axis=1))
+        scores = jnp.where(valid, scores, _MASKED / scale)  # scaled below: _MASKED
+        m_new = jnp.maximum(m, scores.max(axis=1) * scale)
         correction = exp2(m - m_new, fast)
-        p = exp2(scores - m_new[:, None], fast)
+        p = exp2_affine(scores, scale, -m_new[:, None], fast)
         o = [oj * correction[:, None] for oj in o]
         return (_accumulate(o, p, v_refs, v_spec, tok0, block, q_ref.dtype, fast), m_new,
                 correction * l + p.sum(axis=1))
@@ -185,40 +190,43 @@ def _fields(spec):
     return 1 if spec is None else spec.codes_per_byte
 
 
+def _launch(specs) -> dict:
+    return _DENSE if all(s is None for s in specs) else _PACKED
+
+
 def default_block(capacity: int, specs, group_size: int) -> int:
-    """Tokens per block: for per-channel keys, as many whole key groups as padded query rows
-    can serve (16 rows: 4 groups for a GQA group of 4), up to 128 tokens; otherwise the largest
-    power of two (16..128 dense, 16..64 packed: the faster in the sweeps). Always a divisor of
-    the capacity."""
+    """Tokens per block: the most of the cache kind (see _DENSE, _PACKED); for per-channel
+    keys at most as many whole key groups as the 16 padded query rows can serve (4 for a GQA
+    group of 4), each row group attending to its own. Always a divisor of the capacity."""
     need = max([16] + [s.token_group for s in specs if s is not None])
+    most = _launch(specs)["max_block"]
     if specs[0] is not None and specs[0].per_channel:
-        most = min(_MAX_BLOCK, need * max(1, _MIN_ROWS // pl.next_power_of_2(group_size)))
-    else:
-        most = 64 if any(s is not None for s in specs) else 128
+        most = min(most, need * max(1, _MIN_ROWS // pl.next_power_of_2(group_size)))
     block = most
     while block >= need:
         if capacity % block == 0:
             return block
         block //= 2
-    raise ValueError(f"a cache capacity of {capacity} tokens has no block of 16-128 tokens that "
-                     f"is a multiple of {need}: allocate a capacity that is a multiple of 128")
+    raise ValueError(f"a cache capacity of {capacity} tokens has no block of 16-{most} tokens "
+                     f"that is a multiple of {need}: allocate a capacity that is a multiple of "
+                     f"{most}")
 
 
-def default_splits(batch: int, num_kv_heads: int, num_blocks: int) -> int:
-    return max(1, min(num_blocks, -(-_TARGET_PROGRAMS // (batch * num_kv_heads))))
+def default_splits(batch: int, num_kv_heads: int, num_blocks: int, specs) -> int:
+    programs = _launch(specs)["programs"]
+    return max(1, min(num_blocks, -(-programs // (batch * num_kv_heads))))
 
 
 @functools.partial(jax.jit, static_argnames=(
     "k_spec", "v_spec", "block", "num_splits", "num_warps", "num_stages", "interpret"))
 def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, block=None,
-                    num_splits=None, num_warps=4, num_stages=3, interpret=False):
+                    num_splits=None, num_warps=None, num_stages=3, interpret=False):
     """Decode attention of q [B, Hq, D] over the first lengths[b, h] tokens of a cache.
 
     k_parts, v_parts: (k,) with k [B, Hkv, S, D] for a dense cache, or (codes, scale, zero) in
     the layout of kvjax.quantization.quantize_tokens with k_spec / v_spec saying how.
     Returns o [B, Hkv, P, g, D], m and l [B, Hkv, P, g] (float32): P parts, a few per split.
-    Defaults: see default_block; 4 warps, 3 stages and ~2048 programs were the fastest of the
-    sweeps on an H200 at B16 x 32K (benchmarks/results/kernels_sweep*.json).
+    Defaults (block, splits, warps): see _DENSE and _PACKED; 3 pipeline stages.
     """
     B, Hq, D = q.shape
     Hkv, S = lengths.shape[1], k_parts[0].shape[2]
@@ -232,7 +240,8 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
     rows = max(_MIN_ROWS, pl.next_power_of_2(g * row_groups))
     slot = rows // row_groups  # rows per row group: the query group, zero-padded
     num_blocks = S // block
-    num_splits = num_splits or default_splits(B, Hkv, num_blocks)
+    num_splits = num_splits or default_splits(B, Hkv, num_blocks, (k_spec, v_spec))
+    num_warps = num_warps or _launch((k_spec, v_spec))["num_warps"]
     blocks_per_split = -(-num_blocks // num_splits)
     num_splits = -(-num_blocks // blocks_per_split)
     q_rows = jnp.pad(q.reshape(B, Hkv, 1, g, D), ((0, 0), (0, 0), (0, 0), (0, slot - g), (0, 0)))
