@@ -25,17 +25,16 @@ from pallas_kernels.fast_math import exp2, exp2_affine
 
 _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded to this
 # Launch defaults per cache kind, the fastest of the sweeps at B16 x 32K on an H200
-# (benchmarks/results/kernels_sweep2.json for bf16, kernels_sweep4.json for packed caches):
-# programs in the grid, warps per program, most tokens per block. One warp per program keeps a
-# packed block's whole softmax, its layout changes and the value dot inside one warp (with four,
-# the rows' maxima and the probabilities crossed warps through shared memory at every block).
-_DENSE = dict(programs=2048, num_warps=4, max_block=128)
-_PACKED = dict(programs=4096, num_warps=1, max_block=64)
-_NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
-_MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
-# dtype -> the high byte of a 16-bit float whose low byte b reads as 128 + b (bf16) or
-# 1024 + b (f16), for b < 128: the float with a zero low byte is the offset itself
-_MAGIC = {jnp.dtype(jnp.bfloat16): 0x43, jnp.dtype(jnp.float16): 0x64}
+# (benchmarks/results/kernels_sweep2.json for bf16, kernels_sweep4.json and kernels_fma.json
+# for packed caches): programs in the grid, warps per program, most tokens per block (per-token
+# keys, and per-channel keys, whose blocks hold whole key groups: see default_block). For 2-bit
+# caches one warp per program keeps a block's whole softmax, its layout changes and the value
+# dot inside one warp (with four, the rows' maxima and the probabilities crossed warps through
+# shared memory at every block): kivi2 0.399 vs 0.504 ms. Wider codes were slower so
+# (kivi4 0.581 vs 0.504, K8V4 0.441 vs 0.421 ms) and keep four warps.
+_DENSE = dict(programs=2048, num_warps=4, max_block=128, max_block_per_channel=128)
+_PACKED = dict(programs=2048, num_warps=4, max_block=64, max_block_per_channel=128)
+_TWO_BIT = dict(programs=4096, num_warps=1, max_block=64, max_block_per_channel=64)
 
 
 def _chunks(spec: QuantSpec | None, head_dim: int):
@@ -191,17 +190,21 @@ def _fields(spec):
 
 
 def _launch(specs) -> dict:
-    return _DENSE if all(s is None for s in specs) else _PACKED
+    if all(s is None for s in specs):
+        return _DENSE
+    return _TWO_BIT if all(s is not None and s.bits == 2 for s in specs) else _PACKED
 
 
 def default_block(capacity: int, specs, group_size: int) -> int:
-    """Tokens per block: the most of the cache kind (see _DENSE, _PACKED); for per-channel
+    """Tokens per block: the most of the cache kind (see _DENSE, _TWO_BIT); for per-channel
     keys at most as many whole key groups as the 16 padded query rows can serve (4 for a GQA
     group of 4), each row group attending to its own. Always a divisor of the capacity."""
     need = max([16] + [s.token_group for s in specs if s is not None])
-    most = _launch(specs)["max_block"]
+    launch = _launch(specs)
+    most = launch["max_block"]
     if specs[0] is not None and specs[0].per_channel:
-        most = min(most, need * max(1, _MIN_ROWS // pl.next_power_of_2(group_size)))
+        most = min(launch["max_block_per_channel"],
+                   need * max(1, _MIN_ROWS // pl.next_power_of_2(group_size)))
     block = most
     while block >= need:
         if capacity % block == 0:
