@@ -35,7 +35,11 @@ _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded t
 _DENSE = dict(programs=2048, num_warps=4, max_block=128, max_block_per_channel=128)
 _PACKED = dict(programs=2048, num_warps=4, max_block=64, max_block_per_channel=128)
 _TWO_BIT = dict(programs=4096, num_warps=1, max_block=64, max_block_per_channel=64)
-
+_NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
+_MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
+# dtype -> the high byte of a 16-bit float whose low byte b reads as 128 + b (bf16) or
+# 1024 + b (f16), for b < 128: the float with a zero low byte is the offset itself
+_MAGIC = {jnp.dtype(jnp.bfloat16): 0x43, jnp.dtype(jnp.float16): 0x64}
 
 def _chunks(spec: QuantSpec | None, head_dim: int):
     """(field, first packed column, width) of each tile a block of tokens is read as.
