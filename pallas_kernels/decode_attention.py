@@ -32,7 +32,7 @@ _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded t
 # dot inside one warp (with four, the rows' maxima and the probabilities crossed warps through
 # shared memory at every block): kivi2 0.399 vs 0.504 ms. Wider codes were slower so
 # (kivi4 0.581 vs 0.504, K8V4 0.441 vs 0.421 ms) and keep four warps.
-_DENSE = dict(programs=2048, num_warps=4, max_block=128, max_block_per_channel=128)
+_DENSE = dict(programs=2048, num_warps=4, max_block=128)
 _PACKED = dict(programs=2048, num_warps=4, max_block=64, max_block_per_channel=128)
 _TWO_BIT = dict(programs=4096, num_warps=1, max_block=64, max_block_per_channel=64)
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
@@ -40,6 +40,7 @@ _MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) 
 # dtype -> the high byte of a 16-bit float whose low byte b reads as 128 + b (bf16) or
 # 1024 + b (f16), for b < 128: the float with a zero low byte is the offset itself
 _MAGIC = {jnp.dtype(jnp.bfloat16): 0x43, jnp.dtype(jnp.float16): 0x64}
+
 
 def _chunks(spec: QuantSpec | None, head_dim: int):
     """(field, first packed column, width) of each tile a block of tokens is read as.
@@ -194,13 +195,14 @@ def _fields(spec):
 
 
 def _launch(specs) -> dict:
+    """The launch defaults of a dense, a 2-bit or another packed cache."""
     if all(s is None for s in specs):
         return _DENSE
     return _TWO_BIT if all(s is not None and s.bits == 2 for s in specs) else _PACKED
 
 
 def default_block(capacity: int, specs, group_size: int) -> int:
-    """Tokens per block: the most of the cache kind (see _DENSE, _TWO_BIT); for per-channel
+    """Tokens per block: the most of the cache kind (see _launch); for per-channel
     keys at most as many whole key groups as the 16 padded query rows can serve (4 for a GQA
     group of 4), each row group attending to its own. Always a divisor of the capacity."""
     need = max([16] + [s.token_group for s in specs if s is not None])
@@ -233,7 +235,7 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
     k_parts, v_parts: (k,) with k [B, Hkv, S, D] for a dense cache, or (codes, scale, zero) in
     the layout of kvjax.quantization.quantize_tokens with k_spec / v_spec saying how.
     Returns o [B, Hkv, P, g, D], m and l [B, Hkv, P, g] (float32): P parts, a few per split.
-    Defaults (block, splits, warps): see _DENSE and _PACKED; 3 pipeline stages.
+    Defaults (block, splits, warps): see _launch and default_block; 3 pipeline stages.
     """
     B, Hq, D = q.shape
     Hkv, S = lengths.shape[1], k_parts[0].shape[2]
