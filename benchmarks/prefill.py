@@ -3,9 +3,11 @@
 
 Shapes: B=1, Hq=32, Hkv=8, D=128 (Llama-3-8B's attention), bf16, at S = 4K, 16K, 64K. "scored"
 is pass 1 plus pass 2 over all queries (H2O, MiniKV); "window" is pass 2 over the last 32 queries
-(SnapKV). --sweep times block sizes and warps of both passes at 16K first.
+(SnapKV). --sweep times block sizes and warps of the named passes first, at each of
+--sweep-lengths, and runs the table with the configuration fastest over them all.
 
-    python -m benchmarks.prefill [--sweep]      # on the GPU; writes results/prefill.json
+    python -m benchmarks.prefill [--sweep scores --sweep-lengths 16384,65536] [--tag T]
+    # on the GPU; writes results/prefill.json (or prefill_sweep[_T].json)
 """
 
 import argparse
@@ -74,15 +76,16 @@ def errors(S=4096):
 # Configurations per pass: (query block, key block, warps, stages). Earlier sweeps:
 # results/prefill_sweep.json (blocks and warps), prefill_sweep_keys256.json (256-key blocks),
 # prefill_sweep_exp_heads.json (libdevice vs ex2.approx.ftz exponentials; score programs per
-# query head or per group).
+# query head or per group), prefill_sweep_fma.json (the grid below at 16K, one query head per
+# score program).
 SWEEP = {
     "forward": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
-    "scores": [(64, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-               (128, 64, 8, 3), (64, 128, 8, 4)],
+    "scores": [(64, 128, 8, 3), (64, 128, 4, 3), (64, 256, 8, 2), (64, 256, 8, 3),
+               (64, 256, 4, 2), (32, 256, 4, 3), (128, 256, 8, 2), (64, 128, 8, 4)],
 }
 
 
-def sweep(S=16384, passes=("forward", "scores")):
+def sweep(S, passes):
     q, k, v, lengths = inputs(S)
     _, lse = kernel.prefill_attention(q, k, v, lengths)
     rows = []
@@ -99,27 +102,36 @@ def sweep(S=16384, passes=("forward", "scores")):
             except Exception as e:  # noqa: BLE001 - a config Triton cannot compile
                 t = float("nan")
                 print(which, cfg, type(e).__name__, str(e)[:200])
-            rows.append({"pass": which, **cfg, "ms": t * 1e3})
+            rows.append({"pass": which, "S": S, **cfg, "ms": t * 1e3})
             print(rows[-1], flush=True)
     return rows
 
 
 def best(rows, which):
-    ok = [r for r in rows if r["pass"] == which and r["ms"] == r["ms"]]
-    r = min(ok, key=lambda r: r["ms"])
-    return {key: value for key, value in r.items() if key not in ("pass", "ms")}
+    """The configuration of `which` pass with the smallest sum, over the swept lengths, of its
+    time over the fastest time at that length (one that fails at any length is out)."""
+    ok = [r for r in rows if r["pass"] == which]
+    fastest = {S: min(r["ms"] for r in ok if r["S"] == S and r["ms"] == r["ms"])
+               for S in {r["S"] for r in ok}}
+    config = lambda r: tuple((key, r[key]) for key in ("block_q", "block_k", "num_warps", "num_stages"))  # noqa: E731
+    cost = {}
+    for r in ok:
+        cost[config(r)] = cost.get(config(r), 0.0) + r["ms"] / fastest[r["S"]]  # NaN stays NaN
+    return dict(min((c for c in cost if cost[c] == cost[c]), key=cost.get))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", default="", help="passes to sweep first: forward,scores")
+    parser.add_argument("--sweep-lengths", default="16384")
     parser.add_argument("--lengths", default="4096,16384,65536")
+    parser.add_argument("--tag", default="", help="suffix of the sweep's JSON name")
     args = parser.parse_args()
     record = {**environment(), "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bf16"}}
     fwd = bwd = None
     if args.sweep:
         passes = args.sweep.split(",")
-        record["sweep"] = sweep(passes=passes)
+        record["sweep"] = [r for S in args.sweep_lengths.split(",") for r in sweep(int(S), passes)]
         fwd = best(record["sweep"], "forward") if "forward" in passes else None
         bwd = best(record["sweep"], "scores") if "scores" in passes else None
         record["chosen"] = {"forward": fwd, "scores": bwd}
@@ -142,7 +154,8 @@ def main():
         rows.append(row)
         print(row, flush=True)
     record["rows"] = rows
-    write_result("prefill_sweep" if args.sweep else "prefill", record)
+    name = "prefill_sweep" if args.sweep else "prefill"
+    write_result(name + (f"_{args.tag}" if args.tag else ""), record)
     print(f"{'S':>6} {'ours':>9} {'scored':>9} {'window':>9} {'cudnn':>9} {'sdpa':>9} "
           f"{'scored/ours':>11} {'ours/cudnn':>10}")
     for r in rows:
