@@ -83,11 +83,14 @@ SWEEP = {
     "scores": [(64, 128, 8, 3), (64, 128, 8, 3, "rows"), (64, 128, 8, 3, "rows,prescale"),
                (64, 128, 4, 3, "rows"), (64, 128, 4, 3, "rows,prescale"),
                (128, 128, 8, 3, "rows"), (128, 128, 8, 3, "rows,prescale"),
-               (64, 256, 8, 3, "rows,prescale"), (128, 64, 4, 3, "rows,prescale")],
+               (64, 256, 8, 3, "rows,prescale"), (128, 64, 4, 3, "rows,prescale"),
+               (64, 128, 8, 3, "poly"), (64, 128, 4, 3, "poly"), (64, 128, 8, 3, "rows,poly"),
+               (64, 128, 8, 3, "rows,prescale,poly"), (64, 128, 4, 3, "rows,prescale,poly")],
 }
 # Score-pass options a configuration may name: keys as the rows of the score tile (queries as
-# its columns), and an exact power of two of the softmax scale folded into the keys.
-OPTIONS = {"rows": "keys_as_rows", "prescale": "prescale"}
+# its columns), an exact power of two of the softmax scale folded into the keys, and one
+# exponential in four emulated on the FMA pipe.
+OPTIONS = {"rows": "keys_as_rows", "prescale": "prescale", "poly": "emulate"}
 
 
 def sweep(S, passes):

@@ -73,7 +73,7 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, fa
 
 
 def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce, fast,
-                   keys_as_rows, prescale):
+                   keys_as_rows, prescale, emulate):
     group, _, head_dim = q_ref.shape
     block_k = k_ref.shape[0]
     n = len_ref[()]
@@ -94,10 +94,10 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
             lse = lse_ref[h, pl.ds(q0, block_q)] * LOG2_E
             if keys_as_rows:
                 s = jax.lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)
-                p = exp2_affine(s, scale, -lse[None, :], fast)  # [block_k, block_q]
+                p = exp2_affine(s, scale, -lse[None, :], fast, emulate)  # [block_k, block_q]
             else:
                 s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-                p = exp2_affine(s, scale, -lse[:, None], fast)  # [block_q, block_k]
+                p = exp2_affine(s, scale, -lse[:, None], fast, emulate)  # [block_q, block_k]
             if reduced is None:
                 reduced = p
             else:
@@ -170,9 +170,10 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
 
 @functools.partial(jax.jit, static_argnames=(
     "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret",
-    "keys_as_rows", "prescale"))
+    "keys_as_rows", "prescale", "emulate"))
 def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
-               num_warps=8, num_stages=3, interpret=False, keys_as_rows=False, prescale=False):
+               num_warps=8, num_stages=3, interpret=False, keys_as_rows=False, prescale=False,
+               emulate=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
@@ -197,7 +198,8 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     k = _pad_tokens(k, Tp)
     scores = pl.pallas_call(
         functools.partial(_scores_kernel, block_q=block_q, window=window, reduce=reduce,
-                          fast=not interpret, keys_as_rows=keys_as_rows, prescale=prescale),
+                          fast=not interpret, keys_as_rows=keys_as_rows, prescale=prescale,
+                          emulate=emulate),
         grid=(B, Hkv * parts, Tp // block_k),
         in_specs=[pl.BlockSpec((None,), lambda b, h, j: (b,)),
                   pl.BlockSpec((None, None, per_program, Tp, D), lambda b, h, j: (b, h, 0, 0, 0)),
