@@ -16,7 +16,6 @@ The jnp references are kvjax.attention.prefill_attention and kvjax.attention.key
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -73,20 +72,17 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, fa
 
 
 def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce, fast,
-                   keys_as_rows, prescale, emulate):
+                   keys_as_rows):
     group, _, head_dim = q_ref.shape
     block_k = k_ref.shape[0]
     n = len_ref[()]
     k0 = pl.program_id(2) * block_k
-    scale = head_dim ** -0.5 * LOG2_E
     k = k_ref[...]
-    if prescale:  # an exact power of two into k: k leaves shared memory for registers
-        power = 2.0 ** round(math.log2(scale))
-        k, scale = k * jnp.asarray(power, k.dtype), scale / power
     k_pos = k0 + jnp.arange(block_k)
     first_query = 0 if window is None else jnp.maximum(n - window, 0)
+    scale = head_dim ** -0.5 * LOG2_E
 
-    def body(i, acc, masked):  # acc [block_q, block_k]: summed over query rows once, at the end
+    def body(i, acc, masked):
         q0 = pl.multiple_of(i * block_q, block_q)
         reduced = None
         for h in range(group):  # the query heads of this KV head
@@ -94,10 +90,10 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
             lse = lse_ref[h, pl.ds(q0, block_q)] * LOG2_E
             if keys_as_rows:
                 s = jax.lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)
-                p = exp2_affine(s, scale, -lse[None, :], fast, emulate)  # [block_k, block_q]
+                p = exp2_affine(s, scale, -lse[None, :], fast)  # [block_k, block_q]
             else:
                 s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-                p = exp2_affine(s, scale, -lse[:, None], fast, emulate)  # [block_q, block_k]
+                p = exp2_affine(s, scale, -lse[:, None], fast)  # [block_q, block_k]
             if reduced is None:
                 reduced = p
             else:
@@ -111,7 +107,9 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
                 visible = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] < n)
                            & (q_pos[:, None] >= first_query))
             reduced = jnp.where(visible, reduced, 0.0)
-        return acc + reduced
+        # keys as rows: acc [block_k], each row summed inside its threads; else acc
+        # [block_q, block_k], summed over the query rows once, at the end
+        return acc + (reduced.sum(axis=1) if keys_as_rows else reduced)
 
     # Query blocks before this key block cannot see it (causal), nor those before the window.
     # Blocks wholly past the diagonal and the window start and within the length need no mask.
@@ -119,11 +117,11 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
     end = pl.cdiv(n, block_q)
     clear_from = jnp.clip(pl.cdiv(jnp.maximum(k0 + block_k - 1, first_query), block_q), start, end)
     clear_to = jnp.clip(n // block_q, clear_from, end)
-    acc = jnp.zeros((block_k, block_q) if keys_as_rows else (block_q, block_k), jnp.float32)
+    acc = jnp.zeros((block_k,) if keys_as_rows else (block_q, block_k), jnp.float32)
     acc = jax.lax.fori_loop(start, clear_from, functools.partial(body, masked=True), acc)
     acc = jax.lax.fori_loop(clear_from, clear_to, functools.partial(body, masked=False), acc)
     acc = jax.lax.fori_loop(clear_to, end, functools.partial(body, masked=True), acc)
-    scores_ref[...] = jnp.where(k_pos < n, acc.sum(axis=1 if keys_as_rows else 0), 0.0)
+    scores_ref[...] = jnp.where(k_pos < n, acc if keys_as_rows else acc.sum(axis=0), 0.0)
 
 
 def _pad_tokens(x, T: int):
@@ -170,10 +168,9 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
 
 @functools.partial(jax.jit, static_argnames=(
     "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret",
-    "keys_as_rows", "prescale", "emulate"))
+    "keys_as_rows"))
 def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
-               num_warps=8, num_stages=3, interpret=False, keys_as_rows=False, prescale=False,
-               emulate=False):
+               num_warps=8, num_stages=3, interpret=False, keys_as_rows=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
@@ -198,8 +195,7 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     k = _pad_tokens(k, Tp)
     scores = pl.pallas_call(
         functools.partial(_scores_kernel, block_q=block_q, window=window, reduce=reduce,
-                          fast=not interpret, keys_as_rows=keys_as_rows, prescale=prescale,
-                          emulate=emulate),
+                          fast=not interpret, keys_as_rows=keys_as_rows),
         grid=(B, Hkv * parts, Tp // block_k),
         in_specs=[pl.BlockSpec((None,), lambda b, h, j: (b,)),
                   pl.BlockSpec((None, None, per_program, Tp, D), lambda b, h, j: (b, h, 0, 0, 0)),
