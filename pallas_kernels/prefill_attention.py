@@ -82,18 +82,29 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
     first_query = 0 if window is None else jnp.maximum(n - window, 0)
     scale = head_dim ** -0.5 * LOG2_E
 
-    def body(i, acc, masked):
+    last_block = lse_ref.shape[1] // block_q - 1
+
+    def lse_of(i):  # the log-sum-exps of query block i, one [block_q] per query head
+        q0 = pl.multiple_of(jnp.minimum(i, last_block) * block_q, block_q)
+        return tuple(lse_ref[h, pl.ds(q0, block_q)] for h in range(group))
+
+    def body(i, carry, masked):
+        # The log-sum-exps of the next block are loaded a step ahead (and used only then): the
+        # pipeline prefetches only the q blocks, the dot operands, and waiting on this load
+        # in the step that used it stalled the pass a fifth of its time.
+        acc, lse_raw = carry
+        lse_next = lse_of(i + 1)
+        lse = [x * LOG2_E for x in lse_raw]  # base 2
         q0 = pl.multiple_of(i * block_q, block_q)
         reduced = None
         for h in range(group):  # the query heads of this KV head
             q = q_ref[h, pl.ds(q0, block_q), :]
-            lse = lse_ref[h, pl.ds(q0, block_q)] * LOG2_E
             if keys_as_rows:
                 s = jax.lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)
-                p = exp2_affine(s, scale, -lse[None, :], fast)  # [block_k, block_q]
+                p = exp2_affine(s, scale, -lse[h][None, :], fast)  # [block_k, block_q]
             else:
                 s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-                p = exp2_affine(s, scale, -lse[:, None], fast)  # [block_q, block_k]
+                p = exp2_affine(s, scale, -lse[h][:, None], fast)  # [block_q, block_k]
             if reduced is None:
                 reduced = p
             else:
@@ -109,7 +120,7 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
             reduced = jnp.where(visible, reduced, 0.0)
         # keys as rows: acc [block_k], each row summed inside its threads; else acc
         # [block_q, block_k], summed over the query rows once, at the end
-        return acc + (reduced.sum(axis=1) if keys_as_rows else reduced)
+        return acc + (reduced.sum(axis=1) if keys_as_rows else reduced), lse_next
 
     # Query blocks before this key block cannot see it (causal), nor those before the window.
     # Blocks wholly past the diagonal and the window start and within the length need no mask.
@@ -117,10 +128,11 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
     end = pl.cdiv(n, block_q)
     clear_from = jnp.clip(pl.cdiv(jnp.maximum(k0 + block_k - 1, first_query), block_q), start, end)
     clear_to = jnp.clip(n // block_q, clear_from, end)
-    acc = jnp.zeros((block_k,) if keys_as_rows else (block_q, block_k), jnp.float32)
-    acc = jax.lax.fori_loop(start, clear_from, functools.partial(body, masked=True), acc)
-    acc = jax.lax.fori_loop(clear_from, clear_to, functools.partial(body, masked=False), acc)
-    acc = jax.lax.fori_loop(clear_to, end, functools.partial(body, masked=True), acc)
+    carry = (jnp.zeros((block_k,) if keys_as_rows else (block_q, block_k), jnp.float32),
+             lse_of(start))
+    carry = jax.lax.fori_loop(start, clear_from, functools.partial(body, masked=True), carry)
+    carry = jax.lax.fori_loop(clear_from, clear_to, functools.partial(body, masked=False), carry)
+    acc, _ = jax.lax.fori_loop(clear_to, end, functools.partial(body, masked=True), carry)
     scores_ref[...] = jnp.where(k_pos < n, acc if keys_as_rows else acc.sum(axis=0), 0.0)
 
 
