@@ -80,9 +80,8 @@ def errors(bwd=None, S=4096):
 # score program).
 SWEEP = {
     "forward": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
-    "scores": [(64, 128, 8, 3), (64, 128, 8, 3, "rows"), (64, 256, 8, 3, "rows"),
-               (64, 256, 8, 2, "rows"), (64, 256, 4, 2, "rows"), (128, 256, 8, 2, "rows"),
-               (32, 256, 4, 3, "rows"), (128, 128, 8, 3, "rows"), (64, 128, 4, 3, "rows")],
+    "scores": [(64, 128, 8, 3), (64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3),
+               (64, 128, 8, 3, "rows"), (64, 256, 8, 3, "rows"), (64, 256, 4, 2, "rows")],
 }
 # Score-pass options a configuration may name: keys as the rows of the score tile (queries as
 # its columns), each key's probabilities summed every step.
