@@ -72,7 +72,7 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, fa
 
 
 def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce, fast,
-                   keys_as_rows):
+                   emulate):
     group, _, head_dim = q_ref.shape
     block_k = k_ref.shape[0]
     n = len_ref[()]
@@ -99,28 +99,18 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
         reduced = None
         for h in range(group):  # the query heads of this KV head
             q = q_ref[h, pl.ds(q0, block_q), :]
-            if keys_as_rows:
-                s = jax.lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)
-                p = exp2_affine(s, scale, -lse[h][None, :], fast)  # [block_k, block_q]
-            else:
-                s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-                p = exp2_affine(s, scale, -lse[h][:, None], fast)  # [block_q, block_k]
+            s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+            p = exp2_affine(s, scale, -lse[h][:, None], fast, emulate)  # [block_q, block_k]
             if reduced is None:
                 reduced = p
             else:
                 reduced = jnp.maximum(reduced, p) if reduce == "max" else reduced + p
         if masked:  # keys after the query, queries past the length or before the window
             q_pos = q0 + jnp.arange(block_q)
-            if keys_as_rows:
-                visible = ((k_pos[:, None] <= q_pos[None, :]) & (q_pos[None, :] < n)
-                           & (q_pos[None, :] >= first_query))
-            else:
-                visible = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] < n)
-                           & (q_pos[:, None] >= first_query))
+            visible = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] < n)
+                       & (q_pos[:, None] >= first_query))
             reduced = jnp.where(visible, reduced, 0.0)
-        # keys as rows: acc [block_k], each row summed inside its threads; else acc
-        # [block_q, block_k], summed over the query rows once, at the end
-        return acc + (reduced.sum(axis=1) if keys_as_rows else reduced), lse_next
+        return acc + reduced, lse_next  # acc [block_q, block_k]: summed over rows at the end
 
     # Query blocks before this key block cannot see it (causal), nor those before the window.
     # Blocks wholly past the diagonal and the window start and within the length need no mask.
@@ -128,12 +118,11 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
     end = pl.cdiv(n, block_q)
     clear_from = jnp.clip(pl.cdiv(jnp.maximum(k0 + block_k - 1, first_query), block_q), start, end)
     clear_to = jnp.clip(n // block_q, clear_from, end)
-    carry = (jnp.zeros((block_k,) if keys_as_rows else (block_q, block_k), jnp.float32),
-             lse_of(start))
+    carry = (jnp.zeros((block_q, block_k), jnp.float32), lse_of(start))
     carry = jax.lax.fori_loop(start, clear_from, functools.partial(body, masked=True), carry)
     carry = jax.lax.fori_loop(clear_from, clear_to, functools.partial(body, masked=False), carry)
     acc, _ = jax.lax.fori_loop(clear_to, end, functools.partial(body, masked=True), carry)
-    scores_ref[...] = jnp.where(k_pos < n, acc if keys_as_rows else acc.sum(axis=0), 0.0)
+    scores_ref[...] = jnp.where(k_pos < n, acc.sum(axis=0), 0.0)
 
 
 def _pad_tokens(x, T: int):
@@ -180,9 +169,9 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
 
 @functools.partial(jax.jit, static_argnames=(
     "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret",
-    "keys_as_rows"))
+    "emulate"))
 def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
-               num_warps=8, num_stages=3, interpret=False, keys_as_rows=False):
+               num_warps=8, num_stages=3, interpret=False, emulate=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
@@ -207,7 +196,7 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     k = _pad_tokens(k, Tp)
     scores = pl.pallas_call(
         functools.partial(_scores_kernel, block_q=block_q, window=window, reduce=reduce,
-                          fast=not interpret, keys_as_rows=keys_as_rows),
+                          fast=not interpret, emulate=emulate),
         grid=(B, Hkv * parts, Tp // block_k),
         in_specs=[pl.BlockSpec((None,), lambda b, h, j: (b,)),
                   pl.BlockSpec((None, None, per_program, Tp, D), lambda b, h, j: (b, h, 0, 0, 0)),
