@@ -76,15 +76,17 @@ def errors(bwd=None, S=4096):
 # Configurations per pass: (query block, key block, warps, stages). Earlier sweeps:
 # results/prefill_sweep.json (blocks and warps), prefill_sweep_keys256.json (256-key blocks),
 # prefill_sweep_exp_heads.json (libdevice vs ex2.approx.ftz exponentials; score programs per
-# query head or per group), prefill_sweep_fma.json (the grid below at 16K, one query head per
-# score program).
+# query head or per group), prefill_sweep_fma.json (one query head per score program), and at
+# 16K and 64K: prefill_sweep_keys256_h200.json (256-key score blocks), _rows.json and
+# _rowsum.json (keys as the score tile's rows, a power of two of the scale folded into the
+# keys, one exponential in four emulated on the FMA pipe), _prefetch.json (the log-sum-exps
+# loaded a step ahead), _emulate.json (emulation again after the prefetch). None of those
+# variants won; the grid below is the plain kernel's.
 SWEEP = {
     "forward": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
-    "scores": [(64, 128, 8, 3), (64, 128, 8, 3, "poly"), (64, 128, 4, 3),
-               (64, 128, 4, 3, "poly"), (64, 128, 8, 2, "poly")],
+    "scores": [(64, 128, 8, 3), (64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3),
+               (64, 256, 8, 3), (64, 256, 4, 2)],
 }
-# Score-pass options a configuration may name: one exponential in four emulated on the FMA pipe.
-OPTIONS = {"poly": "emulate"}
 
 
 def sweep(S, passes):
@@ -92,9 +94,8 @@ def sweep(S, passes):
     _, lse = kernel.prefill_attention(q, k, v, lengths)
     rows = []
     for which in passes:
-        for bq, bk, warps, stages, *options in SWEEP[which]:
+        for bq, bk, warps, stages in SWEEP[which]:
             cfg = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
-            cfg.update({OPTIONS[o]: True for o in (options[0].split(",") if options else [])})
             try:
                 if which == "forward":
                     fn = jax.jit(functools.partial(kernel.prefill_attention, **cfg))

@@ -71,8 +71,7 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, fa
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe_l)) / LOG2_E, EMPTY_MAX)
 
 
-def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce, fast,
-                   emulate):
+def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, window, reduce, fast):
     group, _, head_dim = q_ref.shape
     block_k = k_ref.shape[0]
     n = len_ref[()]
@@ -100,7 +99,7 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, scores_ref, *, block_q, windo
         for h in range(group):  # the query heads of this KV head
             q = q_ref[h, pl.ds(q0, block_q), :]
             s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-            p = exp2_affine(s, scale, -lse[h][:, None], fast, emulate)  # [block_q, block_k]
+            p = exp2_affine(s, scale, -lse[h][:, None], fast)  # [block_q, block_k]
             if reduced is None:
                 reduced = p
             else:
@@ -168,10 +167,9 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret",
-    "emulate"))
+    "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret"))
 def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
-               num_warps=8, num_stages=3, interpret=False, emulate=False):
+               num_warps=8, num_stages=3, interpret=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
@@ -196,7 +194,7 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     k = _pad_tokens(k, Tp)
     scores = pl.pallas_call(
         functools.partial(_scores_kernel, block_q=block_q, window=window, reduce=reduce,
-                          fast=not interpret, emulate=emulate),
+                          fast=not interpret),
         grid=(B, Hkv * parts, Tp // block_k),
         in_specs=[pl.BlockSpec((None,), lambda b, h, j: (b,)),
                   pl.BlockSpec((None, None, per_program, Tp, D), lambda b, h, j: (b, h, 0, 0, 0)),
