@@ -7,7 +7,7 @@ is pass 1 plus pass 2 over all queries (H2O, MiniKV); "window" is pass 2 over th
 --sweep-lengths, and runs the table with the configuration fastest over them all.
 
     python -m benchmarks.prefill [--sweep scores --sweep-lengths 16384,65536] [--tag T]
-    # on the GPU; writes results/prefill.json (or prefill_sweep[_T].json)
+    # on the GPU; writes results/prefill[_T].json, or prefill_sweep[_T].json after a sweep
 """
 
 import argparse
@@ -77,11 +77,11 @@ def errors(bwd=None, S=4096):
 # results/prefill_sweep.json (blocks and warps), prefill_sweep_keys256.json (256-key blocks),
 # prefill_sweep_exp_heads.json (libdevice vs ex2.approx.ftz exponentials; score programs per
 # query head or per group), prefill_sweep_fma.json (one query head per score program), and at
-# 16K and 64K: prefill_sweep_keys256_h200.json (256-key score blocks), _rows.json and
-# _rowsum.json (keys as the score tile's rows, a power of two of the scale folded into the
-# keys, one exponential in four emulated on the FMA pipe), _prefetch.json (the log-sum-exps
-# loaded a step ahead), _emulate.json (emulation again after the prefetch). None of those
-# variants won; the grid below is the plain kernel's.
+# 16K and 64K: prefill_sweep_keys256_h200.json (256-key score blocks), _rows.json (keys as the
+# score tile's rows, a power of two of the scale folded into the keys, one exponential in four
+# emulated on the FMA pipe), _rowsum.json (keys as rows, summed every step), _prefetch.json (the
+# log-sum-exps loaded a step ahead), _emulate.json (emulation after the prefetch). Only the
+# prefetch won; the others left the code (RESULTS.md names the commits that have them).
 SWEEP = {
     "forward": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
     "scores": [(64, 128, 8, 3), (64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3),
@@ -129,7 +129,7 @@ def main():
     parser.add_argument("--sweep", default="", help="passes to sweep first: forward,scores")
     parser.add_argument("--sweep-lengths", default="16384")
     parser.add_argument("--lengths", default="4096,16384,65536")
-    parser.add_argument("--tag", default="", help="suffix of the sweep's JSON name")
+    parser.add_argument("--tag", default="", help="suffix of the JSON's name")
     args = parser.parse_args()
     record = {**environment(), "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bf16"}}
     fwd = bwd = None
