@@ -37,9 +37,10 @@ _PACKED = dict(programs=2048, num_warps=4, max_block=64, max_block_per_channel=1
 _TWO_BIT = dict(programs=4096, num_warps=1, max_block=64, max_block_per_channel=64)
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
 _MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
-# dtype -> the high byte of a 16-bit float whose low byte b reads as 128 + b (bf16) or
-# 1024 + b (f16), for b < 128: the float with a zero low byte is the offset itself
+# dtype -> the high byte of a 16-bit float whose low byte b reads as offset + b: 128 + b in
+# bf16 (b < 128), 1024 + b in f16 (any byte); the float with a zero low byte is the offset
 _MAGIC = {jnp.dtype(jnp.bfloat16): 0x43, jnp.dtype(jnp.float16): 0x64}
+_OFFSET = {jnp.dtype(jnp.bfloat16): 128, jnp.dtype(jnp.float16): 1024}
 
 
 def _chunks(spec: QuantSpec | None, head_dim: int):
@@ -55,65 +56,96 @@ def _chunks(spec: QuantSpec | None, head_dim: int):
     return [(j, c, tile) for c in range(0, width, tile) for j in range(spec.codes_per_byte)]
 
 
-def _codes(packed, spec: QuantSpec, field: int, dtype, fast: bool):
-    """One bit field of packed bytes [n, w] as dtype: the codes' exact integer values.
+def _codes(packed, spec: QuantSpec, field: int, dtype, fast: bool, subtract: bool = True):
+    """One bit field of packed bytes [n, w] as dtype: offset + the codes' exact integer values.
+    Returns (codes, offset); the offset is 0 when `subtract` (the caller folds it otherwise).
 
-    fast (the GPU, 2- and 4-bit codes, 16-bit floats): inline PTX turns four bytes at a time
-    into four floats with one shift, one and, two byte permutes that put each code under a
-    constant high byte (the bits of offset + code) and two paired subtractions of the offset,
-    about 1.5 instructions a code. Otherwise jnp: shift, mask and convert."""
+    The GPU, 16-bit floats (2- and 4-bit codes in bf16 or f16, 8-bit ones in f16 only): inline
+    PTX turns four bytes at a time into four floats with one shift, one and (both skipped for
+    8-bit codes) and two byte permutes that put each code under a constant high byte: the bits
+    of offset + code. Two paired subtractions of the offset follow if `subtract`, about 1.5
+    instructions a code in all. Otherwise jnp: shift, mask and convert."""
     fields_mask = 2**spec.bits - 1
     high = _MAGIC.get(jnp.dtype(dtype))  # c below: the offset in each half, subtracted exactly
-    if not fast or high is None or spec.bits == 8:
-        return ((packed >> jnp.uint8(field * spec.bits)) & jnp.uint8(fields_mask)).astype(dtype)
+    exact = high is not None and (spec.bits < 8 or jnp.dtype(dtype) == jnp.float16)
+    offset = _OFFSET[jnp.dtype(dtype)] if exact and not subtract else 0
+    if not (fast and exact):
+        codes = (packed >> jnp.uint8(field * spec.bits)) & jnp.uint8(fields_mask)
+        return (codes.astype(jnp.float32) + offset).astype(dtype), offset
+    unpack = "" if spec.bits == 8 else f"""
+    shr.b32 t, t, {field * spec.bits};
+    and.b32 t, t, {fields_mask * 0x01010101};"""
     sub = "sub.rn.bf16x2" if jnp.dtype(dtype) == jnp.bfloat16 else "sub.rn.f16x2"
+    remove = "" if offset else f"""
+    {sub} $0, $0, c;
+    {sub} $1, $1, c;"""
     asm = f"""{{
     .reg .b32 t, c;
-    shr.b32 t, $2, {field * spec.bits};
-    and.b32 t, t, {fields_mask * 0x01010101};
+    mov.b32 t, $2;{unpack}
     mov.b32 c, {high << 24 | high << 8};
     prmt.b32 $0, t, c, 0x5150;
-    prmt.b32 $1, t, c, 0x5352;
-    {sub} $0, $0, c;
-    {sub} $1, $1, c;
+    prmt.b32 $1, t, c, 0x5352;{remove}
     }}"""
-    return plgpu.elementwise_inline_asm(
+    codes = plgpu.elementwise_inline_asm(
         asm, args=[packed], constraints="=r,=r,r", pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)])[0]
+    return codes, offset
 
 
-def _scores(q_tiles, refs, spec: QuantSpec | None, tok0, n: int, row_group, fast: bool):
-    """Unscaled q.k [rows, n] of tokens [tok0, tok0 + n): dequantization folded into the dot.
+def _token_key_queries(q_tiles, spec: QuantSpec | None):
+    """The query operands of per-token keys' dots, and the factor that undoes their scaling.
+
+    8-bit codes with 16-bit queries multiply in float16, whose 11 significant bits hold
+    1024 + code exactly (bfloat16's 8 cannot hold 256 + code, so they would convert byte by
+    byte). q is first multiplied by a power of two that brings its largest magnitude into
+    [2^14, 2^15): exact, and safe from float16's overflow whatever q's range."""
+    if spec is None or spec.per_channel or spec.bits != 8 or q_tiles[0].dtype.itemsize != 2:
+        return q_tiles, 1.0
+    largest = functools.reduce(jnp.maximum, [jnp.abs(q.astype(jnp.float32)).max() for q in q_tiles])
+    exponent = (jax.lax.bitcast_convert_type(largest, jnp.int32) >> 23) & 0xFF  # biased
+    power = jnp.clip(127 + 141 - exponent, 1, 253)  # biased exponent of 2^(14 - log2 largest)
+    factor, undo = (jax.lax.bitcast_convert_type(e << 23, jnp.float32) for e in (power, 254 - power))
+    return [(q.astype(jnp.float32) * factor).astype(jnp.float16) for q in q_tiles], undo
+
+
+def _scores(q_tiles, key_queries, refs, spec: QuantSpec | None, tok0, n: int, row_group,
+            start, fast: bool):
+    """Unscaled start + q.k [rows, n] of tokens [tok0, tok0 + n): dequantization folded into the
+    dots, start (a packed cache's row-group mask, see _kernel) into their accumulator.
 
     Per-channel keys: row r serves key group tok0 // G + row_group[r] (one group per row
     group, see _kernel), so its scales multiply its q row and its zeros give a row bias.
-    Per-token keys: scales multiply the dot's columns, zeros q's row sums."""
+    Per-token keys: key_queries = (_token_key_queries's operands, the factor undoing them);
+    scales multiply the dot's columns, zeros and the codes' offset q's row sums."""
     if spec is None:
         k = refs[0][pl.ds(tok0, n), :]
         return jax.lax.dot_general(q_tiles[0], k, _NT, preferred_element_type=jnp.float32)
     codes_ref, scale_ref, zero_ref = refs
-    dtype = q_tiles[0].dtype
-    scores = jnp.zeros((q_tiles[0].shape[0], n), jnp.float32)
+    operands, undo = key_queries
+    scores = start
     bias = jnp.zeros((q_tiles[0].shape[0],), jnp.float32)
     packed = {}
-    for q, (j, c, w) in zip(q_tiles, _chunks(spec, q_tiles[0].shape[1] * len(q_tiles))):
+    chunks = _chunks(spec, q_tiles[0].shape[1] * len(q_tiles))
+    for q, q_op, (j, c, w) in zip(q_tiles, operands, chunks):
         if c not in packed:
             packed[c] = codes_ref[pl.ds(tok0, n), pl.ds(c, w)]  # [n, w] uint8
-        codes = _codes(packed[c], spec, j, dtype, fast)
         q32 = q.astype(jnp.float32)
         channel = j * codes_ref.shape[1] + c
         if spec.per_channel:
+            codes, _ = _codes(packed[c], spec, j, q.dtype, fast)
             group = tok0 // spec.group + row_group
             scale = scale_ref[group, pl.ds(channel, w)].astype(jnp.float32)  # [rows, w]
             zero = zero_ref[group, pl.ds(channel, w)].astype(jnp.float32)
-            qs = (q32 * scale).astype(dtype)
+            qs = (q32 * scale).astype(q.dtype)
             scores += jax.lax.dot_general(qs, codes, _NT, preferred_element_type=jnp.float32)
             bias += (q32 * zero).sum(axis=1)
-        else:
+        else:  # k = scale * (offset + code) + (zero - offset * scale)
+            codes, offset = _codes(packed[c], spec, j, q_op.dtype, fast, subtract=False)
             scale = scale_ref[pl.ds(tok0, n), channel // spec.group].astype(jnp.float32)  # [n]
             zero = zero_ref[pl.ds(tok0, n), channel // spec.group].astype(jnp.float32)
-            dots = jax.lax.dot_general(q, codes, _NT, preferred_element_type=jnp.float32)
-            scores += dots * scale[None, :] + q32.sum(axis=1)[:, None] * zero[None, :]
+            dots = jax.lax.dot_general(q_op, codes, _NT, preferred_element_type=jnp.float32)
+            scores += (dots * (scale * undo)[None, :]
+                       + q32.sum(axis=1)[:, None] * (zero - offset * scale)[None, :])
     return scores + bias[:, None]
 
 
@@ -139,7 +171,7 @@ def _accumulate(o_tiles, p, refs, spec: QuantSpec | None, tok0, n: int, dtype, f
         group = (j * codes_ref.shape[1] + c) // spec.group
         scale = scale_ref[pl.ds(tok0, n), group].astype(jnp.float32)  # [n]
         ps = (p * scale[None, :]).astype(dtype)
-        codes = _codes(packed[c], spec, j, dtype, fast)
+        codes, _ = _codes(packed[c], spec, j, dtype, fast)
         bias = jnp.where(jnp.arange(columns)[None, :] == group, zero_sums, 0.0).sum(axis=1)
         out.append(o + jnp.dot(ps, codes, preferred_element_type=jnp.float32) + bias[:, None])
     return out
@@ -159,21 +191,25 @@ def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, row_groups
     row_group = jnp.minimum(jnp.arange(rows) // (rows // row_groups), row_groups - 1)
     q_tiles = [q_ref[:, pl.ds(j * (head_dim // _fields(k_spec)) + c, w)]
                for j, c, w in _chunks(k_spec, head_dim)]
+    key_queries = _token_key_queries(q_tiles, k_spec)
     v_chunks = _chunks(v_spec, head_dim)
     n = len_ref[()]
     first = pl.program_id(2) * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(n, block))
-    token_group = jnp.arange(block) // (block // row_groups)  # [block]
     scale = head_dim ** -0.5 * LOG2_E  # softmax in base 2
+    token_group = jnp.arange(block) // (block // row_groups)  # [block]
+    # Row group i sees only key group i of a block: the other scores start out far below any
+    # real one (_MASKED once scaled), one add inside the dots rather than a select per block.
+    start = jnp.where(token_group[None, :] == row_group[:, None], 0.0, _MASKED / scale)
 
-    def body(i, carry):
+    def body(i, carry, masked):
         o, m, l = carry  # m: running maximum of the base-2 scores (q.k * scale)
         tok0 = pl.multiple_of(i * block, block)
-        scores = _scores(q_tiles, k_refs, k_spec, tok0, block, row_group, fast)  # unscaled
-        valid = ((tok0 + jnp.arange(block)) < n)[None, :]
-        if row_groups > 1:
-            valid = valid & (token_group[None, :] == row_group[:, None])
-        scores = jnp.where(valid, scores, _MASKED / scale)  # scaled below: _MASKED
+        scores = _scores(q_tiles, key_queries, k_refs, k_spec, tok0, block, row_group, start,
+                         fast)  # unscaled
+        if masked:  # the block holding the length
+            valid = ((tok0 + jnp.arange(block)) < n)[None, :]
+            scores = jnp.where(valid, scores, _MASKED / scale)  # scaled below: _MASKED
         m_new = jnp.maximum(m, scores.max(axis=1) * scale)
         correction = exp2(m - m_new, fast)
         p = exp2_affine(scores, scale, -m_new[:, None], fast)
@@ -183,7 +219,9 @@ def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, row_groups
 
     init = ([jnp.zeros((rows, w), jnp.float32) for _, _, w in v_chunks],
             jnp.full((rows,), EMPTY_MAX, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(first, last, body, init)
+    whole = jnp.clip(n // block, first, last)  # blocks before it lie wholly within the length
+    carry = jax.lax.fori_loop(first, whole, functools.partial(body, masked=False), init)
+    o, m, l = jax.lax.fori_loop(whole, last, functools.partial(body, masked=True), carry)
     for oj, (j, c, w) in zip(o, v_chunks):
         o_ref[:, pl.ds(j * (head_dim // _fields(v_spec)) + c, w)] = oj
     m_ref[...] = jnp.where(l > 0, m / LOG2_E, EMPTY_MAX)

@@ -54,12 +54,13 @@ def test_dense_decode_kernel_matches_reference(rng, hq, hkv, num_splits):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-3 * scale)
 
 
-def check_packed_kernel(rng, name, hq, hkv, S, q_dtype, tol, outlier, **kernel_args):
+def check_packed_kernel(rng, name, hq, hkv, S, q_dtype, tol, outlier, q_scale=1.0,
+                        **kernel_args):
     """The kernel over a quantized cache vs the float32 reference over its dequantization.
     Key channel 3 is scaled by `outlier`, as real keys have outlier channels."""
     k_spec, v_spec = SPECS[name]
     B, D = 2, 64
-    q = rng.standard_normal((B, hq, D)).astype(q_dtype)
+    q = (rng.standard_normal((B, hq, D)) * q_scale).astype(q_dtype)
     k, v = (rng.standard_normal((B, hkv, S, D), np.float32) for _ in range(2))
     k[..., 3] *= outlier
     lengths = _random_lengths(rng, B, hkv, S)
@@ -88,3 +89,11 @@ def test_packed_decode_kernel_bf16_matches_reference(rng, name):
     softmax amplifies in proportion to the keys' size: no outlier channel here (a 20x one
     gave errors up to 1.7% of the output's scale)."""
     check_packed_kernel(rng, name, 8, 2, 160, ml_dtypes.bfloat16, 1e-2, outlier=1, block=32)
+
+
+@pytest.mark.parametrize("q_scale", [1e6, 1e-6])
+def test_eight_bit_keys_take_any_bf16_query(rng, q_scale):
+    """8-bit keys multiply in float16 (see _token_key_queries): bf16 queries far outside its
+    range (1e6 overflows it, 1e-6 is subnormal there) must still give the right attention."""
+    check_packed_kernel(rng, "k8v4", 8, 2, 160, ml_dtypes.bfloat16, 1e-2, outlier=1,
+                        q_scale=q_scale, block=32)
