@@ -101,10 +101,12 @@ def _token_key_queries(q_tiles, spec: QuantSpec | None):
     [2^14, 2^15): exact, and safe from float16's overflow whatever q's range."""
     if spec is None or spec.per_channel or spec.bits != 8 or q_tiles[0].dtype.itemsize != 2:
         return q_tiles, 1.0
-    largest = functools.reduce(jnp.maximum, [jnp.abs(q.astype(jnp.float32)).max() for q in q_tiles])
+    largest = functools.reduce(jnp.maximum,
+                               [jnp.abs(q.astype(jnp.float32)).max() for q in q_tiles])
     exponent = (jax.lax.bitcast_convert_type(largest, jnp.int32) >> 23) & 0xFF  # biased
     power = jnp.clip(127 + 141 - exponent, 1, 253)  # biased exponent of 2^(14 - log2 largest)
-    factor, undo = (jax.lax.bitcast_convert_type(e << 23, jnp.float32) for e in (power, 254 - power))
+    factor, undo = (jax.lax.bitcast_convert_type(biased << 23, jnp.float32)
+                    for biased in (power, 254 - power))
     return [(q.astype(jnp.float32) * factor).astype(jnp.float16) for q in q_tiles], undo
 
 
@@ -114,16 +116,16 @@ def _scores(q_tiles, key_queries, refs, spec: QuantSpec | None, tok0, n: int, ro
     dots, start (a packed cache's row-group mask, see _kernel) into their accumulator.
 
     Per-channel keys: row r serves key group tok0 // G + row_group[r] (one group per row
-    group, see _kernel), so its scales multiply its q row and its zeros give a row bias.
-    Per-token keys: key_queries = (_token_key_queries's operands, the factor undoing them);
-    scales multiply the dot's columns, zeros and the codes' offset q's row sums."""
+    group, see _kernel), so its scales multiply its q row, and refs[2] holds each key group's
+    q.zero, the row's bias (see _key_zero_bias). Per-token keys: key_queries is
+    (_token_key_queries's operands, the factor undoing them); scales multiply the dot's
+    columns, zeros and the codes' offset q's row sums."""
     if spec is None:
         k = refs[0][pl.ds(tok0, n), :]
         return jax.lax.dot_general(q_tiles[0], k, _NT, preferred_element_type=jnp.float32)
-    codes_ref, scale_ref, zero_ref = refs
+    codes_ref, scale_ref, zero_ref = refs  # zero_ref: per-channel keys' q.zero per group
     operands, undo = key_queries
     scores = start
-    bias = jnp.zeros((q_tiles[0].shape[0],), jnp.float32)
     packed = {}
     chunks = _chunks(spec, q_tiles[0].shape[1] * len(q_tiles))
     for q, q_op, (j, c, w) in zip(q_tiles, operands, chunks):
@@ -133,12 +135,12 @@ def _scores(q_tiles, key_queries, refs, spec: QuantSpec | None, tok0, n: int, ro
         channel = j * codes_ref.shape[1] + c
         if spec.per_channel:
             codes, _ = _codes(packed[c], spec, j, q.dtype, fast)
-            group = tok0 // spec.group + row_group
-            scale = scale_ref[group, pl.ds(channel, w)].astype(jnp.float32)  # [rows, w]
-            zero = zero_ref[group, pl.ds(channel, w)].astype(jnp.float32)
-            qs = (q32 * scale).astype(q.dtype)
+            scale = scale_ref[tok0 // spec.group + row_group, pl.ds(channel, w)]  # [rows, w]
+            if scale.dtype == q.dtype:  # q * scale rounded once: the product is exact in f32
+                qs = q * scale
+            else:
+                qs = (q32 * scale.astype(jnp.float32)).astype(q.dtype)
             scores += jax.lax.dot_general(qs, codes, _NT, preferred_element_type=jnp.float32)
-            bias += (q32 * zero).sum(axis=1)
         else:  # k = scale * (offset + code) + (zero - offset * scale)
             codes, offset = _codes(packed[c], spec, j, q_op.dtype, fast, subtract=False)
             scale = scale_ref[pl.ds(tok0, n), channel // spec.group].astype(jnp.float32)  # [n]
@@ -146,7 +148,11 @@ def _scores(q_tiles, key_queries, refs, spec: QuantSpec | None, tok0, n: int, ro
             dots = jax.lax.dot_general(q_op, codes, _NT, preferred_element_type=jnp.float32)
             scores += (dots * (scale * undo)[None, :]
                        + q32.sum(axis=1)[:, None] * (zero - offset * scale)[None, :])
-    return scores + bias[:, None]
+    if spec.per_channel:
+        slot = zero_ref.shape[1]
+        rows = jnp.arange(q_tiles[0].shape[0])
+        scores += zero_ref[tok0 // spec.group + row_group, rows % slot][:, None]
+    return scores
 
 
 def _accumulate(o_tiles, p, refs, spec: QuantSpec | None, tok0, n: int, dtype, fast: bool):
@@ -164,16 +170,18 @@ def _accumulate(o_tiles, p, refs, spec: QuantSpec | None, tok0, n: int, dtype, f
     zeros = zero_ref[tokens, (jnp.arange(columns) % groups)[None, :]].astype(dtype)  # [n, columns]
     zero_sums = jnp.dot(p.astype(dtype), zeros, preferred_element_type=jnp.float32)
     head_dim = sum(o.shape[1] for o in o_tiles)
-    out, packed = [], {}
+    out, packed, scaled = [], {}, {}
     for o, (j, c, w) in zip(o_tiles, _chunks(spec, head_dim)):
         if c not in packed:
             packed[c] = codes_ref[pl.ds(tok0, n), pl.ds(c, w)]
         group = (j * codes_ref.shape[1] + c) // spec.group
-        scale = scale_ref[pl.ds(tok0, n), group].astype(jnp.float32)  # [n]
-        ps = (p * scale[None, :]).astype(dtype)
+        if group not in scaled:  # tiles of one group (all, when it is the head) share these
+            scale = scale_ref[pl.ds(tok0, n), group].astype(jnp.float32)  # [n]
+            bias = jnp.where(jnp.arange(columns)[None, :] == group, zero_sums, 0.0).sum(axis=1)
+            scaled[group] = (p * scale[None, :]).astype(dtype), bias[:, None]
+        ps, bias = scaled[group]
         codes, _ = _codes(packed[c], spec, j, dtype, fast)
-        bias = jnp.where(jnp.arange(columns)[None, :] == group, zero_sums, 0.0).sum(axis=1)
-        out.append(o + jnp.dot(ps, codes, preferred_element_type=jnp.float32) + bias[:, None])
+        out.append(o + jnp.dot(ps, codes, preferred_element_type=jnp.float32) + bias)
     return out
 
 
@@ -226,6 +234,16 @@ def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, row_groups
         o_ref[:, pl.ds(j * (head_dim // _fields(v_spec)) + c, w)] = oj
     m_ref[...] = jnp.where(l > 0, m / LOG2_E, EMPTY_MAX)
     l_ref[...] = l
+
+
+def _key_zero_bias(q, zero):
+    """q.zero of every query with every per-channel key group: the part of its scores that the
+    zeros add, [B, Hkv, S // G, slot] float32 from q [B, Hkv, slot, D] and zero [B, Hkv, S // G, D].
+
+    Computed once here rather than per block in the kernel (a [rows, D] gather, multiply and
+    row sum there); it reads the zeros once, as the kernel would have."""
+    return jnp.einsum("bhsd,bhgd->bhgs", q, zero, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 def _fields(spec):
@@ -291,8 +309,11 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
     num_warps = num_warps or _launch((k_spec, v_spec))["num_warps"]
     blocks_per_split = -(-num_blocks // num_splits)
     num_splits = -(-num_blocks // blocks_per_split)
-    q_rows = jnp.pad(q.reshape(B, Hkv, 1, g, D), ((0, 0), (0, 0), (0, 0), (0, slot - g), (0, 0)))
-    q_rows = jnp.broadcast_to(q_rows, (B, Hkv, row_groups, slot, D)).reshape(B, Hkv, rows, D)
+    q_slot = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, slot - g), (0, 0)))
+    q_rows = jnp.broadcast_to(q_slot[:, :, None], (B, Hkv, row_groups, slot, D))
+    q_rows = q_rows.reshape(B, Hkv, rows, D)
+    if per_channel:  # the zeros' share of the scores, one value per (key group, query)
+        k_parts = (*k_parts[:2], _key_zero_bias(q_slot, k_parts[2]))
 
     def whole(x):  # one (batch row, KV head) of a [B, Hkv, ...] array
         return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, s: (b, h) + (0,) * (x.ndim - 2))
