@@ -25,16 +25,15 @@ from pallas_kernels.fast_math import exp2, exp2_affine
 
 _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded to this
 # Launch defaults per cache kind, the fastest of the sweeps at B16 x 32K on an H200
-# (benchmarks/results/kernels_sweep2.json for bf16, kernels_sweep4.json and kernels_fma.json
-# for packed caches): programs in the grid, warps per program, most tokens per block (per-token
-# keys, and per-channel keys, whose blocks hold whole key groups: see default_block). For 2-bit
-# caches one warp per program keeps a block's whole softmax, its layout changes and the value
-# dot inside one warp (with four, the rows' maxima and the probabilities crossed warps through
-# shared memory at every block): kivi2 0.399 vs 0.504 ms. Wider codes were slower so
-# (kivi4 0.581 vs 0.504, K8V4 0.441 vs 0.421 ms) and keep four warps.
-_DENSE = dict(programs=2048, num_warps=4, max_block=128)
-_PACKED = dict(programs=2048, num_warps=4, max_block=64, max_block_per_channel=128)
-_TWO_BIT = dict(programs=4096, num_warps=1, max_block=64, max_block_per_channel=64)
+# (benchmarks/results/kernels_sweep2.json for bf16, kernels_sweep5.json for packed caches):
+# programs in the grid, warps per program, most tokens per block (per-token keys, and
+# per-channel keys, whose blocks hold whole key groups: see default_block), pipeline stages.
+# Packed caches take one warp per program: a block's whole softmax, its layout changes and the
+# value dot stay inside one warp (with four, the rows' maxima and the probabilities crossed
+# warps through shared memory at every block). Kernel alone: kivi2 0.38 vs 0.43 ms, kivi4
+# 0.42 vs 0.49, K8V4 0.29 vs 0.39 (four warps, the best block and stages of each).
+_DENSE = dict(programs=2048, num_warps=4, max_block=128, num_stages=3)
+_PACKED = dict(programs=4096, num_warps=1, max_block=64, num_stages=2)
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
 _MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
 # dtype -> the high byte of a 16-bit float whose low byte b reads as offset + b: 128 + b in
@@ -251,10 +250,8 @@ def _fields(spec):
 
 
 def _launch(specs) -> dict:
-    """The launch defaults of a dense, a 2-bit or another packed cache."""
-    if all(s is None for s in specs):
-        return _DENSE
-    return _TWO_BIT if all(s is not None and s.bits == 2 for s in specs) else _PACKED
+    """The launch defaults of a dense or a packed cache."""
+    return _DENSE if all(s is None for s in specs) else _PACKED
 
 
 def default_block(capacity: int, specs, group_size: int) -> int:
@@ -262,11 +259,10 @@ def default_block(capacity: int, specs, group_size: int) -> int:
     keys at most as many whole key groups as the 16 padded query rows can serve (4 for a GQA
     group of 4), each row group attending to its own. Always a divisor of the capacity."""
     need = max([16] + [s.token_group for s in specs if s is not None])
-    launch = _launch(specs)
-    most = launch["max_block"]
+    most = _launch(specs)["max_block"]
     if specs[0] is not None and specs[0].per_channel:
-        most = min(launch["max_block_per_channel"],
-                   need * max(1, _MIN_ROWS // pl.next_power_of_2(group_size)))
+        most = min(most, need * max(1, _MIN_ROWS // pl.next_power_of_2(group_size)))
+    most = max(most, need)  # at least one whole key group
     block = most
     while block >= need:
         if capacity % block == 0:
@@ -285,13 +281,13 @@ def default_splits(batch: int, num_kv_heads: int, num_blocks: int, specs) -> int
 @functools.partial(jax.jit, static_argnames=(
     "k_spec", "v_spec", "block", "num_splits", "num_warps", "num_stages", "interpret"))
 def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, block=None,
-                    num_splits=None, num_warps=None, num_stages=3, interpret=False):
+                    num_splits=None, num_warps=None, num_stages=None, interpret=False):
     """Decode attention of q [B, Hq, D] over the first lengths[b, h] tokens of a cache.
 
     k_parts, v_parts: (k,) with k [B, Hkv, S, D] for a dense cache, or (codes, scale, zero) in
     the layout of kvjax.quantization.quantize_tokens with k_spec / v_spec saying how.
     Returns o [B, Hkv, P, g, D], m and l [B, Hkv, P, g] (float32): P parts, a few per split.
-    Defaults (block, splits, warps): see _launch and default_block; 3 pipeline stages.
+    Defaults (block, splits, warps, pipeline stages): see _launch and default_block.
     """
     B, Hq, D = q.shape
     Hkv, S = lengths.shape[1], k_parts[0].shape[2]
@@ -307,6 +303,7 @@ def decode_partials(q, k_parts, v_parts, lengths, *, k_spec=None, v_spec=None, b
     num_blocks = S // block
     num_splits = num_splits or default_splits(B, Hkv, num_blocks, (k_spec, v_spec))
     num_warps = num_warps or _launch((k_spec, v_spec))["num_warps"]
+    num_stages = num_stages or _launch((k_spec, v_spec))["num_stages"]
     blocks_per_split = -(-num_blocks // num_splits)
     num_splits = -(-num_blocks // blocks_per_split)
     q_slot = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, slot - g), (0, 0)))
