@@ -67,12 +67,15 @@ def quantized_cache(policy, k, v, residual_tokens):
 
 
 def reference_attend(cache, q):
-    """The jnp reference of cache.attend: the dequantized store and the residual, merged."""
-    k = dequantize_tokens(cache.k_codes, cache.k_scale, cache.k_zero, cache.k_spec, q.dtype)
-    v = dequantize_tokens(cache.v_codes, cache.v_scale, cache.v_zero, cache.v_spec, q.dtype)
-    return merge_partials([decode_partials(q, k, v, cache.num_quantized),
-                           decode_partials(q, cache.k_residual, cache.v_residual,
-                                           cache.num_residual)], q.dtype)
+    """The jnp reference of cache.attend in float32 (run it under full matmul precision): the store
+    dequantized and the residual, merged. A bf16 reference would add its own rounding of the
+    dequantized keys to the error it measures."""
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    k = dequantize_tokens(cache.k_codes, cache.k_scale, cache.k_zero, cache.k_spec, jnp.float32)
+    v = dequantize_tokens(cache.v_codes, cache.v_scale, cache.v_zero, cache.v_spec, jnp.float32)
+    return merge_partials([decode_partials(f32(q), k, v, cache.num_quantized),
+                           decode_partials(f32(q), f32(cache.k_residual), f32(cache.v_residual),
+                                           cache.num_residual)], jnp.float32)
 
 
 def rel_error(a, b):
@@ -132,7 +135,8 @@ def bench_shape(batch, context, bandwidth, sweep, names):
         print({k_: (round(x, 4) if isinstance(x, float) else x) for k_, x in row.items()}, flush=True)
 
     xla = jax.jit(decode_attention)
-    reference = xla(q, k, v, lengths)
+    with jax.default_matmul_precision("highest"):  # float32 reference, as reference_attend
+        reference = jax.jit(decode_attention)(*(x.astype(jnp.float32) for x in (q, k, v)), lengths)
     timed = functools.partial(median_seconds, reps=20, inner=10)
     add("xla_einsum_bf16", timed(lambda: xla(q, k, v, lengths)), dense_bytes)
     seconds, impl = cudnn_seconds(q, k, v)
@@ -150,7 +154,8 @@ def bench_shape(batch, context, bandwidth, sweep, names):
         policy = QUANTIZED[name]
         cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
         nbytes = q.nbytes + sum(x.nbytes for x in jax.tree.leaves(cache))
-        err = rel_error(attend(cache, q), jax.jit(reference_attend)(cache, q))
+        with jax.default_matmul_precision("highest"):
+            err = rel_error(attend(cache, q), jax.jit(reference_attend)(cache, q))
         add(f"kvjax_{name}", timed(lambda: attend(cache, q)), nbytes, err)
         if name in sweep:
             sweep_kernel(name, q, ((cache.k_codes, cache.k_scale, cache.k_zero),

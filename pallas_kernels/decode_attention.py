@@ -31,10 +31,12 @@ _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded t
 # Packed caches take one warp per program: a block's whole softmax, its layout changes and the
 # value dot stay inside one warp (with four, the rows' maxima and the probabilities crossed
 # warps through shared memory at every block). Kernel alone: kivi2 0.38 vs 0.43 ms, kivi4
-# 0.41 vs 0.49, K8V4 0.27 vs 0.39 (four warps, the best block and stages of each); 2048
-# programs beat 4096 at every shape (results/kernels_onewarp.json).
+# 0.41 vs 0.49, K8V4 0.27 vs 0.39 (four warps, the best block and stages of each). Fewer
+# programs were faster down to 1024, about one wave of one-warp programs on an H200
+# (results/kernels_onewarp.json: 2048 beat 4096; kernels_final2.json: 1024 beat 1536 and 2048
+# at every shape but K8V4 at B16 x 4K).
 _DENSE = dict(programs=2048, num_warps=4, max_block=128, num_stages=3)
-_PACKED = dict(programs=2048, num_warps=1, max_block=64, num_stages=2)
+_PACKED = dict(programs=1024, num_warps=1, max_block=64, num_stages=2)
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
 _MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
 # dtype -> the high byte of a 16-bit float whose low byte b reads as offset + b: 128 + b in
