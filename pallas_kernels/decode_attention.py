@@ -209,7 +209,7 @@ def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, row_groups
     scale = head_dim ** -0.5 * LOG2_E  # softmax in base 2
     token_group = jnp.arange(block) // (block // row_groups)  # [block]
     # Row group i sees only key group i of a block: the other scores start out far below any
-    # real one (_MASKED once scaled), one add inside the dots rather than a select per block.
+    # real one (_MASKED once scaled): an add inside the dots rather than a select per score.
     start = jnp.where(token_group[None, :] == row_group[:, None], 0.0, _MASKED / scale)
 
     def body(i, carry, masked):
@@ -239,8 +239,9 @@ def _kernel(len_ref, q_ref, *refs, k_spec, v_spec, num_k_refs, block, row_groups
 
 
 def _key_zero_bias(q, zero):
-    """q.zero of every query with every per-channel key group: the part of its scores that the
-    zeros add, [B, Hkv, S // G, slot] float32 from q [B, Hkv, slot, D] and zero [B, Hkv, S // G, D].
+    """q.zero of every query with every per-channel key group, the part of its scores that the
+    zeros add: [B, Hkv, S // G, slot] float32 from q [B, Hkv, slot, D] and the zeros
+    [B, Hkv, S // G, D].
 
     Computed once here rather than per block in the kernel (a [rows, D] gather, multiply and
     row sum there); it reads the zeros once, as the kernel would have."""

@@ -8,7 +8,7 @@ import pytest
 from kvjax.attention import decode_partials as reference_partials
 from kvjax.attention import merge_partials
 from kvjax.quantization import QuantSpec, dequantize_tokens, quantize_tokens
-from pallas_kernels.decode_attention import decode_partials
+from pallas_kernels.decode_attention import decode_partials, default_block
 from pallas_kernels.quantize import quantize_pack
 
 SPECS = {  # (key spec, value spec): KIVI 2/4-bit, MiniKV's G16, LeanKV's tiers
@@ -97,3 +97,14 @@ def test_eight_bit_keys_take_any_bf16_query(rng, q_scale):
     range (1e6 overflows it, 1e-6 is subnormal there) must still give the right attention."""
     check_packed_kernel(rng, "k8v4", 8, 2, 160, ml_dtypes.bfloat16, 1e-2, outlier=1,
                         q_scale=q_scale, block=32)
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_default_block_holds_whole_key_groups(group, bits):
+    """Per-channel key groups longer than the launch's largest block still get a block (of
+    one group): the kernel's row groups need whole key groups in a block."""
+    specs = (QuantSpec(bits, group, per_channel=True), QuantSpec(bits, 32))
+    capacity = 4096
+    block = default_block(capacity, specs, group_size=4)
+    assert block % group == 0 and capacity % block == 0
