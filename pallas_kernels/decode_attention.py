@@ -30,19 +30,19 @@ _MIN_ROWS = 16  # Triton dots need at least 16 rows: the query group is padded t
 # per-channel keys, whose blocks hold whole key groups: see default_block), pipeline stages.
 # Packed caches take one warp per program: a block's whole softmax, its layout changes and the
 # value dot stay inside one warp (with four, the rows' maxima and the probabilities crossed
-# warps through shared memory at every block). Kernel alone: kivi2 0.38 vs 0.43 ms, kivi4
-# 0.41 vs 0.49, K8V4 0.27 vs 0.39 (four warps, the best block and stages of each). Fewer
-# programs were faster down to 1024, about one wave of one-warp programs on an H200
-# (results/kernels_onewarp.json: 2048 beat 4096; kernels_final2.json: 1024 beat 1536 and 2048
-# at every shape but K8V4 at B16 x 4K).
+# warps through shared memory at every block). Kernel alone, one run (kernels_sweep5.json):
+# kivi2 0.379 vs 0.429 ms, kivi4 0.419 vs 0.487, K8V4 0.289 vs 0.390 (four warps, the best
+# block and stages of each). Fewer programs were faster down to 1024, about one wave of
+# one-warp programs on an H200 (results/kernels_onewarp.json: 2048 beat 4096 and 8192 at every
+# shape; kernels_final2.json: 1024 beat 2048 at every shape, and 1536 at all but K8V4 at
+# B16 x 4K).
 _DENSE = dict(programs=2048, num_warps=4, max_block=128, num_stages=3)
 _PACKED = dict(programs=1024, num_warps=1, max_block=64, num_stages=2)
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
 _MASKED = 2 * EMPTY_MAX  # below the initial running maximum: exp2(_MASKED - m) is 0 for any m
-# dtype -> the high byte of a 16-bit float whose low byte b reads as offset + b: 128 + b in
-# bf16 (b < 128), 1024 + b in f16 (any byte); the float with a zero low byte is the offset
-_MAGIC = {jnp.dtype(jnp.bfloat16): 0x43, jnp.dtype(jnp.float16): 0x64}
-_OFFSET = {jnp.dtype(jnp.bfloat16): 128, jnp.dtype(jnp.float16): 1024}
+# dtype -> (the high byte of a 16-bit float whose low byte b reads as offset + b, the offset):
+# 128 + b in bf16 (b < 128), 1024 + b in f16 (any byte)
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x43, 128), jnp.dtype(jnp.float16): (0x64, 1024)}
 
 
 def _chunks(spec: QuantSpec | None, head_dim: int):
@@ -68,12 +68,14 @@ def _codes(packed, spec: QuantSpec, field: int, dtype, fast: bool, subtract: boo
     of offset + code. Two paired subtractions of the offset follow if `subtract`, about 1.5
     instructions a code in all. Otherwise jnp: shift, mask and convert."""
     fields_mask = 2**spec.bits - 1
-    high = _MAGIC.get(jnp.dtype(dtype))  # c below: the offset in each half, subtracted exactly
+    high, magic_offset = _MAGIC.get(jnp.dtype(dtype), (None, 0))  # c below: offset per half
     exact = high is not None and (spec.bits < 8 or jnp.dtype(dtype) == jnp.float16)
-    offset = _OFFSET[jnp.dtype(dtype)] if exact and not subtract else 0
+    offset = magic_offset if exact and not subtract else 0
     if not (fast and exact):
         codes = (packed >> jnp.uint8(field * spec.bits)) & jnp.uint8(fields_mask)
-        return (codes.astype(jnp.float32) + offset).astype(dtype), offset
+        if offset:  # the same values the GPU path gives
+            codes = codes.astype(jnp.int32) + offset
+        return codes.astype(dtype), offset
     unpack = "" if spec.bits == 8 else f"""
     shr.b32 t, t, {field * spec.bits};
     and.b32 t, t, {fields_mask * 0x01010101};"""
@@ -133,7 +135,6 @@ def _scores(q_tiles, key_queries, refs, spec: QuantSpec | None, tok0, n: int, ro
     for q, q_op, (j, c, w) in zip(q_tiles, operands, chunks):
         if c not in packed:
             packed[c] = codes_ref[pl.ds(tok0, n), pl.ds(c, w)]  # [n, w] uint8
-        q32 = q.astype(jnp.float32)
         channel = j * codes_ref.shape[1] + c
         if spec.per_channel:
             codes, _ = _codes(packed[c], spec, j, q.dtype, fast)
@@ -141,7 +142,7 @@ def _scores(q_tiles, key_queries, refs, spec: QuantSpec | None, tok0, n: int, ro
             if scale.dtype == q.dtype:  # q * scale rounded once: the product is exact in f32
                 qs = q * scale
             else:
-                qs = (q32 * scale.astype(jnp.float32)).astype(q.dtype)
+                qs = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(q.dtype)
             scores += jax.lax.dot_general(qs, codes, _NT, preferred_element_type=jnp.float32)
         else:  # k = scale * (offset + code) + (zero - offset * scale)
             codes, offset = _codes(packed[c], spec, j, q_op.dtype, fast, subtract=False)
@@ -149,7 +150,8 @@ def _scores(q_tiles, key_queries, refs, spec: QuantSpec | None, tok0, n: int, ro
             zero = zero_ref[pl.ds(tok0, n), channel // spec.group].astype(jnp.float32)
             dots = jax.lax.dot_general(q_op, codes, _NT, preferred_element_type=jnp.float32)
             scores += (dots * (scale * undo)[None, :]
-                       + q32.sum(axis=1)[:, None] * (zero - offset * scale)[None, :])
+                       + q.astype(jnp.float32).sum(axis=1)[:, None]
+                       * (zero - offset * scale)[None, :])
     if spec.per_channel:
         slot = zero_ref.shape[1]
         rows = jnp.arange(q_tiles[0].shape[0])
