@@ -89,6 +89,31 @@ SWEEP = {
 }
 
 
+def hopper_rows(lengths, stages=(2, 3, 4)):
+    """The Hopper (Mosaic GPU) score pass against the Triton one: time at each length and
+    pipeline depth, and its error against the jnp reference at 4K."""
+    from pallas_kernels import key_scores_hopper as hopper
+    rows = []
+    for S in lengths:
+        q, k, v, lengths_ = inputs(S, key=1)
+        _, lse = kernel.prefill_attention(q, k, v, lengths_)
+        triton = jax.jit(kernel.key_scores)
+        row = {"S": S, "triton_ms": median_seconds(lambda: triton(q, k, lse, lengths_), inner=5) * 1e3}
+        for n in stages:
+            fn = jax.jit(functools.partial(hopper.key_scores, stages=n))
+            try:
+                row[f"hopper_{n}_ms"] = median_seconds(lambda: fn(q, k, lse, lengths_), inner=5) * 1e3
+                if S == 4096:
+                    ref = attention.key_scores(q, k, lengths_)
+                    row[f"hopper_{n}_error"] = float(jnp.max(jnp.abs(fn(q, k, lse, lengths_) - ref))
+                                                     / jnp.max(jnp.abs(ref)))
+            except Exception as e:  # noqa: BLE001 - report and go on
+                row[f"hopper_{n}_failed"] = f"{type(e).__name__}: {str(e)[:2000]}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def sweep(S, passes):
     q, k, v, lengths = inputs(S)
     _, lse = kernel.prefill_attention(q, k, v, lengths)
@@ -130,8 +155,14 @@ def main():
     parser.add_argument("--sweep-lengths", default="16384")
     parser.add_argument("--lengths", default="4096,16384,65536")
     parser.add_argument("--tag", default="", help="suffix of the JSON's name")
+    parser.add_argument("--hopper", action="store_true",
+                        help="only compare the Hopper score pass with the Triton one")
     args = parser.parse_args()
     record = {**environment(), "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bf16"}}
+    if args.hopper:
+        record["rows"] = hopper_rows([int(s) for s in args.lengths.split(",")])
+        write_result("prefill_hopper" + (f"_{args.tag}" if args.tag else ""), record)
+        return
     fwd = bwd = None
     if args.sweep:
         passes = args.sweep.split(",")
