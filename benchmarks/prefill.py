@@ -89,9 +89,13 @@ SWEEP = {
 }
 
 
-def hopper_rows(lengths, stages=(2, 3, 4)):
+HOPPER_CONFIGS = [dict(stages=2, pingpong=False), dict(stages=3, pingpong=False),
+                  dict(stages=2, pingpong=True), dict(stages=3, pingpong=True)]
+
+
+def hopper_rows(lengths):
     """The Hopper (Mosaic GPU) score pass against the Triton one: time at each length and
-    pipeline depth, and its error against the jnp reference at 4K."""
+    configuration, and its error against the jnp reference at 4K."""
     from pallas_kernels import key_scores_hopper as hopper
     rows = []
     for S in lengths:
@@ -99,8 +103,9 @@ def hopper_rows(lengths, stages=(2, 3, 4)):
         _, lse = kernel.prefill_attention(q, k, v, lengths_)
         triton = jax.jit(kernel.key_scores)
         row = {"S": S, "triton_ms": median_seconds(lambda: triton(q, k, lse, lengths_), inner=5) * 1e3}
-        for n in stages:
-            fn = jax.jit(functools.partial(hopper.key_scores, stages=n))
+        for cfg in HOPPER_CONFIGS:
+            n = "_".join(f"{key}{value}" for key, value in cfg.items())
+            fn = jax.jit(functools.partial(hopper.key_scores, **cfg))
             try:
                 row[f"hopper_{n}_ms"] = median_seconds(lambda: fn(q, k, lse, lengths_), inner=5) * 1e3
                 if S == 4096:

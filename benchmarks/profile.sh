@@ -2,15 +2,19 @@
 # Nsight Compute profiles on the GPU machine: the details page (speed of light, occupancy, warp
 # stalls, instruction mix) and the SASS with per-instruction execution counts, as CSV under $OUT
 # (or ./profile), of one decode kernel (default kivi2 at B16 x 32K) or, with "prefill" as the
-# policy, of the prefill forward and key-score kernels at the length given (default 16K).
-#     bash benchmarks/profile.sh [policy|prefill] [shape|length]
+# policy, of the prefill forward and key-score kernels at the length given (default 16K), or
+# with "hopper", of the Hopper key-score pass.
+#     bash benchmarks/profile.sh [policy|prefill|hopper] [shape|length]
 set -uo pipefail
 # Kernel replay saves and restores the device memory in use: no preallocated pool.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 policy=${1:-kivi2}
 out=${OUT:-profile}
 mkdir -p "$out"
-if [ "$policy" = prefill ]; then
+if [ "$policy" = hopper ]; then  # the Hopper key-score pass
+  kernels=kvjax_key_scores_hopper count=1
+  program=(python -m benchmarks.profile_prefill --hopper --length "${2:-16384}")
+elif [ "$policy" = prefill ]; then
   kernels=kvjax_prefill count=2
   program=(python -m benchmarks.profile_prefill --length "${2:-16384}")
 else

@@ -33,11 +33,12 @@ BLOCK_KEYS = KEYS_PER_WARPGROUP * COMPUTE_WARPGROUPS  # keys of one program
 BLOCK_QUERIES = BLOCK_KEYS  # the first query block of a program is its diagonal block
 
 
-def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages, interpret):
+def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages, pingpong,
+            interpret):
     batch, head, key_block = (lax.axis_index(a) for a in ("batch", "heads", "keys"))
     wg = lax.axis_index("wg")
     k_smem, q_smem, lse_smem, out_smem = smem
-    k_ready, q_ready, lse_ready, q_consumed = barriers
+    k_ready, q_ready, lse_ready, q_consumed, turn = barriers
     num_query_blocks = q_ref.shape[2] // BLOCK_QUERIES
     head_dim = q_ref.shape[3]
     first = key_block  # causal: earlier query blocks see none of these keys
@@ -48,6 +49,11 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
         if interpret:
             return lax.broadcasted_iota(jnp.int32, shape, axis)
         return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+
+    def take_turns():  # with pingpong: one warpgroup's dot runs while the other exponentiates
+        if pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
 
     @pl.when(wg < COMPUTE_WARPGROUPS)
     def _compute():
@@ -64,11 +70,13 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
 
             def dot(acc_ref):  # [keys, queries] = k @ q.T
                 plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+                take_turns()
                 return acc_ref[...]
 
             if interpret:  # the interpreter's wgmma takes no transposed operand
                 s = lax.dot_general(keys[...], q_smem.at[slot][...], (((1,), (1,)), ((), ())),
                                     preferred_element_type=jnp.float32)
+                take_turns()
             else:
                 s = pl.run_scoped(dot, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_wait(lse_ready.at[slot])
@@ -87,9 +95,11 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
         acc = jnp.zeros(shape, jnp.float32)
         if not interpret:
             acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
+        pl.when(wg == 1)(take_turns)  # warpgroup 1 starts a turn behind
         acc = step(first, acc, masked=True)
         acc = lax.fori_loop(first + 1, num_query_blocks,
                             functools.partial(step, masked=False), acc)
+        pl.when(wg == 0)(take_turns)  # and warpgroup 0 ends one after it
         out_smem.at[wg][...] = acc.sum(axis=1)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg],
@@ -115,8 +125,8 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                                     lse_ready.at[slot])
 
 
-@functools.partial(jax.jit, static_argnames=("stages", "interpret"))
-def key_scores(q, k, lse, lengths, *, stages=3, interpret=None):
+@functools.partial(jax.jit, static_argnames=("stages", "pingpong", "interpret"))
+def key_scores(q, k, lse, lengths, *, stages=3, pingpong=False, interpret=None):
     """Attention each key receives, summed over all queries and the query group.
 
     q [B, Hq, T, D]; k [B, Hkv, T, D] (bf16 or f16, D a multiple of 64); lse [B, Hq, T] from
@@ -140,10 +150,12 @@ def key_scores(q, k, lse, lengths, *, stages=3, interpret=None):
         (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
          plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)),
+         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
+         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)),
     ]
     scores = plgpu.kernel(
-        functools.partial(_kernel, group=Hq // Hkv, stages=stages, interpret=interpret is not None),
+        functools.partial(_kernel, group=Hq // Hkv, stages=stages, pingpong=pingpong,
+                          interpret=interpret is not None),
         out_type=jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32),
         scratch_types=scratch,
         grid=(B, Hq, Tp // BLOCK_KEYS),
@@ -152,6 +164,7 @@ def key_scores(q, k, lse, lengths, *, stages=3, interpret=None):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
+        kernel_name="kvjax_key_scores_hopper",
     )(q, lse2, k)
     scores = scores.reshape(B, Hkv, Hq // Hkv, Tp).sum(axis=2)[:, :, :T]
     return jnp.where(jnp.arange(T)[None, None, :] < lengths[:, None, None], scores, 0.0)
