@@ -141,7 +141,9 @@ def key_scores(q, k, lse, lengths, *, stages=3, pingpong=False, interpret=None):
     seen = q_pos[None, None, :] < lengths[:, None, None]  # [B, 1, Tp]
     lse2 = jnp.where(seen, jnp.pad(lse, pad) * LOG2_E, jnp.inf)  # base 2; +inf: probability 0
     q, k = (jnp.pad(x, (*pad, (0, 0))) for x in (q, k))
-    tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
+    # Rows of 128 bytes (the widest swizzle), as the wgmma's shared-memory operands want them.
+    tiling = plgpu.TilingTransform((8, 128 // q.dtype.itemsize))
+    swizzle = plgpu.SwizzleTransform(128)
     scratch = [
         (plgpu.SMEM((COMPUTE_WARPGROUPS, KEYS_PER_WARPGROUP, D), k.dtype, transforms=(tiling, swizzle)),
          plgpu.SMEM((stages, BLOCK_QUERIES, D), q.dtype, transforms=(tiling, swizzle)),

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kvjax.attention import EMPTY_MAX, LOG2_E
+from pallas_kernels import key_scores_hopper
 from pallas_kernels.fast_math import exp2, exp2_affine
 
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers of a @ b.T
@@ -166,10 +167,18 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
     return out[:, :, :T], lse[:, :, :T]
 
 
+def hopper_runs(q, window, reduce) -> bool:
+    """Whether `key_scores` hands this pass to the Hopper kernel (key_scores_hopper): over all
+    queries summed over the group, on an H100/H200, for 16-bit heads of a multiple of 64."""
+    return (window is None and reduce == "sum" and jax.default_backend() == "gpu"
+            and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0)
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "interpret"))
+    "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "hopper", "interpret"))
 def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
-               num_warps=8, num_stages=3, interpret=False):
+               num_warps=8, num_stages=3, hopper=True, interpret=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
@@ -179,10 +188,14 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     has its own programs and their scores are added (2.56 vs 3.03 ms at 16K on an H200: four times
     the programs, each with a quarter of the shared memory; results/prefill_sweep_exp_heads.json).
     Returns scores [B, Hkv, T] float32, zero past each row's length. Defaults: the sweep's
-    fastest.
+    fastest. hopper: let the Hopper kernel take the pass where it runs (see hopper_runs; it
+    was 6-8% faster at 16K and 64K, results/prefill_hopper.json); the block, warp and stage
+    arguments configure the Triton kernel only.
     """
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    if hopper and not interpret and hopper_runs(q, window, reduce):
+        return key_scores_hopper.key_scores(q, k, lse, lengths)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv

@@ -91,3 +91,30 @@ def test_bad_reduce_is_refused(rng):
     with pytest.raises(ValueError, match="reduce"):
         kernel.key_scores(q, q, np.zeros((1, 1, 16), np.float32), np.array([16]), reduce="mean",
                           interpret=True)
+
+
+def _gpu_interpret_params():
+    """Mosaic GPU's interpret mode (public under this name from newer jax; private before)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    if hasattr(plgpu, "InterpretParams"):
+        return plgpu.InterpretParams()
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+
+
+@pytest.mark.parametrize("T, Hkv, g, lengths", [
+    (150, 2, 4, [150, 61]),  # two programs of 128 keys, the second cut by the length
+    (131, 1, 1, [131, 129]),
+])
+def test_hopper_key_scores_match_float64(rng, T, Hkv, g, lengths):
+    """The Hopper score pass (Mosaic GPU, in its interpret mode on the CPU: the pipeline, the
+    barriers, the causal diagonal and the length handling; the wgmma there is a plain dot)."""
+    from pallas_kernels import key_scores_hopper as hopper
+    B, D = len(lengths), 64
+    lengths = np.array(lengths, np.int32)
+    q = rng.standard_normal((B, Hkv * g, T, D)).astype(np.float32)
+    k = (rng.standard_normal((B, Hkv, T, D)) * 2).astype(np.float32)
+    _, lse = kernel.prefill_attention(q, k, k, lengths, interpret=True)
+    scores = hopper.key_scores(q, k, lse, lengths, interpret=_gpu_interpret_params())
+    _, _, scores64 = prompt64(q, k, k, lengths, None, "sum")
+    np.testing.assert_allclose(scores, scores64, rtol=1e-4, atol=1e-5)
