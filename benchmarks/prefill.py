@@ -89,8 +89,8 @@ SWEEP = {
 }
 
 
-HOPPER_CONFIGS = [dict(stages=2, pingpong=False), dict(stages=3, pingpong=False),
-                  dict(stages=2, pingpong=True), dict(stages=3, pingpong=True)]
+HOPPER_CONFIGS = [dict(stages=2, paired=False), dict(stages=3, paired=False),
+                  dict(stages=3, paired=True), dict(stages=4, paired=True)]
 
 
 def hopper_rows(lengths):

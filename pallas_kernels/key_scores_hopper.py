@@ -33,12 +33,12 @@ BLOCK_KEYS = KEYS_PER_WARPGROUP * COMPUTE_WARPGROUPS  # keys of one program
 BLOCK_QUERIES = BLOCK_KEYS  # the first query block of a program is its diagonal block
 
 
-def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages, pingpong,
+def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages, paired,
             interpret):
     batch, head, key_block = (lax.axis_index(a) for a in ("batch", "heads", "keys"))
     wg = lax.axis_index("wg")
     k_smem, q_smem, lse_smem, out_smem = smem
-    k_ready, q_ready, lse_ready, q_consumed, turn = barriers
+    k_ready, q_ready, lse_ready, q_consumed = barriers
     num_query_blocks = q_ref.shape[2] // BLOCK_QUERIES
     head_dim = q_ref.shape[3]
     first = key_block  # causal: earlier query blocks see none of these keys
@@ -50,11 +50,6 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
             return lax.broadcasted_iota(jnp.int32, shape, axis)
         return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
 
-    def take_turns():  # with pingpong: one warpgroup's dot runs while the other exponentiates
-        if pingpong:
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
-
     @pl.when(wg < COMPUTE_WARPGROUPS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
@@ -64,21 +59,15 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                                 keys, k_ready.at[wg])
         plgpu.barrier_wait(k_ready.at[wg])
 
-        def step(i, acc, masked):
-            slot = lax.rem(i - first, stages)
-            plgpu.barrier_wait(q_ready.at[slot])
+        def slot_of(i):
+            return lax.rem(i - first, stages)
 
-            def dot(acc_ref):  # [keys, queries] = k @ q.T
-                plgpu.wgmma(acc_ref, keys, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-                take_turns()
-                return acc_ref[...]
+        def issue(i, s_ref):  # s_ref += k @ q_i.T [keys, queries], asynchronously
+            plgpu.barrier_wait(q_ready.at[slot_of(i)])
+            plgpu.wgmma(s_ref, keys, plgpu.transpose_ref(q_smem.at[slot_of(i)], (1, 0)))
 
-            if interpret:  # the interpreter's wgmma takes no transposed operand
-                s = lax.dot_general(keys[...], q_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-                take_turns()
-            else:
-                s = pl.run_scoped(dot, plgpu.ACC(shape, jnp.float32))
+        def consume(i, s, acc, masked):  # acc plus the probabilities of q.k scores s
+            slot = slot_of(i)
             plgpu.barrier_wait(lse_ready.at[slot])
             if interpret:  # the interpreter has no layouts (nor plgpu.load)
                 lse = lse_smem.at[slot][...]
@@ -92,14 +81,38 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                 p = jnp.where(q_pos >= k_pos, p, 0.0)
             return acc + p
 
+        def step(i, acc, masked=False):
+            if interpret:  # the interpreter's wgmma takes no transposed operand
+                plgpu.barrier_wait(q_ready.at[slot_of(i)])
+                s = lax.dot_general(keys[...], q_smem.at[slot_of(i)][...],
+                                    (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                return consume(i, s, acc, masked)
+
+            def run(s_ref):
+                issue(i, s_ref)
+                return consume(i, s_ref[...], acc, masked)
+            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+        def pair(j, acc):  # steps i and i + 1: the second's dot runs under the first's exps
+            i = first + 1 + 2 * j
+
+            def run(s_ref, next_ref):
+                issue(i, s_ref)
+                issue(i + 1, next_ref)
+                acc_ = consume(i, plgpu.wgmma_accumulator_load(s_ref, wait_n=1), acc, False)
+                return consume(i + 1, plgpu.wgmma_accumulator_load(next_ref), acc_, False)
+            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
         acc = jnp.zeros(shape, jnp.float32)
         if not interpret:
             acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
-        pl.when(wg == 1)(take_turns)  # warpgroup 1 starts a turn behind
         acc = step(first, acc, masked=True)
-        acc = lax.fori_loop(first + 1, num_query_blocks,
-                            functools.partial(step, masked=False), acc)
-        pl.when(wg == 0)(take_turns)  # and warpgroup 0 ends one after it
+        if paired and not interpret:
+            pairs = (num_query_blocks - first - 1) // 2
+            acc = lax.fori_loop(0, pairs, pair, acc)
+            acc = lax.fori_loop(first + 1 + 2 * pairs, num_query_blocks, step, acc)  # 0 or 1
+        else:
+            acc = lax.fori_loop(first + 1, num_query_blocks, step, acc)
         out_smem.at[wg][...] = acc.sum(axis=1)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg],
@@ -125,8 +138,8 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                                     lse_ready.at[slot])
 
 
-@functools.partial(jax.jit, static_argnames=("stages", "pingpong", "interpret"))
-def key_scores(q, k, lse, lengths, *, stages=3, pingpong=False, interpret=None):
+@functools.partial(jax.jit, static_argnames=("stages", "paired", "interpret"))
+def key_scores(q, k, lse, lengths, *, stages=3, paired=False, interpret=None):
     """Attention each key receives, summed over all queries and the query group.
 
     q [B, Hq, T, D]; k [B, Hkv, T, D] (bf16 or f16, D a multiple of 64); lse [B, Hq, T] from
@@ -152,11 +165,10 @@ def key_scores(q, k, lse, lengths, *, stages=3, pingpong=False, interpret=None):
         (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
          plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
-         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)),
+         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)),
     ]
     scores = plgpu.kernel(
-        functools.partial(_kernel, group=Hq // Hkv, stages=stages, pingpong=pingpong,
+        functools.partial(_kernel, group=Hq // Hkv, stages=stages, paired=paired,
                           interpret=interpret is not None),
         out_type=jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32),
         scratch_types=scratch,
