@@ -89,13 +89,14 @@ SWEEP = {
 }
 
 
-HOPPER_CONFIGS = [dict(stages=2, paired=False), dict(stages=3, paired=False),
-                  dict(stages=3, paired=True), dict(stages=4, paired=True)]
+HOPPER_CONFIGS = [dict(stages=4, schedule="plain"), dict(stages=4, schedule="paired"),
+                  dict(stages=5, schedule="paired"), dict(stages=4, schedule="pipelined"),
+                  dict(stages=5, schedule="pipelined")]
 
 
 def hopper_rows(lengths):
     """The Hopper (Mosaic GPU) score pass against the Triton one: time at each length and
-    configuration, and its error against the jnp reference at 4K."""
+    configuration, and its error against the jnp reference up to 4K."""
     from pallas_kernels import key_scores_hopper as hopper
     rows = []
     for S in lengths:
@@ -108,7 +109,7 @@ def hopper_rows(lengths):
             fn = jax.jit(functools.partial(hopper.key_scores, **cfg))
             try:
                 row[f"hopper_{n}_ms"] = median_seconds(lambda: fn(q, k, lse, lengths_), inner=5) * 1e3
-                if S == 4096:
+                if S <= 4096:  # against the jnp reference
                     ref = attention.key_scores(q, k, lengths_)
                     row[f"hopper_{n}_error"] = float(jnp.max(jnp.abs(fn(q, k, lse, lengths_) - ref))
                                                      / jnp.max(jnp.abs(ref)))

@@ -33,7 +33,7 @@ BLOCK_KEYS = KEYS_PER_WARPGROUP * COMPUTE_WARPGROUPS  # keys of one program
 BLOCK_QUERIES = BLOCK_KEYS  # the first query block of a program is its diagonal block
 
 
-def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages, paired,
+def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages, schedule,
             interpret):
     batch, head, key_block = (lax.axis_index(a) for a in ("batch", "heads", "keys"))
     wg = lax.axis_index("wg")
@@ -103,16 +103,49 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                 return consume(i + 1, plgpu.wgmma_accumulator_load(next_ref), acc_, False)
             return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
+        def pipelined(s_refs, acc):
+            """Steps first + 1 to the end, the dot of each issued before the previous one's
+            exponentials: s_refs[0] holds odd steps after the first, s_refs[1] even ones."""
+            zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+            rest = num_query_blocks - first - 1
+
+            def take(ref):  # the value of a finished dot, and its accumulator zeroed for reuse
+                s = plgpu.wgmma_accumulator_load(ref, wait_n=None)
+                ref[...] = zeros
+                return s
+
+            def pair(j, acc):
+                i = first + 1 + 2 * j  # issued into s_refs[0]
+                issue(i + 1, s_refs[1])
+                plgpu.wgmma_wait(1)
+                acc = consume(i, take(s_refs[0]), acc, False)
+                more = i + 2 < num_query_blocks
+                pl.when(more)(lambda: issue(i + 2, s_refs[0]))
+                pl.when(more)(lambda: plgpu.wgmma_wait(1))
+                pl.when(~more)(lambda: plgpu.wgmma_wait(0))
+                return consume(i + 1, take(s_refs[1]), acc, False)
+
+            def last(_, acc):  # an odd step out, issued into s_refs[0] by the last pair
+                plgpu.wgmma_wait(0)
+                return consume(num_query_blocks - 1, take(s_refs[0]), acc, False)
+
+            pl.when(rest > 0)(lambda: issue(first + 1, s_refs[0]))
+            acc = lax.fori_loop(0, rest // 2, pair, acc)
+            return lax.fori_loop(0, rest % 2, last, acc)
+
         acc = jnp.zeros(shape, jnp.float32)
         if not interpret:
             acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
         acc = step(first, acc, masked=True)
-        if paired and not interpret:
+        if interpret or schedule == "plain":
+            acc = lax.fori_loop(first + 1, num_query_blocks, step, acc)
+        elif schedule == "paired":
             pairs = (num_query_blocks - first - 1) // 2
             acc = lax.fori_loop(0, pairs, pair, acc)
             acc = lax.fori_loop(first + 1 + 2 * pairs, num_query_blocks, step, acc)  # 0 or 1
         else:
-            acc = lax.fori_loop(first + 1, num_query_blocks, step, acc)
+            acc = pl.run_scoped(lambda *refs: pipelined(refs, acc),
+                                plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
         out_smem.at[wg][...] = acc.sum(axis=1)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg],
@@ -138,8 +171,8 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                                     lse_ready.at[slot])
 
 
-@functools.partial(jax.jit, static_argnames=("stages", "paired", "interpret"))
-def key_scores(q, k, lse, lengths, *, stages=3, paired=False, interpret=None):
+@functools.partial(jax.jit, static_argnames=("stages", "schedule", "interpret"))
+def key_scores(q, k, lse, lengths, *, stages=4, schedule="paired", interpret=None):
     """Attention each key receives, summed over all queries and the query group.
 
     q [B, Hq, T, D]; k [B, Hkv, T, D] (bf16 or f16, D a multiple of 64); lse [B, Hq, T] from
@@ -168,7 +201,7 @@ def key_scores(q, k, lse, lengths, *, stages=3, paired=False, interpret=None):
          plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)),
     ]
     scores = plgpu.kernel(
-        functools.partial(_kernel, group=Hq // Hkv, stages=stages, paired=paired,
+        functools.partial(_kernel, group=Hq // Hkv, stages=stages, schedule=schedule,
                           interpret=interpret is not None),
         out_type=jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32),
         scratch_types=scratch,
