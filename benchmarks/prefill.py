@@ -89,9 +89,8 @@ SWEEP = {
 }
 
 
-HOPPER_CONFIGS = [dict(stages=4, schedule="plain"), dict(stages=4, schedule="paired"),
-                  dict(stages=5, schedule="paired"), dict(stages=4, schedule="pipelined"),
-                  dict(stages=5, schedule="pipelined")]
+HOPPER_CONFIGS = [dict(stages=4, schedule="paired"), dict(stages=5, schedule="paired"),
+                  dict(stages=4, schedule="pipelined"), dict(stages=5, schedule="pipelined")]
 
 
 def hopper_rows(lengths):

@@ -120,9 +120,16 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                 plgpu.wgmma_wait(1)
                 acc = consume(i, take(s_refs[0]), acc, False)
                 more = i + 2 < num_query_blocks
-                pl.when(more)(lambda: issue(i + 2, s_refs[0]))
-                pl.when(more)(lambda: plgpu.wgmma_wait(1))
-                pl.when(~more)(lambda: plgpu.wgmma_wait(0))
+
+                @pl.when(more)
+                def _():
+                    issue(i + 2, s_refs[0])
+                    plgpu.wgmma_wait(1)
+
+                @pl.when(~more)
+                def _():
+                    plgpu.wgmma_wait(0)
+
                 return consume(i + 1, take(s_refs[1]), acc, False)
 
             def last(_, acc):  # an odd step out, issued into s_refs[0] by the last pair
