@@ -1,14 +1,18 @@
 """Pass 2 of the scored prefill (per-key accumulated attention over all queries, H2O) for
-Hopper GPUs, in Pallas Mosaic GPU: warp-specialized, so the exponentials of one warpgroup run
-while the other's wgmma works.
+Hopper GPUs, in Pallas Mosaic GPU, warp-specialized.
 
 Why a second kernel beside the Triton one (prefill_attention.key_scores): per 64 x 128 tile of
-scores, the tensor cores need about 512 clocks for q.k and the special-function units about
-512 for the exponentials. The Triton pass runs them one after the other in each warp (about
-their sum). Here one program holds 128 keys, 64 per compute warpgroup, laid out as the wgmma's
-rows (so summing over the queries is a row reduction), and a third warpgroup streams the query
-blocks and their log-sum-exps through shared memory with TMA. The two compute warpgroups issue
-their wgmmas asynchronously and interleave on the special-function units.
+scores the tensor cores need about 512 clocks for q.k and the special-function units about 512
+for the exponentials, and the Triton pass runs them one after the other (about their sum). Here
+one program holds 128 keys, 64 per compute warpgroup, as the wgmma's rows (so summing over the
+queries is a row reduction at the end), and a third warpgroup streams the query blocks and
+their log-sum-exps into shared memory with TMA. Each compute warpgroup takes its query blocks
+in pairs: both dots are issued, and the second runs while the first's exponentials do.
+Measured on an H200 (results/prefill_hopper_schedules.json): 2.13 vs 2.39 ms for the Triton
+pass at 16K, 33.9 vs 36.6 ms at 64K, even at 4K. Waiting for each dot (the first version) was
+2.32 and 36.5 ms; taking turns between the warpgroups (FlashAttention-3's ping-pong) and a
+steady-state schedule carrying two accumulators through the loop were slower
+(prefill_hopper_pingpong.json, prefill_hopper_schedules.json; commit e050fa4 has them).
 
 Lengths are not read in the kernel: queries past a row's length get a log-sum-exp of +inf
 (probability 0) and keys past it a score of 0, both outside. Rows shorter than the padded
@@ -33,11 +37,10 @@ BLOCK_KEYS = KEYS_PER_WARPGROUP * COMPUTE_WARPGROUPS  # keys of one program
 BLOCK_QUERIES = BLOCK_KEYS  # the first query block of a program is its diagonal block
 
 
-def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages, schedule,
-            interpret):
+def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages, interpret):
     batch, head, key_block = (lax.axis_index(a) for a in ("batch", "heads", "keys"))
     wg = lax.axis_index("wg")
-    k_smem, q_smem, lse_smem, out_smem = smem
+    k_smem, q_smem, lse_smem, out_smem, s_smem = smem  # s_smem: the interpreter's only
     k_ready, q_ready, lse_ready, q_consumed = barriers
     num_query_blocks = q_ref.shape[2] // BLOCK_QUERIES
     head_dim = q_ref.shape[3]
@@ -64,7 +67,12 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
 
         def issue(i, s_ref):  # s_ref += k @ q_i.T [keys, queries], asynchronously
             plgpu.barrier_wait(q_ready.at[slot_of(i)])
-            plgpu.wgmma(s_ref, keys, plgpu.transpose_ref(q_smem.at[slot_of(i)], (1, 0)))
+            if interpret:  # the interpreter's wgmma takes no transposed operand
+                s_ref[...] += lax.dot_general(keys[...], q_smem.at[slot_of(i)][...],
+                                              (((1,), (1,)), ((), ())),
+                                              preferred_element_type=jnp.float32)
+            else:
+                plgpu.wgmma(s_ref, keys, plgpu.transpose_ref(q_smem.at[slot_of(i)], (1, 0)))
 
         def consume(i, s, acc, masked):  # acc plus the probabilities of q.k scores s
             slot = slot_of(i)
@@ -81,17 +89,22 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                 p = jnp.where(q_pos >= k_pos, p, 0.0)
             return acc + p
 
-        def step(i, acc, masked=False):
-            if interpret:  # the interpreter's wgmma takes no transposed operand
-                plgpu.barrier_wait(q_ready.at[slot_of(i)])
-                s = lax.dot_general(keys[...], q_smem.at[slot_of(i)][...],
-                                    (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-                return consume(i, s, acc, masked)
+        def with_accumulators(run, n):  # run(*refs) with n zeroed dot accumulators: registers
+            if not interpret:  # on the GPU, shared memory in the interpreter
+                return pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32)] * n)
+            refs = [s_smem.at[wg, j] for j in range(n)]
+            for ref in refs:
+                ref[...] = jnp.zeros(shape, jnp.float32)
+            return run(*refs)
 
+        def result(s_ref, wait_n=0):  # once at most wait_n dots are still running
+            return s_ref[...] if interpret else plgpu.wgmma_accumulator_load(s_ref, wait_n=wait_n)
+
+        def step(i, acc, masked=False):
             def run(s_ref):
                 issue(i, s_ref)
-                return consume(i, s_ref[...], acc, masked)
-            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+                return consume(i, result(s_ref), acc, masked)
+            return with_accumulators(run, 1)
 
         def pair(j, acc):  # steps i and i + 1: the second's dot runs under the first's exps
             i = first + 1 + 2 * j
@@ -99,60 +112,17 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
             def run(s_ref, next_ref):
                 issue(i, s_ref)
                 issue(i + 1, next_ref)
-                acc_ = consume(i, plgpu.wgmma_accumulator_load(s_ref, wait_n=1), acc, False)
-                return consume(i + 1, plgpu.wgmma_accumulator_load(next_ref), acc_, False)
-            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
-
-        def pipelined(s_refs, acc):
-            """Steps first + 1 to the end, the dot of each issued before the previous one's
-            exponentials: s_refs[0] holds odd steps after the first, s_refs[1] even ones."""
-            zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-            rest = num_query_blocks - first - 1
-
-            def take(ref):  # the value of a finished dot, and its accumulator zeroed for reuse
-                s = plgpu.wgmma_accumulator_load(ref, wait_n=None)
-                ref[...] = zeros
-                return s
-
-            def pair(j, acc):
-                i = first + 1 + 2 * j  # issued into s_refs[0]
-                issue(i + 1, s_refs[1])
-                plgpu.wgmma_wait(1)
-                acc = consume(i, take(s_refs[0]), acc, False)
-                more = i + 2 < num_query_blocks
-
-                @pl.when(more)
-                def _():
-                    issue(i + 2, s_refs[0])
-                    plgpu.wgmma_wait(1)
-
-                @pl.when(~more)
-                def _():
-                    plgpu.wgmma_wait(0)
-
-                return consume(i + 1, take(s_refs[1]), acc, False)
-
-            def last(_, acc):  # an odd step out, issued into s_refs[0] by the last pair
-                plgpu.wgmma_wait(0)
-                return consume(num_query_blocks - 1, take(s_refs[0]), acc, False)
-
-            pl.when(rest > 0)(lambda: issue(first + 1, s_refs[0]))
-            acc = lax.fori_loop(0, rest // 2, pair, acc)
-            return lax.fori_loop(0, rest % 2, last, acc)
+                acc_ = consume(i, result(s_ref, wait_n=1), acc, False)
+                return consume(i + 1, result(next_ref), acc_, False)
+            return with_accumulators(run, 2)
 
         acc = jnp.zeros(shape, jnp.float32)
         if not interpret:
             acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
         acc = step(first, acc, masked=True)
-        if interpret or schedule == "plain":
-            acc = lax.fori_loop(first + 1, num_query_blocks, step, acc)
-        elif schedule == "paired":
-            pairs = (num_query_blocks - first - 1) // 2
-            acc = lax.fori_loop(0, pairs, pair, acc)
-            acc = lax.fori_loop(first + 1 + 2 * pairs, num_query_blocks, step, acc)  # 0 or 1
-        else:
-            acc = pl.run_scoped(lambda *refs: pipelined(refs, acc),
-                                plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+        pairs = (num_query_blocks - first - 1) // 2
+        acc = lax.fori_loop(0, pairs, pair, acc)
+        acc = lax.fori_loop(first + 1 + 2 * pairs, num_query_blocks, step, acc)  # 0 or 1 left
         out_smem.at[wg][...] = acc.sum(axis=1)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg],
@@ -178,8 +148,8 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
                                     lse_ready.at[slot])
 
 
-@functools.partial(jax.jit, static_argnames=("stages", "schedule", "interpret"))
-def key_scores(q, k, lse, lengths, *, stages=4, schedule="paired", interpret=None):
+@functools.partial(jax.jit, static_argnames=("stages", "interpret"))
+def key_scores(q, k, lse, lengths, *, stages=4, interpret=None):
     """Attention each key receives, summed over all queries and the query group.
 
     q [B, Hq, T, D]; k [B, Hkv, T, D] (bf16 or f16, D a multiple of 64); lse [B, Hq, T] from
@@ -201,14 +171,16 @@ def key_scores(q, k, lse, lengths, *, stages=4, schedule="paired", interpret=Non
         (plgpu.SMEM((COMPUTE_WARPGROUPS, KEYS_PER_WARPGROUP, D), k.dtype, transforms=(tiling, swizzle)),
          plgpu.SMEM((stages, BLOCK_QUERIES, D), q.dtype, transforms=(tiling, swizzle)),
          plgpu.SMEM((stages, BLOCK_QUERIES), jnp.float32),
-         plgpu.SMEM((COMPUTE_WARPGROUPS, KEYS_PER_WARPGROUP), jnp.float32)),
+         plgpu.SMEM((COMPUTE_WARPGROUPS, KEYS_PER_WARPGROUP), jnp.float32),
+         plgpu.SMEM((COMPUTE_WARPGROUPS, 2, KEYS_PER_WARPGROUP, BLOCK_QUERIES), jnp.float32)
+         if interpret is not None else None),
         (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
          plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)),
     ]
     scores = plgpu.kernel(
-        functools.partial(_kernel, group=Hq // Hkv, stages=stages, schedule=schedule,
+        functools.partial(_kernel, group=Hq // Hkv, stages=stages,
                           interpret=interpret is not None),
         out_type=jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32),
         scratch_types=scratch,
