@@ -102,17 +102,18 @@ def hopper_rows(lengths):
     for S in lengths:
         q, k, v, lengths_ = inputs(S, key=1)
         _, lse = kernel.prefill_attention(q, k, v, lengths_)
-        triton = jax.jit(functools.partial(kernel.key_scores, hopper=False))
-        row = {"S": S, "triton_ms": median_seconds(lambda: triton(q, k, lse, lengths_), inner=5) * 1e3}
+        timed = lambda fn: median_seconds(lambda: fn(q, k, lse, lengths_), inner=5) * 1e3  # noqa: E731
+        row = {"S": S, "triton_ms": timed(jax.jit(functools.partial(kernel.key_scores,
+                                                                    hopper=False)))}
         for cfg in HOPPER_CONFIGS:
             n = "_".join(f"{key}{value}" for key, value in cfg.items())
             fn = jax.jit(functools.partial(hopper.key_scores, **cfg))
             try:
-                row[f"hopper_{n}_ms"] = median_seconds(lambda: fn(q, k, lse, lengths_), inner=5) * 1e3
+                row[f"hopper_{n}_ms"] = timed(fn)
                 if S <= 4096:  # against the jnp reference
                     ref = attention.key_scores(q, k, lengths_)
-                    row[f"hopper_{n}_error"] = float(jnp.max(jnp.abs(fn(q, k, lse, lengths_) - ref))
-                                                     / jnp.max(jnp.abs(ref)))
+                    error = jnp.max(jnp.abs(fn(q, k, lse, lengths_) - ref)) / jnp.max(jnp.abs(ref))
+                    row[f"hopper_{n}_error"] = float(error)
             except Exception as e:  # noqa: BLE001 - report and go on
                 row[f"hopper_{n}_failed"] = f"{type(e).__name__}: {str(e)[:2000]}"
         rows.append(row)

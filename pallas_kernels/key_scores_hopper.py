@@ -167,9 +167,10 @@ def key_scores(q, k, lse, lengths, *, stages=4, interpret=None):
     # Rows of 128 bytes (the widest swizzle), as the wgmma's shared-memory operands want them.
     tiling = plgpu.TilingTransform((8, 128 // q.dtype.itemsize))
     swizzle = plgpu.SwizzleTransform(128)
+    transforms = (tiling, swizzle)
     scratch = [
-        (plgpu.SMEM((COMPUTE_WARPGROUPS, KEYS_PER_WARPGROUP, D), k.dtype, transforms=(tiling, swizzle)),
-         plgpu.SMEM((stages, BLOCK_QUERIES, D), q.dtype, transforms=(tiling, swizzle)),
+        (plgpu.SMEM((COMPUTE_WARPGROUPS, KEYS_PER_WARPGROUP, D), k.dtype, transforms=transforms),
+         plgpu.SMEM((stages, BLOCK_QUERIES, D), q.dtype, transforms=transforms),
          plgpu.SMEM((stages, BLOCK_QUERIES), jnp.float32),
          plgpu.SMEM((COMPUTE_WARPGROUPS, KEYS_PER_WARPGROUP), jnp.float32),
          plgpu.SMEM((COMPUTE_WARPGROUPS, 2, KEYS_PER_WARPGROUP, BLOCK_QUERIES), jnp.float32)
