@@ -16,6 +16,7 @@ The jnp references are kvjax.attention.prefill_attention and kvjax.attention.key
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -169,8 +170,9 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
 
 def hopper_runs(q, window, reduce) -> bool:
     """Whether `key_scores` hands this pass to the Hopper kernel (key_scores_hopper): over all
-    queries summed over the group, on an H100/H200, for 16-bit heads of a multiple of 64."""
-    return (window is None and reduce == "sum" and jax.default_backend() == "gpu"
+    queries summed over the group, on an H100/H200, for 16-bit heads of a multiple of 64, unless
+    the environment sets KVJAX_HOPPER_SCORES=0."""
+    return (os.environ.get("KVJAX_HOPPER_SCORES", "1") != "0" and window is None and reduce == "sum" and jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
             and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0)
 
