@@ -169,10 +169,9 @@ def prefill_attention(q, k, v, lengths, *, block_q=128, block_k=128, num_warps=8
 
 
 def hopper_runs(q, window, reduce) -> bool:
-    """Whether `key_scores` hands this pass to the Hopper kernel (key_scores_hopper): over all
-    queries summed over the group, on an H100/H200, for 16-bit heads of a multiple of 64, unless
-    the environment sets KVJAX_HOPPER_SCORES=0."""
-    return (os.environ.get("KVJAX_HOPPER_SCORES", "1") != "0" and window is None and reduce == "sum" and jax.default_backend() == "gpu"
+    """Whether the Hopper kernel (key_scores_hopper) can take this pass: over all queries
+    summed over the group, on an H100/H200, for 16-bit heads of a multiple of 64."""
+    return (window is None and reduce == "sum" and jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
             and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0)
 
@@ -180,7 +179,7 @@ def hopper_runs(q, window, reduce) -> bool:
 @functools.partial(jax.jit, static_argnames=(
     "window", "reduce", "block_q", "block_k", "num_warps", "num_stages", "hopper", "interpret"))
 def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, block_k=128,
-               num_warps=8, num_stages=3, hopper=True, interpret=False):
+               num_warps=8, num_stages=3, hopper=None, interpret=False):
     """Accumulated attention each key receives (pass 2).
 
     q [B, Hq, T, D]; k [B, Hkv, T, D]; lse [B, Hq, T] from `prefill_attention`; lengths [B].
@@ -190,12 +189,17 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     has its own programs and their scores are added (2.56 vs 3.03 ms at 16K on an H200: four times
     the programs, each with a quarter of the shared memory; results/prefill_sweep_exp_heads.json).
     Returns scores [B, Hkv, T] float32, zero past each row's length. Defaults: the sweep's
-    fastest. hopper: let the Hopper kernel take the pass where it runs (see hopper_runs; it
-    was 6-8% faster at 16K and 64K, results/prefill_hopper.json); the block, warp and stage
-    arguments configure the Triton kernel only.
+    fastest. hopper: let the Hopper kernel take the pass where it can (see hopper_runs); None
+    reads the environment: on only with KVJAX_HOPPER_SCORES=1. It is 7-11% faster at 16K and
+    64K (results/prefill_hopper_stages.json), but in the 8B-shaped model's 128K MiniKV prefill
+    XLA then allocated 63 GB of temporaries instead of 30 (results/model_8b_prefill_hopper*.json),
+    which no longer fits an 80 GB card; off by default until that is understood. The block,
+    warp and stage arguments configure the Triton kernel only.
     """
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    if hopper is None:
+        hopper = os.environ.get("KVJAX_HOPPER_SCORES") == "1"
     if hopper and not interpret and hopper_runs(q, window, reduce):
         return key_scores_hopper.key_scores(q, k, lse, lengths)
     B, Hq, T, D = q.shape
