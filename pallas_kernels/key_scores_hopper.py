@@ -10,7 +10,7 @@ their log-sum-exps into shared memory with TMA. Each compute warpgroup takes its
 in pairs: both dots are issued, and the second runs while the first's exponentials do.
 Measured on an H200 (results/prefill_hopper_schedules.json): 2.13 vs 2.39 ms for the Triton
 pass at 16K, 33.9 vs 36.6 ms at 64K, even at 4K. Waiting for each dot (the first version) was
-2.32 and 36.5 ms; taking turns between the warpgroups (FlashAttention-3's ping-pong) and a
+2.32 and 36.5 ms (prefill_hopper_schedules_try1.json); taking turns between the warpgroups (FlashAttention-3's ping-pong) and a
 steady-state schedule carrying two accumulators through the loop were slower
 (prefill_hopper_pingpong.json, prefill_hopper_schedules.json; commit e050fa4 has them).
 
@@ -48,6 +48,9 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
     scale = head_dim ** -0.5 * LOG2_E
     shape = (KEYS_PER_WARPGROUP, BLOCK_QUERIES)  # one compute warpgroup's tile [keys, queries]
 
+    def slot_of(i):  # the shared-memory stage that holds query block i
+        return lax.rem(i - first, stages)
+
     def iota(axis):  # in the wgmma result's layout (the interpreter has no layouts)
         if interpret:
             return lax.broadcasted_iota(jnp.int32, shape, axis)
@@ -61,9 +64,6 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
         plgpu.copy_gmem_to_smem(k_ref.at[batch, head // group, pl.ds(k0, KEYS_PER_WARPGROUP)],
                                 keys, k_ready.at[wg])
         plgpu.barrier_wait(k_ready.at[wg])
-
-        def slot_of(i):
-            return lax.rem(i - first, stages)
 
         def issue(i, s_ref):  # s_ref += k @ q_i.T [keys, queries], asynchronously
             plgpu.barrier_wait(q_ready.at[slot_of(i)])
@@ -135,7 +135,7 @@ def _kernel(q_ref, lse_ref, k_ref, scores_ref, smem, barriers, *, group, stages,
 
         @pl.loop(first, num_query_blocks)
         def _load(i):
-            slot = lax.rem(i - first, stages)
+            slot = slot_of(i)
 
             @pl.when(i - first >= stages)
             def _():  # both compute warpgroups are done with what this slot held
@@ -160,8 +160,7 @@ def key_scores(q, k, lse, lengths, *, stages=4, interpret=None):
     Hkv = k.shape[1]
     Tp = -(-T // BLOCK_KEYS) * BLOCK_KEYS
     pad = ((0, 0), (0, 0), (0, Tp - T))
-    q_pos = jnp.arange(Tp)
-    seen = q_pos[None, None, :] < lengths[:, None, None]  # [B, 1, Tp]
+    seen = jnp.arange(Tp)[None, None, :] < lengths[:, None, None]  # [B, 1, Tp]
     lse2 = jnp.where(seen, jnp.pad(lse, pad) * LOG2_E, jnp.inf)  # base 2; +inf: probability 0
     q, k = (jnp.pad(x, (*pad, (0, 0))) for x in (q, k))
     # Rows of 128 bytes (the widest swizzle), as the wgmma's shared-memory operands want them.
@@ -194,4 +193,4 @@ def key_scores(q, k, lse, lengths, *, stages=4, interpret=None):
         kernel_name="kvjax_key_scores_hopper",
     )(q, lse2, k)
     scores = scores.reshape(B, Hkv, Hq // Hkv, Tp).sum(axis=2)[:, :, :T]
-    return jnp.where(jnp.arange(T)[None, None, :] < lengths[:, None, None], scores, 0.0)
+    return jnp.where(seen[:, :, :T], scores, 0.0)

@@ -190,10 +190,10 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     the programs, each with a quarter of the shared memory; results/prefill_sweep_exp_heads.json).
     Returns scores [B, Hkv, T] float32, zero past each row's length. Defaults: the sweep's
     fastest. hopper: let the Hopper kernel take the pass where it can (see hopper_runs); None
-    reads the environment: on only with KVJAX_HOPPER_SCORES=1. It is 7-11% faster at 16K and
+    reads the environment: on only with KVJAX_HOPPER_SCORES=1. It is 7-15% faster at 16K and
     64K (results/prefill_hopper_stages.json), but in the 8B-shaped model's 128K MiniKV prefill
-    XLA then allocated 63 GB of temporaries instead of 30 (results/model_8b_prefill_hopper*.json),
-    which no longer fits an 80 GB card; off by default until that is understood. The block,
+    XLA then allocated 63 GB of temporaries instead of 30 (results/model_8b_prefill_hopper.json,
+    model_8b_prefill_triton_h100mem.json), which no longer fits an 80 GB card; off by default until that is understood. The block,
     warp and stage arguments configure the Triton kernel only.
     """
     if reduce not in ("sum", "max"):
