@@ -20,11 +20,18 @@ from pallas_kernels import decode_attention as decode_kernel
 from pallas_kernels.quantize import quantize_pack
 
 
+def kernels_fit(head_dim: int, *specs: QuantSpec | None) -> bool:
+    """Whether the Pallas kernels can take heads of head_dim channels, packed as specs say:
+    the head and each bit field at least 16 channels wide and a power of two (Triton's dot and
+    block-shape rules). Other heads (Qwen2-0.5B's 64 fit; a head of 24 does not) take the jnp
+    paths."""
+    widths = [head_dim // (1 if s is None else s.codes_per_byte) for s in (None, *specs)]
+    return all(w >= 16 and w & (w - 1) == 0 for w in widths)
+
+
 def use_kernels(head_dim: int, *specs: QuantSpec | None) -> bool:
-    """Whether the Pallas kernels run here: on a GPU, for heads whose bit fields are at least
-    16 channels wide and a power of two (Triton's dot and block-shape rules)."""
-    widths = [head_dim // (1 if s is None else s.codes_per_byte) for s in specs]
-    return jax.default_backend() == "gpu" and all(w >= 16 and w & (w - 1) == 0 for w in widths)
+    """Whether the Pallas kernels run here: on a GPU, for heads they fit (kernels_fit)."""
+    return jax.default_backend() == "gpu" and kernels_fit(head_dim, *specs)
 
 
 def _partials(q, k_parts, v_parts, lengths, k_spec=None, v_spec=None):

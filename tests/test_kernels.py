@@ -7,6 +7,7 @@ import pytest
 
 from kvjax.attention import decode_partials as reference_partials
 from kvjax.attention import merge_partials
+from kvjax.cache import kernels_fit
 from kvjax.quantization import QuantSpec, dequantize_tokens, quantize_tokens
 from pallas_kernels.decode_attention import decode_partials, default_block
 from pallas_kernels.quantize import quantize_pack
@@ -108,3 +109,18 @@ def test_default_block_holds_whole_key_groups(group, bits):
     capacity = 4096
     block = default_block(capacity, specs, group_size=4)
     assert block % group == 0 and capacity % block == 0
+
+
+@pytest.mark.parametrize("head_dim, specs, fits", [
+    (128, (), True), (64, (), True), (16, (), True),
+    (12, (), False), (24, (), False), (96, (), False),  # the prompt kernel's own head
+    (128, (QuantSpec(2, 32, per_channel=True), QuantSpec(2, 32)), True),
+    (32, (QuantSpec(2, 32, per_channel=True),), False),  # 8-channel bit fields
+    (64, (QuantSpec(8, 32), QuantSpec(4, 32)), True),
+    (48, (QuantSpec(8, 16),), False),
+])
+def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
+    """On the GPU, heads whose width (or bit fields' width) is not a power of two of 16 or more
+    take the jnp paths: Triton cannot lower them (a Qwen2 head of 12 channels failed in the
+    prompt kernel when only the bit fields were checked)."""
+    assert kernels_fit(head_dim, *specs) == fits
