@@ -186,7 +186,7 @@ def main():
         plain = jax.jit(functools.partial(ours, fwd=fwd))
         scored = jax.jit(functools.partial(  # the Hopper score pass where it runs
             ours, scored=True, fwd=fwd, bwd={**(bwd or {}), "hopper": True}))
-        scored_triton = jax.jit(functools.partial(  # the default: the Triton score pass
+        scored_triton = jax.jit(functools.partial(  # the Triton score pass (KVJAX_HOPPER_SCORES=0)
             ours, scored=True, fwd=fwd, bwd={**(bwd or {}), "hopper": False}))
         window = jax.jit(functools.partial(ours, scored=True, window=32, fwd=fwd, bwd=bwd))
         timed = functools.partial(median_seconds, inner=5)

@@ -10,9 +10,10 @@ their log-sum-exps into shared memory with TMA. Each compute warpgroup takes its
 in pairs: both dots are issued, and the second runs while the first's exponentials do.
 Measured on an H200 (results/prefill_hopper_schedules.json): 2.13 vs 2.39 ms for the Triton
 pass at 16K, 33.9 vs 36.6 ms at 64K, even at 4K. Waiting for each dot (the first version) was
-2.32 and 36.5 ms (prefill_hopper_schedules_try1.json); taking turns between the warpgroups (FlashAttention-3's ping-pong) and a
-steady-state schedule carrying two accumulators through the loop were slower
-(prefill_hopper_pingpong.json, prefill_hopper_schedules.json; commit e050fa4 has them).
+2.32 and 36.5 ms (prefill_hopper_schedules_try1.json); taking turns between the warpgroups
+(FlashAttention-3's ping-pong) and a steady-state schedule carrying two accumulators through
+the loop were slower (prefill_hopper_pingpong.json, prefill_hopper_schedules.json; commit
+e050fa4 has them).
 
 Lengths are not read in the kernel: queries past a row's length get a log-sum-exp of +inf
 (probability 0) and keys past it a score of 0, both outside. Rows shorter than the padded
