@@ -1,0 +1,98 @@
+"""The MMA decode kernel for KIVI 2-bit caches (pallas_kernels/decode_kivi_mma.py) on the GPU:
+its partials against the float32 reference on ragged lengths and GQA groups, then the kernel
+alone against the Triton kernel at B16 x 32K and B1 x 128K.
+
+    python -m benchmarks.kivi_mma        # on an H100/H200; writes results/kivi_mma.json
+"""
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import environment, median_seconds, write_result
+from kvjax.attention import decode_partials, merge_partials
+from kvjax.quantization import dequantize_tokens
+from pallas_kernels import decode_attention as triton_kernel
+from pallas_kernels import decode_kivi_mma as mma_kernel
+from pallas_kernels.quantize import quantize_pack
+
+K_SPEC, V_SPEC = mma_kernel.SPEC
+
+
+def random_cache(key, batch, heads, capacity):
+    kk, kv = jax.random.split(key)
+    shape = (batch, heads, capacity, mma_kernel.HEAD_DIM)
+    k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
+    v = jax.random.normal(kv, shape, jnp.bfloat16)
+    return quantize_pack(k, K_SPEC), quantize_pack(v, V_SPEC)
+
+
+def reference(q, k_parts, v_parts, lengths):
+    k = dequantize_tokens(*k_parts, K_SPEC, jnp.float32)
+    v = dequantize_tokens(*v_parts, V_SPEC, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        return merge_partials([decode_partials(q.astype(jnp.float32), k, v, lengths)],
+                              jnp.float32)
+
+
+def rel_error(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def check(seed, batch, heads, group, capacity, lengths, splits):
+    key = jax.random.key(seed)
+    k_parts, v_parts = random_cache(key, batch, heads, capacity)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads * group, 128), jnp.bfloat16)
+    lengths = jnp.asarray(lengths, jnp.int32).reshape(batch, heads)
+    parts = mma_kernel.decode_partials(q, k_parts, v_parts, lengths, num_splits=splits)
+    got = merge_partials([parts], jnp.float32)
+    want = reference(q, k_parts, v_parts, lengths)
+    triton = merge_partials([triton_kernel.decode_partials(
+        q, k_parts, v_parts, lengths, k_spec=K_SPEC, v_spec=V_SPEC)], jnp.float32)
+    row = {"batch": batch, "heads": heads, "group": group, "capacity": capacity,
+           "splits": splits, "lengths": np.asarray(lengths).ravel().tolist()[:16],
+           "rel_error": rel_error(got, want), "triton_rel_error": rel_error(triton, want),
+           "finite": bool(np.isfinite(np.asarray(got)).all())}
+    print(row, flush=True)
+    return row
+
+
+def timing(batch, capacity, heads=8, group=4):
+    k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity)
+    q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
+    lengths = jnp.full((batch, heads), capacity, jnp.int32)
+    nbytes = q.nbytes + sum(x.nbytes for x in (*k_parts, *v_parts))
+    ours = jax.jit(mma_kernel.decode_partials)
+    theirs = jax.jit(functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
+                                       v_spec=V_SPEC))
+    rows = []
+    for name, fn in (("mma", ours), ("triton", theirs)):
+        seconds = median_seconds(lambda: fn(q, k_parts, v_parts, lengths), reps=20, inner=10)
+        rows.append({"kernel": name, "batch": batch, "context": capacity, "ms": seconds * 1e3,
+                     "bytes": nbytes, "TBps": nbytes / seconds / 1e12})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--skip-timing", action="store_true")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    checks = [check(0, 1, 1, 4, 64, [64], 1),
+              check(1, 2, 2, 4, 256, [1, 63, 200, 256], 2),
+              check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 3),
+              check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 1),
+              check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8)]
+    rows = [] if args.skip_timing else timing(16, 32768) + timing(1, 131072)
+    name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
+    write_result(name, {**environment(), "checks": checks, "timing": rows})
+
+
+if __name__ == "__main__":
+    main()
