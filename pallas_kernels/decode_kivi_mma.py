@@ -36,6 +36,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -89,343 +90,514 @@ def value_factor() -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# PTX and arithmetic on 32-bit values, inside the kernel's MLIR.
+# The operations the kernel is written in, twice: as MLIR for the GPU (PTX where the dialects
+# have no op), and as numpy over the 32 lanes of a warp (`emulate`, the CPU's interpretation:
+# Pallas' interpret mode cannot run PTX). Values are 32-bit: i32 (bf16 pairs, integers) or f32.
 
-def _i32():
-    return ir.IntegerType.get_signless(32)
+class _Mlir:
+    """Builds the kernel's MLIR at the current insertion point."""
+
+    i32 = property(lambda self: ir.IntegerType.get_signless(32))
+    f32 = property(lambda self: ir.F32Type.get())
+    i64 = property(lambda self: ir.IntegerType.get_signless(64))
+
+    def c(self, x):
+        return arith.constant(self.i32, int(x) - (1 << 32) if x >= 1 << 31 else int(x))
+
+    def cf(self, x):
+        return arith.constant(self.f32, float(x))
+
+    def _int(self, x):
+        return self.c(x) if isinstance(x, int) else x
+
+    def add(self, a, b):
+        return arith.addi(a, self._int(b))
+
+    def mul(self, a, b):
+        return arith.muli(a, self._int(b))
+
+    def shr(self, a, s):
+        return arith.shrui(a, self.c(s))
+
+    def band(self, a, b):
+        return arith.andi(a, self._int(b))
+
+    def rem(self, a, n):
+        return arith.remui(a, self.c(n))
+
+    def div(self, a, n):
+        return arith.divui(a, self.c(n))
+
+    def umin(self, a, b):
+        return arith.minui(a, b)
+
+    def umax(self, a, b):
+        return arith.maxui(a, b)
+
+    def lt(self, a, b):
+        return arith.cmpi(arith.CmpIPredicate.slt, a, self._int(b))
+
+    def select(self, cond, a, b):
+        return arith.select(cond, a, b)
+
+    def fadd(self, a, b):
+        return arith.addf(a, b)
+
+    def fsub(self, a, b):
+        return arith.subf(a, b)
+
+    def fmul(self, a, b):
+        return arith.mulf(a, b)
+
+    def fmax(self, a, b):
+        return arith.maxnumf(a, b)
+
+    def fgt0(self, a):
+        return arith.cmpf(arith.CmpFPredicate.OGT, a, self.cf(0.0))
+
+    def as_f32(self, x):
+        return arith.bitcast(self.f32, x)
+
+    def _asm(self, ptx, args, constraints, outs=1, ty=None):
+        ty = ty or self.i32
+        if outs == 1:
+            return llvm.inline_asm(ty, list(args), ptx, constraints, has_side_effects=False)
+        struct = llvm.inline_asm(llvm.StructType.get_literal([ty] * outs), list(args), ptx,
+                                 constraints, has_side_effects=False)
+        return [llvm.extractvalue(ty, struct, [i]) for i in range(outs)]
+
+    def field(self, word, pos):
+        mask = (3 << pos) | (3 << (pos + 16))
+        return self._asm(f"lop3.b32 $0, $1, {mask}, {_MAGIC}, 0xEA;", [word], "=r,r")
+
+    def prmt(self, a, b, selector):
+        if isinstance(selector, int):
+            return self._asm(f"prmt.b32 $0, $1, $2, {selector};", [a, b], "=r,r,r")
+        return self._asm("prmt.b32 $0, $1, $2, $3;", [a, b, selector], "=r,r,r,r")
+
+    def mma(self, a, b, acc):
+        ptx = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, "
+               "{$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+        return self._asm(ptx, [*a, *b, *acc], "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", outs=4,
+                         ty=self.f32)
+
+    def movmatrix(self, x):
+        return self._asm("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", [x], "=r,r")
+
+    def pack_bf16(self, hi, lo):
+        return self._asm("cvt.rn.bf16x2.f32 $0, $1, $2;", [hi, lo], "=r,f,f")
+
+    def mul_bf16x2(self, a, b):
+        return self._asm("mul.rn.bf16x2 $0, $1, $2;", [a, b], "=r,r,r")
+
+    def exp2(self, x):
+        return self._asm("ex2.approx.ftz.f32 $0, $1;", [x], "=f,f", ty=self.f32)
+
+    def fma(self, a, b, c):
+        return self._asm("fma.rn.f32 $0, $1, $2, $3;", [a, b, c], "=f,f,f,f", ty=self.f32)
+
+    def shfl(self, x, distance):
+        return mgpu_utils.shfl_bfly(x, distance)
+
+    def at(self, base, *terms):
+        """base (a 64-bit address) + byte offsets (i32 values or ints)."""
+        for t in terms:
+            t = self._int(t)
+            base = arith.addi(base, t if t.type == self.i64 else arith.extui(self.i64, t))
+        return base
+
+    def at_wide(self, base, index, stride):
+        """base + index * stride in 64 bits (slabs of large arrays)."""
+        index = arith.extui(self.i64, index)
+        return arith.addi(base, arith.muli(index, arith.constant(self.i64, stride)))
+
+    def load(self, address, words):
+        """`words` 32-bit words at a global address, through the read-only path."""
+        if words == 1:
+            return [self._asm("ld.global.nc.u32 $0, [$1];", [address], "=r,l")]
+        regs = ",".join(f"${i}" for i in range(words))
+        return self._asm(f"ld.global.nc.v{words}.u32 {{{regs}}}, [${words}];", [address],
+                         ",".join(["=r"] * words + ["l"]), outs=words)
+
+    def store_f32(self, address, value):
+        llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
+
+    def loop(self, first, last, state, body):
+        flat, tree = jax.tree.flatten(state)
+        loop = scf.ForOp(first, last, self.c(1), flat)
+        with ir.InsertionPoint(loop.body):
+            new = body(loop.induction_variable, jax.tree.unflatten(tree, list(loop.inner_iter_args)))
+            scf.YieldOp(jax.tree.leaves(new))
+        return jax.tree.unflatten(tree, list(loop.results))
 
 
-def _f32():
-    return ir.F32Type.get()
+def _bf16_bits(x):
+    """float32 -> bfloat16 bits (round to nearest even), as uint32."""
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
 
 
-def _c(value, ty=None):
-    ty = ty or _i32()
-    if isinstance(ty, ir.F32Type):
-        return arith.constant(ty, float(value))
-    return arith.constant(ty, int(value) - (1 << 32) if value >= 1 << 31 else int(value))
+def _bf16_halves(x):
+    """uint32 bf16 pairs -> (low, high) float64."""
+    x = np.asarray(x, np.uint32)
+    to_f = lambda h: (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+    return to_f(x & 0xFFFF), to_f(x >> 16)
 
 
-def _asm(ptx, args, constraints, outs=1, ty=None, side_effects=False):
-    ty = ty or _i32()
-    if outs == 1:
-        return llvm.inline_asm(ty, list(args), ptx, constraints, has_side_effects=side_effects)
-    struct = llvm.inline_asm(llvm.StructType.get_literal([ty] * outs), list(args), ptx,
-                             constraints, has_side_effects=side_effects)
-    return [llvm.extractvalue(ty, struct, [i]) for i in range(outs)]
+class _Numpy:
+    """The same operations on numpy arrays of the 32 lanes of one warp (emulate)."""
 
+    def __init__(self, memory):
+        self.memory = memory  # one flat uint8 array holding every input and output
 
-def _field(word, pos):
-    """The 2-bit field at bit `pos` of both halves of `word` as bf16 128 + 4^(pos/2) * code."""
-    mask = (3 << pos) | (3 << (pos + 16))
-    return _asm(f"lop3.b32 $0, $1, {mask}, {_MAGIC}, 0xEA;", [word], "=r,r")
+    def c(self, x):
+        return np.full(32, int(x) & 0xFFFFFFFF, np.uint32)
 
+    def cf(self, x):
+        return np.full(32, x, np.float32)
 
-def _prmt(a, b, selector):
-    return _asm(f"prmt.b32 $0, $1, $2, {selector};", [a, b], "=r,r,r")
+    def _int(self, x):
+        return np.uint32(x) if isinstance(x, int) else x
 
+    add = lambda self, a, b: (a + self._int(b)).astype(np.uint32)  # noqa: E731
+    mul = lambda self, a, b: (a * self._int(b)).astype(np.uint32)  # noqa: E731
+    shr = lambda self, a, s: a >> np.uint32(s)  # noqa: E731
+    band = lambda self, a, b: a & self._int(b)  # noqa: E731
+    rem = lambda self, a, n: a % np.uint32(n)  # noqa: E731
+    div = lambda self, a, n: a // np.uint32(n)  # noqa: E731
+    umin = lambda self, a, b: np.minimum(a, b)  # noqa: E731
+    umax = lambda self, a, b: np.maximum(a, b)  # noqa: E731
+    lt = lambda self, a, b: a.astype(np.int64) < np.int64(b) if isinstance(b, int) else a.astype(np.int64) < b.astype(np.int64)  # noqa: E731,E501
+    select = lambda self, cond, a, b: np.where(cond, a, b)  # noqa: E731
+    fadd = lambda self, a, b: (a + b).astype(np.float32)  # noqa: E731
+    fsub = lambda self, a, b: (a - b).astype(np.float32)  # noqa: E731
+    fmul = lambda self, a, b: (a * b).astype(np.float32)  # noqa: E731
+    fmax = lambda self, a, b: np.fmax(a, b)  # noqa: E731
+    fgt0 = lambda self, a: a > 0  # noqa: E731
+    as_f32 = lambda self, x: np.asarray(x, np.uint32).view(np.float32)  # noqa: E731
 
-def _shifted(word):
-    """word >> 0, 6, 12: every 2-bit field of a half-word brought below bit 6 (_FIELD_AT)."""
-    return {s: word if s == 0 else arith.shrui(word, _c(s)) for s in (0, 6, 12)}
+    def field(self, word, pos):
+        return (word & np.uint32((3 << pos) | (3 << (pos + 16)))) | np.uint32(_MAGIC)
 
+    def prmt(self, a, b, selector):
+        source = np.stack([(a >> np.uint32(8 * i)) & 0xFF for i in range(4)]
+                          + [(b >> np.uint32(8 * i)) & 0xFF for i in range(4)])  # [8, 32]
+        selector = np.broadcast_to(np.asarray(selector, np.uint32), (32,))
+        out = np.zeros(32, np.uint32)
+        for i in range(4):
+            pick = (selector >> np.uint32(4 * i)) & 7
+            out |= source[pick, np.arange(32)] << np.uint32(8 * i)
+        return out
 
-def _extract(shifted, x, f):
-    shift, pos = _FIELD_AT[(x, f)]
-    return _field(shifted[shift], pos)
+    def mma(self, a, b, acc):
+        lane = np.arange(32)
+        r, col = lane // 4, 2 * (lane % 4)
+        A, B, C = np.zeros((16, 16)), np.zeros((16, 8)), np.zeros((16, 8))
+        for reg, (dr, dc) in zip(a, [(0, 0), (8, 0), (0, 8), (8, 8)]):
+            lo, hi = _bf16_halves(reg)
+            A[r + dr, col + dc], A[r + dr, col + dc + 1] = lo, hi
+        for reg, dk in zip(b, (0, 8)):
+            lo, hi = _bf16_halves(reg)
+            B[col + dk, r], B[col + dk + 1, r] = lo, hi
+        spots = [(0, 0), (0, 1), (8, 0), (8, 1)]
+        for reg, (dr, dc) in zip(acc, spots):
+            C[r + dr, col + dc] = reg
+        D = A @ B + C
+        return [D[r + dr, col + dc].astype(np.float32) for dr, dc in spots]
 
+    def movmatrix(self, x):
+        lane = np.arange(32)
+        M = np.zeros((8, 8), np.uint32)
+        M[lane // 4, 2 * (lane % 4)] = x & 0xFFFF
+        M[lane // 4, 2 * (lane % 4) + 1] = x >> 16
+        T = M.T
+        return T[lane // 4, 2 * (lane % 4)] | (T[lane // 4, 2 * (lane % 4) + 1] << np.uint32(16))
 
-def _mma(a, b, acc):
-    """acc + a @ b: m16n8k16, bf16 operands (a: 4 registers, b: 2), float32 accumulator."""
-    ptx = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, "
-           "{$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
-    return _asm(ptx, [*a, *b, *acc], "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", outs=4, ty=_f32())
+    def pack_bf16(self, hi, lo):
+        return _bf16_bits(lo) | (_bf16_bits(hi) << np.uint32(16))
 
+    def mul_bf16x2(self, a, b):
+        (a_lo, a_hi), (b_lo, b_hi) = _bf16_halves(a), _bf16_halves(b)
+        return self.pack_bf16(a_hi * b_hi, a_lo * b_lo)
 
-def _movmatrix(x):
-    return _asm("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", [x], "=r,r")
+    def exp2(self, x):
+        with np.errstate(over="ignore"):
+            return np.exp2(x).astype(np.float32)
 
+    def fma(self, a, b, c):
+        return (a.astype(np.float64) * b + c).astype(np.float32)
 
-def _pack_bf16(hi, lo):
-    return _asm("cvt.rn.bf16x2.f32 $0, $1, $2;", [hi, lo], "=r,f,f")
+    def shfl(self, x, distance):
+        return x[np.arange(32) ^ distance]
 
+    def at(self, base, *terms):
+        for t in terms:
+            base = base + (np.int64(t) if isinstance(t, int) else t.astype(np.int64))
+        return base
 
-def _mul_bf16x2(a, b):
-    return _asm("mul.rn.bf16x2 $0, $1, $2;", [a, b], "=r,r,r")
+    def at_wide(self, base, index, stride):
+        return base + index.astype(np.int64) * stride
 
+    def load(self, address, words):
+        offsets = np.asarray(address, np.int64)[:, None] + np.arange(4 * words)
+        raw = self.memory[offsets].reshape(32, words, 4).astype(np.uint32)
+        values = raw[..., 0] | raw[..., 1] << 8 | raw[..., 2] << 16 | raw[..., 3] << 24
+        return [values[:, i] for i in range(words)]
 
-def _exp2(x):
-    return _asm("ex2.approx.ftz.f32 $0, $1;", [x], "=f,f", ty=_f32())
+    def store_f32(self, address, value):
+        data = np.asarray(value, np.float32).view(np.uint8).reshape(32, 4)
+        self.memory[np.asarray(address, np.int64)[:, None] + np.arange(4)] = data
 
-
-def _fma(a, b, c):
-    return _asm("fma.rn.f32 $0, $1, $2, $3;", [a, b, c], "=f,f,f,f", ty=_f32())
-
-
-def _load(address, words):
-    """`words` 32-bit words at a global address (i64), read-only (non-coherent) path."""
-    if words == 1:
-        return [_asm("ld.global.nc.u32 $0, [$1];", [address], "=r,l")]
-    regs = ",".join(f"${i}" for i in range(words))
-    return _asm(f"ld.global.nc.v{words}.u32 {{{regs}}}, [${words}];", [address],
-                ",".join(["=r"] * words + ["l"]), outs=words)
-
-
-def _store_f32(address, value):
-    ptr = llvm.inttoptr(llvm.PointerType.get(1), address)  # address space 1: global
-    llvm.store(value, ptr)
-
-
-def _as_f32(x):
-    return arith.bitcast(_f32(), x)
-
-
-def _max(a, b):
-    return arith.maxnumf(a, b)
-
-
-def _add(a, b):
-    return arith.addf(a, b)
-
-
-def _mul(a, b):
-    return arith.mulf(a, b)
-
-
-def _shfl_max(x):
-    for d in (4, 8, 16):
-        x = _max(x, mgpu_utils.shfl_bfly(x, d))
-    return x
-
-
-def _shfl_sum(x):
-    for d in (4, 8, 16):
-        x = _add(x, mgpu_utils.shfl_bfly(x, d))
-    return x
-
-
-def _i64(x):
-    return arith.extui(ir.IntegerType.get_signless(64), x)
-
-
-def _base(ref):
-    """A global ref's address as i64."""
-    return llvm.ptrtoint(ir.IntegerType.get_signless(64), mgpu_utils.memref_ptr(ref))
-
-
-def _at(base, *terms):
-    """base (i64) + the sum of i32 or i64 byte offsets."""
-    address = base
-    for t in terms:
-        t = _c(t) if isinstance(t, int) else t
-        address = arith.addi(address, t if t.type == base.type else _i64(t))
-    return address
-
-
-def _mul_i(a, b):
-    return arith.muli(a, _c(b) if isinstance(b, int) else b)
+    def loop(self, first, last, state, body):
+        for i in range(int(first[0]), int(last[0])):
+            state = body(self.c(i), state)
+        return state
 
 
 # ----------------------------------------------------------------------------------------------
-# The kernel, one warp per part.
+# The kernel: one warp per part, written once in the operations above.
 
 class _Lane:
-    """A thread's coordinates: r = lane // 4 (an MMA row), l4 = lane % 4."""
+    """A thread's coordinates in its warp: r = lane // 4 (an MMA row), l4 = lane % 4."""
 
-    def __init__(self):
-        tid = arith.index_cast(_i32(), gpu.thread_id(gpu.Dimension.x))
-        self.warp = arith.shrui(tid, _c(5))
-        lane = arith.andi(tid, _c(31))
-        self.r = arith.shrui(lane, _c(2))
-        self.l4 = arith.andi(lane, _c(3))
-        self.half = arith.shrui(self.l4, _c(1))  # which 4 of the 8 MMA columns: value group
-        self.is_high = arith.cmpi(arith.CmpIPredicate.ne, self.half, _c(0))
-        self.q0 = _mul_i(arith.andi(self.l4, _c(1)), 2)  # query of accumulator column e = 0
-        self.b_query = arith.andi(self.r, _c(3))  # query of B-operand column r (r >= 4: again)
+    def __init__(self, ops, tid):
+        lane = ops.band(tid, 31)
+        self.r = ops.shr(lane, 2)
+        self.l4 = ops.band(lane, 3)
+        self.half = ops.shr(self.l4, 1)  # which 4 of the 8 MMA columns: value group parity
+        self.is_high = ops.lt(ops.c(0), self.half)
+        self.q0 = ops.mul(ops.band(self.l4, 1), 2)  # query of accumulator column e = 0
+        self.b_query = ops.band(self.r, 3)  # query of B-operand column r (r >= 4: again)
 
 
-def _key_operands(lane, qf_regs, ks_base, kg):
-    """B operands of the 8 key MMAs of key group kg: (q * 4^-f * scale)^T, [step][half]."""
-    scales = [_load(_at(ks_base, _mul_i(kg, HEAD_DIM * 2), (32 * f) * 2,
-                        _mul_i(lane.l4, 16)), 4) for f in range(4)]
+def _shifted(ops, word):
+    """word >> 0, 6, 12: every 2-bit field of a half-word brought below bit 6 (_FIELD_AT)."""
+    return {s: word if s == 0 else ops.shr(word, s) for s in (0, 6, 12)}
+
+
+def _extract(ops, shifted, x, f):
+    shift, pos = _FIELD_AT[(x, f)]
+    return ops.field(shifted[shift], pos)
+
+
+def _key_combo(step, kh):
+    """(word i, byte x, field f) of key MMA step `step`, k-half kh: the thread's channel pair
+    8 * l4 + 4 * i + 2 * x + 32 * f + (0, 1)."""
+    combo = 2 * step + kh
+    return combo // 8, (combo // 4) % 2, combo % 4
+
+
+def _key_operands(ops, lane, qf_regs, ks_base, kg):
+    """B operands of the 8 key MMA steps of key group kg: (q * 4^-f * scale)^T."""
+    scales = [ops.load(ops.at(ks_base, ops.mul(kg, HEAD_DIM * 2), 64 * f,
+                              ops.mul(lane.l4, 16)), 4) for f in range(4)]
     b = []
-    for s in range(8):
+    for step in range(8):
         pair = []
         for kh in range(2):
-            combo = 2 * s + kh
-            i, x, f = combo // 8, (combo // 4) % 2, combo % 4
-            j = 2 * i + x  # the channel pair within the 8 channels 8 * l4 + 32 f + [0, 8)
-            pair.append(_mul_bf16x2(qf_regs[f][j], scales[f][j]))
+            i, x, f = _key_combo(step, kh)
+            pair.append(ops.mul_bf16x2(qf_regs[f][2 * i + x], scales[f][2 * i + x]))
         b.append(pair)
     return b
 
 
-def _key_a(words, s):
-    """A operand of key step s: words[rh][i] are token rows r and r + 8's shifted words."""
-    regs = []
-    for kh in range(2):
-        combo = 2 * s + kh
-        i, x, f = combo // 8, (combo // 4) % 2, combo % 4
-        regs.append([_extract(words[rh][i], x, f) for rh in range(2)])
-    return [regs[0][0], regs[0][1], regs[1][0], regs[1][1]]  # a0 a1 a2 a3
-
-
-def _block(lane, bases, t0, length, state, qf_regs):
-    """One block of 64 tokens: returns the new state."""
-    o, c_off, s_zero, m, l = state
-    kc, ks, qz, vc, vs, vz = bases
-    neg128 = [_c(_NEG128)] * 4
-    scale = HEAD_DIM ** -0.5 * LOG2_E
-    # Keys: one offset MMA per key group, then the scores of its two tiles.
+def _key_scores(ops, lane, bases, qf_regs, t0):
+    """Unscaled scores of the block's 64 tokens: 4 tiles of accumulator registers, token rows
+    r and r + 8, query columns q0 and q0 + 1."""
+    kc, ks, qz = bases[:3]
+    neg128 = [ops.c(_NEG128)] * 4
     scores = []
     for half in range(2):
-        kg = arith.addi(arith.shrui(t0, _c(5)), _c(half))
-        b = _key_operands(lane, qf_regs, ks, kg)
-        zb = [_as_f32(w) for w in _load(_at(qz, _mul_i(kg, 16), _mul_i(lane.q0, 4)), 2)]
-        start = [zb[0], zb[1], zb[0], zb[1]]
-        for s in range(8):
-            start = _mma(neg128, b[s], start)
+        kg = ops.add(ops.shr(t0, 5), half)
+        b = _key_operands(ops, lane, qf_regs, ks, kg)
+        zb = [ops.as_f32(w) for w in ops.load(ops.at(qz, ops.mul(kg, 16), ops.mul(lane.q0, 4)), 2)]
+        start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 128 * sum(B), every row
+        for step in range(8):
+            start = ops.mma(neg128, b[step], start)
         for tile in range(2):
-            row0 = arith.addi(t0, arith.addi(_c(32 * half + 16 * tile), lane.r))
-            words = []
+            row = ops.add(ops.add(t0, 32 * half + 16 * tile), lane.r)
+            words = []  # [rh][i]: bytes 8 l4 + 4 i + (0, 2, 1, 3) of token row + 8 rh, shifted
             for rh in range(2):
-                token = arith.addi(row0, _c(8 * rh))
-                w = _load(_at(kc, _mul_i(token, 32), _mul_i(lane.l4, 8)), 2)
-                words.append([_shifted(_prmt(x, x, 0x3120)) for x in w])
+                w = ops.load(ops.at(kc, ops.mul(ops.add(row, 8 * rh), 32), ops.mul(lane.l4, 8)), 2)
+                words.append([_shifted(ops, ops.prmt(x, x, 0x3120)) for x in w])
             acc = start
-            for s in range(8):
-                acc = _mma(_key_a(words, s), b[s], acc)
+            for step in range(8):
+                a = [_extract(ops, words[rh][i], x, f)
+                     for i, x, f in (_key_combo(step, kh) for kh in range(2)) for rh in range(2)]
+                acc = ops.mma(a, b[step], acc)
             scores.append(acc)
-    # Online softmax in base 2 over the 64 tokens; columns e = 0, 1 hold queries q0 + e.
-    neg_inf = _c(-np.inf, _f32())
+    return scores
+
+
+def _block(ops, lane, bases, qf_regs, length, t0, state):
+    """One block of 64 tokens: the online-softmax state after it."""
+    o, c_off, s_zero, m, l = state
+    vc, vs, vz = bases[3:]
+    scores = _key_scores(ops, lane, bases, qf_regs, t0)
+    # Online softmax in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
+    scale = ops.cf(HEAD_DIM ** -0.5 * LOG2_E)
+    neg_inf = ops.cf(-np.inf)
     for t in range(4):
         for reg in range(4):
-            token = arith.addi(t0, arith.addi(_c(16 * t + 8 * (reg // 2)), lane.r))
-            valid = arith.cmpi(arith.CmpIPredicate.slt, token, length)
-            scores[t][reg] = arith.select(valid, scores[t][reg], neg_inf)
-    block_max = [functools.reduce(_max, [scores[t][reg] for t in range(4)
-                                         for reg in (e, e + 2)]) for e in range(2)]
-    m_new = [_max(m[e], _mul(_shfl_max(block_max[e]), _c(scale, _f32()))) for e in range(2)]
-    corr = [_exp2(arith.subf(m[e], m_new[e])) for e in range(2)]
-    neg_m = [arith.negf(x) for x in m_new]
-    p = [[_exp2(_fma(scores[t][reg], _c(scale, _f32()), neg_m[reg % 2])) for reg in range(4)]
-         for t in range(4)]
-    l = [functools.reduce(_add, [p[t][reg] for t in range(4) for reg in (e, e + 2)],
-                          _mul(l[e], corr[e])) for e in range(2)]
-    o = [[_mul(x, corr[reg % 2]) for reg, x in enumerate(tile)] for tile in o]
-    c_off = [[_mul(x, corr[reg % 2]) for reg, x in enumerate(acc)] for acc in c_off]
-    s_zero = [[_mul(s_zero[e][a], corr[e]) for a in range(2)] for e in range(2)]
-    # Values, 16 tokens (one score tile) per MMA step.
-    low, high = _c(0x1044), _c(0x3244)  # bf16 in the low or high half -> float32 bits
-    pick = arith.select(lane.is_high, high, low)
-    zero = _c(0)
+            token = ops.add(ops.add(t0, 16 * t + 8 * (reg // 2)), lane.r)
+            scores[t][reg] = ops.select(ops.lt(token, length), scores[t][reg], neg_inf)
+    m_new, corr, p = [], [], [[None] * 4 for _ in range(4)]
+    for e in range(2):
+        block_max = functools.reduce(ops.fmax, [scores[t][reg] for t in range(4) for reg in (e, e + 2)])
+        for d in (4, 8, 16):
+            block_max = ops.fmax(block_max, ops.shfl(block_max, d))
+        m_new.append(ops.fmax(m[e], ops.fmul(block_max, scale)))
+        corr.append(ops.exp2(ops.fsub(m[e], m_new[e])))
+        neg_m = ops.fsub(ops.cf(0.0), m_new[e])
+        for t in range(4):
+            for reg in (e, e + 2):
+                p[t][reg] = ops.exp2(ops.fma(scores[t][reg], scale, neg_m))
+    l = [functools.reduce(ops.fadd, [p[t][reg] for t in range(4) for reg in (e, e + 2)],
+                          ops.fmul(l[e], corr[e])) for e in range(2)]
+    o = [[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(tile)] for tile in o]
+    c_off = [[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(acc)] for acc in c_off]
+    s_zero = [[ops.fmul(s_zero[e][a], corr[e]) for a in range(2)] for e in range(2)]
+    # Values: 16 tokens (one score tile) per MMA step.
+    pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
+    zero, neg128 = ops.c(0), [ops.c(_NEG128)] * 4
     for t in range(4):
-        row0 = arith.addi(t0, arith.addi(_c(16 * t), lane.r))
-        stats = []  # [rh] -> (scales of groups half, 2 + half), (zeros of the same)
+        row = ops.add(ops.add(t0, 16 * t), lane.r)
+        stats = []  # [rh] -> (scales of value groups half, 2 + half), (zeros of the same)
         for rh in range(2):
-            token = arith.addi(row0, _c(8 * rh))
-            sw = _load(_at(vs, _mul_i(token, 8)), 2)
-            zw = _load(_at(vz, _mul_i(token, 8)), 2)
-            stats.append(([_as_f32(_asm("prmt.b32 $0, $1, $2, $3;", [w, zero, pick],
-                                        "=r,r,r,r")) for w in sw],
-                          [_as_f32(_asm("prmt.b32 $0, $1, $2, $3;", [w, zero, pick],
-                                        "=r,r,r,r")) for w in zw]))
-        b_v = []
+            token = ops.add(row, 8 * rh)
+            stats.append([[ops.as_f32(ops.prmt(w, zero, pick))
+                           for w in ops.load(ops.at(base, ops.mul(token, 8)), 2)]
+                          for base in (vs, vz)])
+        b_v = []  # [a]: B operands (p * scale) of value groups 2 a + (0, 1)
         for a in range(2):
-            rows = [_pack_bf16(_mul(p[t][2 * rh + 1], stats[rh][0][a]),
-                               _mul(p[t][2 * rh], stats[rh][0][a])) for rh in range(2)]
-            b_v.append([_movmatrix(x) for x in rows])
+            rows = [ops.pack_bf16(ops.fmul(p[t][2 * rh + 1], stats[rh][0][a]),
+                                  ops.fmul(p[t][2 * rh], stats[rh][0][a])) for rh in range(2)]
+            b_v.append([ops.movmatrix(x) for x in rows])
+            c_off[a] = ops.mma(neg128, b_v[a], c_off[a])
             for e in range(2):
-                s_zero[e][a] = _fma(p[t][e], stats[0][1][a],
-                                    _fma(p[t][e + 2], stats[1][1][a], s_zero[e][a]))
-            c_off[a] = _mma(neg128, b_v[a], c_off[a])
-        xs = []  # [kh] -> (bytes 0-1, bytes 2-3) of tokens 2 l4 + 8 kh + (0, 1), shifted
+                s_zero[e][a] = ops.fma(p[t][e], stats[0][1][a],
+                                       ops.fma(p[t][e + 2], stats[1][1][a], s_zero[e][a]))
+        xs = []  # [kh] -> (bytes 0-1, bytes 2-3 of word r) of tokens 2 l4 + 8 kh + (0, 1)
         for kh in range(2):
-            token = arith.addi(t0, arith.addi(_c(16 * t + 8 * kh), _mul_i(lane.l4, 2)))
-            w0 = _load(_at(vc, _mul_i(token, 32), _mul_i(lane.r, 4)), 1)[0]
-            w1 = _load(_at(vc, _mul_i(token, 32), 32, _mul_i(lane.r, 4)), 1)[0]
-            xs.append((_shifted(_prmt(w0, w1, 0x5410)), _shifted(_prmt(w0, w1, 0x7632))))
+            token = ops.add(ops.add(t0, 16 * t + 8 * kh), ops.mul(lane.l4, 2))
+            w0, w1 = (ops.load(ops.at(vc, ops.mul(token, 32), 32 * e, ops.mul(lane.r, 4)), 1)[0]
+                      for e in range(2))
+            xs.append((_shifted(ops, ops.prmt(w0, w1, 0x5410)),
+                       _shifted(ops, ops.prmt(w0, w1, 0x7632))))
         for beta in range(4):
             for a in range(2):
-                a_regs = [_extract(xs[kh][beta // 2], beta % 2, 2 * a + rh)
-                          for kh in range(2) for rh in range(2)]  # a0 a1 a2 a3
-                tile = 2 * beta + a
-                o[tile] = _mma(a_regs, b_v[a], o[tile])
+                regs = [_extract(ops, xs[kh][beta // 2], beta % 2, 2 * a + rh)
+                        for kh in range(2) for rh in range(2)]  # a0 a1 a2 a3
+                o[2 * beta + a] = ops.mma(regs, b_v[a], o[2 * beta + a])
     return o, c_off, s_zero, m_new, l
 
 
-def _epilogue(lane, state, out_bases):
+def _epilogue(ops, lane, state, o_base, m_base, l_base):
     """Writes the part: o [4, 128] unnormalized, m and l [4] (m in natural-log units)."""
     o, c_off, s_zero, m, l = state
-    o_base, m_base, l_base = out_bases
-    l = [_shfl_sum(x) for x in l]
-    s_zero = [[_shfl_sum(s_zero[e][a]) for a in range(2)] for e in range(2)]
+    for d in (4, 8, 16):
+        l = [ops.fadd(x, ops.shfl(x, d)) for x in l]
+        s_zero = [[ops.fadd(x, ops.shfl(x, d)) for x in row] for row in s_zero]
     factor = value_factor()
     for beta in range(4):
         for a in range(2):
             tile = o[2 * beta + a]
-            # Column group lane.half matches row half rh = lane.half: rows r (rh 0), r + 8 (rh 1).
-            channel = arith.addi(_c(32 * 2 * a + beta), _mul_i(lane.r, 4))
-            channel = arith.addi(channel, _mul_i(lane.half, 32))
-            f_low = float(factor[32 * 2 * a + beta])
-            f_high = float(factor[32 * (2 * a + 1) + beta])
-            f = arith.select(lane.is_high, _c(f_high, _f32()), _c(f_low, _f32()))
+            # Rows r and r + 8 are value groups 2 a and 2 a + 1; a thread's columns are group
+            # 2 a + half, so it writes the row of its half.
+            channel = ops.add(ops.add(ops.mul(lane.r, 4), ops.mul(lane.half, 32)), 64 * a + beta)
+            f = ops.select(lane.is_high, ops.cf(factor[32 * (2 * a + 1) + beta]),
+                           ops.cf(factor[64 * a + beta]))
             for e in range(2):
-                raw = arith.select(lane.is_high, tile[2 + e], tile[e])
-                value = _fma(_add(raw, c_off[a][e]), f, s_zero[e][a])
-                query = arith.addi(lane.q0, _c(e))
-                offset = _mul_i(arith.addi(_mul_i(query, HEAD_DIM), channel), 4)
-                _store_f32(_at(o_base, offset), value)
-    first_row = arith.cmpi(arith.CmpIPredicate.eq, lane.r, _c(0))
-    writer = arith.andi(first_row, arith.cmpi(arith.CmpIPredicate.ult, lane.l4, _c(2)))
-    with mgpu_utils.when(writer):
-        for e in range(2):
-            query = arith.addi(lane.q0, _c(e))
-            seen = arith.cmpf(arith.CmpFPredicate.OGT, l[e], _c(0.0, _f32()))
-            m_out = arith.select(seen, _mul(m[e], _c(1 / LOG2_E, _f32())), _c(EMPTY_MAX, _f32()))
-            _store_f32(_at(m_base, _mul_i(query, 4)), m_out)
-            _store_f32(_at(l_base, _mul_i(query, 4)), l[e])
+                raw = ops.select(lane.is_high, tile[2 + e], tile[e])
+                value = ops.fma(ops.fadd(raw, c_off[a][e]), f, s_zero[e][a])
+                index = ops.add(ops.mul(ops.add(lane.q0, e), HEAD_DIM), channel)
+                ops.store_f32(ops.at(o_base, ops.mul(index, 4)), value)
+    for e in range(2):  # every lane writes its columns' m and l: equal values, same places
+        m_out = ops.select(ops.fgt0(l[e]), ops.fmul(m[e], ops.cf(1 / LOG2_E)), ops.cf(EMPTY_MAX))
+        offset = ops.mul(ops.add(lane.q0, e), 4)
+        ops.store_f32(ops.at(m_base, offset), m_out)
+        ops.store_f32(ops.at(l_base, offset), l[e])
 
 
-def _kernel(ctx, lengths, qf, qz, k_codes, k_scale, v_codes, v_scale, v_zero, o_ref, m_ref,
-            l_ref, *, num_kv_heads, capacity, num_splits, parts):
+def _part(ops, lane, part, refs, *, capacity, num_splits):
+    """One warp's part (batch row and KV head b * Hkv + h, split): refs are the addresses of
+    lengths, qf, qz, k codes, k scales, v codes, v scales, v zeros, o, m, l."""
+    lengths, qf, qz, k_codes, k_scale, v_codes, v_scale, v_zero, o_ref, m_ref, l_ref = refs
+    split = ops.rem(part, num_splits)
+    bh = ops.div(part, num_splits)
+    length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
+    bases = (ops.at_wide(k_codes, bh, capacity * 32),
+             ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
+             ops.at_wide(qz, bh, capacity // GROUP * QUERIES * 4),
+             ops.at_wide(v_codes, bh, capacity * 32),
+             ops.at_wide(v_scale, bh, capacity * 8), ops.at_wide(v_zero, bh, capacity * 8))
+    qf_base = ops.at(ops.at_wide(qf, bh, QUERIES * HEAD_DIM * 2),
+                     ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
+    qf_regs = [ops.load(ops.at(qf_base, 64 * f), 4) for f in range(4)]  # channels 8 l4 + 32 f
+    per_split = -(-(capacity // BLOCK) // num_splits)
+    first = ops.mul(split, per_split)
+    blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
+    last = ops.umax(ops.umin(ops.add(first, per_split), blocks), first)
+    zero = ops.cf(0.0)
+    state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
+             [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
+    state = ops.loop(first, last, state, lambda i, s: _block(
+        ops, lane, bases, qf_regs, length, ops.mul(i, BLOCK), s))
+    _epilogue(ops, lane, state, ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
+              ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
+
+
+def _kernel(ctx, *refs, capacity, num_splits, parts):
+    """The GPU kernel: warp w of program i takes part 4 i + w."""
     del ctx
-    lane = _Lane()
-    block_id = arith.index_cast(_i32(), gpu.block_id(gpu.Dimension.x))
-    part = arith.addi(_mul_i(block_id, WARPS), lane.warp)
-    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.slt, part, _c(parts))):
-        split = arith.remui(part, _c(num_splits))
-        bh = arith.divui(part, _c(num_splits))  # b * Hkv + h
-        bh64 = _i64(bh)
-        length = _load(_at(_base(lengths), _mul_i(bh, 4)), 1)[0]
-        slab = lambda ref, nbytes: _at(_base(ref), arith.muli(bh64, _c(nbytes, bh64.type)))  # noqa: E731
-        bases = (slab(k_codes, capacity * 32), slab(k_scale, capacity // GROUP * HEAD_DIM * 2),
-                 slab(qz, capacity // GROUP * QUERIES * 4), slab(v_codes, capacity * 32),
-                 slab(v_scale, capacity * 4 * 2), slab(v_zero, capacity * 4 * 2))
-        qf_base = _at(slab(qf, QUERIES * HEAD_DIM * 2), _mul_i(lane.b_query, HEAD_DIM * 2),
-                      _mul_i(lane.l4, 16))
-        qf_regs = [_load(_at(qf_base, 32 * f * 2), 4) for f in range(4)]
-        per_split = -(-(capacity // BLOCK) // num_splits)
-        first = _mul_i(split, per_split)
-        blocks = arith.divui(arith.addi(length, _c(BLOCK - 1)), _c(BLOCK))
-        last = arith.minui(arith.addi(first, _c(per_split)), blocks)
-        last = arith.maxui(last, first)
-        zero = _c(0.0, _f32())
-        state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
-                 [[zero] * 2 for _ in range(2)], [_c(EMPTY_MAX, _f32())] * 2, [zero] * 2)
-        flat, tree = jax.tree.flatten(state)
-        loop = scf.ForOp(first, last, _c(1), flat)
-        with ir.InsertionPoint(loop.body):
-            carried = jax.tree.unflatten(tree, list(loop.inner_iter_args))
-            t0 = _mul_i(loop.induction_variable, BLOCK)
-            new = _block(lane, bases, t0, length, carried, qf_regs)
-            scf.YieldOp(jax.tree.leaves(new))
-        state = jax.tree.unflatten(tree, list(loop.results))
-        part64 = _i64(part)
-        out = (arith.muli(part64, _c(QUERIES * HEAD_DIM * 4, part64.type)),
-               arith.muli(part64, _c(QUERIES * 4, part64.type)))
-        _epilogue(lane, state, (_at(_base(o_ref), out[0]), _at(_base(m_ref), out[1]),
-                                _at(_base(l_ref), out[1])))
+    ops = _Mlir()
+    tid = arith.index_cast(ops.i32, gpu.thread_id(gpu.Dimension.x))
+    lane = _Lane(ops, tid)
+    program = arith.index_cast(ops.i32, gpu.block_id(gpu.Dimension.x))
+    part = ops.add(ops.mul(program, WARPS), ops.shr(tid, 5))
+    addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
+    with mgpu_utils.when(ops.lt(part, parts)):
+        _part(ops, lane, part, addresses, capacity=capacity, num_splits=num_splits)
+
+
+def _inputs(q, k_parts, v_parts, lengths):
+    """The kernel's inputs: lengths, q * 4^-f (bf16, exact), q.zero per key group, the cache."""
+    from pallas_kernels.decode_attention import _key_zero_bias
+
+    B, Hq, D = q.shape
+    Hkv = lengths.shape[1]
+    g = Hq // Hkv
+    q4 = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, QUERIES - g), (0, 0)))
+    qf = (q4.astype(jnp.float32) * key_query_factor()).astype(jnp.bfloat16)
+    qz = _key_zero_bias(q4, k_parts[2])  # [B, Hkv, S // 32, 4]
+    return (lengths.astype(jnp.int32), qf, qz, k_parts[0], k_parts[1], *v_parts)
+
+
+def emulate(q, k_parts, v_parts, lengths, *, num_splits=None):
+    """The kernel's own code run on the CPU, warp by warp over numpy (see _Numpy): what the
+    tests check against the reference, since interpret mode cannot run the kernel's PTX."""
+    inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths)]
+    B, Hkv = inputs[0].shape
+    S = inputs[3].shape[2]
+    num_splits = num_splits or default_splits(B, Hkv, S)
+    shapes = _out_shapes(B, Hkv, num_splits)
+    arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
+    offsets = np.cumsum([0] + [a.nbytes for a in arrays])
+    memory = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
+    ops = _Numpy(memory)
+    lane = _Lane(ops, np.arange(32, dtype=np.uint32))
+    refs = [np.full(32, off, np.int64) for off in offsets[:-1]]
+    for part in range(B * Hkv * num_splits):
+        _part(ops, lane, ops.c(part), refs, capacity=S, num_splits=num_splits)
+    outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
+            for i, s in zip(range(len(inputs), len(arrays)), shapes)]
+    g = q.shape[1] // Hkv
+    return tuple(x[:, :, :, :g] for x in outs)
+
+
+def _out_shapes(B, Hkv, num_splits):
+    return (jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES, HEAD_DIM), jnp.float32),
+            jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES), jnp.float32),
+            jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES), jnp.float32))
 
 
 def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
@@ -440,31 +612,19 @@ def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None):
     KIVI 2-bit cache: k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPEC). Returns o [B, Hkv, P, g, D] and m, l
     [B, Hkv, P, g] (float32), P parts per head, as decode_attention.decode_partials."""
-    from pallas_kernels.decode_attention import _key_zero_bias
-
-    B, Hq, D = q.shape
+    B, Hq, _ = q.shape
     Hkv = lengths.shape[1]
-    g = Hq // Hkv
-    k_codes, k_scale, k_zero = k_parts
-    v_codes, v_scale, v_zero = v_parts
-    S = k_codes.shape[2]
+    S = k_parts[0].shape[2]
     num_splits = num_splits or default_splits(B, Hkv, S)
-    q4 = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, QUERIES - g), (0, 0)))
-    qf = (q4.astype(jnp.float32) * key_query_factor()).astype(jnp.bfloat16)  # exact
-    qz = _key_zero_bias(q4, k_zero)  # [B, Hkv, S // 32, 4] q.zero per key group
     parts = B * Hkv * num_splits
+    inputs = _inputs(q, k_parts, v_parts, lengths)
 
     def body(*refs):
         plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(functools.partial(
-            _kernel, num_kv_heads=Hkv, capacity=S, num_splits=num_splits, parts=parts))(*refs)
+            _kernel, capacity=S, num_splits=num_splits, parts=parts))(*refs)
 
     o, m, l = plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES, D), jnp.float32),
-                  jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES), jnp.float32),
-                  jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES), jnp.float32)),
-        grid=(-(-parts // WARPS),),
-        grid_names=("programs",),
-        kernel_name="kvjax_decode_kivi_mma",
-    )(lengths.astype(jnp.int32), qf, qz, k_codes, k_scale, v_codes, v_scale, v_zero)
+        body, out_type=_out_shapes(B, Hkv, num_splits), grid=(-(-parts // WARPS),),
+        grid_names=("programs",), kernel_name="kvjax_decode_kivi_mma")(*inputs)
+    g = Hq // Hkv
     return o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
