@@ -17,6 +17,7 @@ from flax import struct
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import QuantSpec, dequantize_tokens, quantize_tokens
 from pallas_kernels import decode_attention as decode_kernel
+from pallas_kernels import decode_kivi_mma
 from pallas_kernels.quantize import quantize_pack
 
 
@@ -36,6 +37,8 @@ def use_kernels(head_dim: int, *specs: QuantSpec | None) -> bool:
 
 def _partials(q, k_parts, v_parts, lengths, k_spec=None, v_spec=None):
     """Decode-attention parts of q over a dense (k_parts = (k,)) or packed cache."""
+    if decode_kivi_mma.fits(q, lengths, k_spec, v_spec, k_parts[0].shape[2]):
+        return decode_kivi_mma.decode_partials(q, k_parts, v_parts, lengths)
     if use_kernels(q.shape[-1], k_spec, v_spec):
         return decode_kernel.decode_partials(q, k_parts, v_parts, lengths,
                                              k_spec=k_spec, v_spec=v_spec)

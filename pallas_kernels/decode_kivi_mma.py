@@ -64,10 +64,11 @@ _MAGIC = 0x43004300  # bf16 128.0 in both halves
 _NEG128 = 0xC300C300  # bf16 -128.0 in both halves
 
 
-def fits(q, k_spec, v_spec, capacity: int) -> bool:
+def fits(q, lengths, k_spec, v_spec, capacity: int) -> bool:
     """Whether this kernel takes the cache: KIVI 2-bit (see the module docstring) on Hopper."""
     return ((k_spec, v_spec) == SPEC and q.shape[-1] == HEAD_DIM and q.dtype == jnp.bfloat16
-            and capacity % BLOCK == 0 and jax.default_backend() == "gpu"
+            and q.shape[1] <= QUERIES * lengths.shape[1] and capacity % BLOCK == 0
+            and jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
 
 

@@ -1,5 +1,6 @@
 """The Pallas kernels (interpret mode) against their jnp references on awkward shapes."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -9,6 +10,7 @@ from kvjax.attention import decode_partials as reference_partials
 from kvjax.attention import merge_partials
 from kvjax.cache import kernels_fit
 from kvjax.quantization import QuantSpec, dequantize_tokens, quantize_tokens
+from pallas_kernels import decode_kivi_mma
 from pallas_kernels.decode_attention import decode_partials, default_block
 from pallas_kernels.quantize import quantize_pack
 
@@ -124,3 +126,42 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
     take the jnp paths: Triton cannot lower them (a Qwen2 head of 12 channels failed in the
     prompt kernel when only the bit fields were checked)."""
     assert kernels_fit(head_dim, *specs) == fits
+
+
+@pytest.mark.parametrize("hq, hkv, capacity, num_splits", [(4, 1, 64, 1), (8, 2, 256, 2),
+                                                          (6, 3, 192, 3), (2, 2, 320, 4)])
+def test_kivi_mma_kernel_matches_reference(rng, hq, hkv, capacity, num_splits):
+    """The MMA kernel for KIVI 2-bit caches, its own code run lane by lane on the CPU
+    (decode_kivi_mma.emulate: interpret mode cannot run its PTX), vs the float32 reference:
+    GQA groups of 4, 2 and 1, an empty head, lengths off the 64-token blocks, splits that
+    leave some parts empty. The tolerance is the bf16 one (q times the key scales rounds)."""
+    k_spec, v_spec = decode_kivi_mma.SPEC
+    B, D = 2, 128
+    q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
+    k = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32) * 2 + 0.5
+    v = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32)
+    lengths = _random_lengths(rng, B, hkv, capacity)
+    k_parts, v_parts = quantize_tokens(k, k_spec), quantize_tokens(v, v_spec)
+    parts = decode_kivi_mma.emulate(q, k_parts, v_parts, lengths, num_splits=num_splits)
+    ours = np.asarray(merge_partials([parts], jnp.float32))
+    k_hat, v_hat = dequantize_tokens(*k_parts, k_spec), dequantize_tokens(*v_parts, v_spec)
+    with jax.default_matmul_precision("highest"):
+        ref = np.asarray(merge_partials([reference_partials(q.astype(np.float32), k_hat, v_hat,
+                                                            lengths)], jnp.float32))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-2 * np.abs(ref).max())
+    assert not ours[0, :hq // hkv].any()  # the empty head attends to nothing
+
+
+def test_kivi_mma_kernel_lowers_for_the_gpu():
+    """The GPU kernel's MLIR builds (lowered for CUDA here, without a GPU) for an odd number
+    of parts per program."""
+    k_spec, v_spec = decode_kivi_mma.SPEC
+    B, Hkv, S = 1, 3, 192
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    k_parts = (shape(B, Hkv, S, 32, dtype=jnp.uint8), shape(B, Hkv, S // 32, 128),
+               shape(B, Hkv, S // 32, 128))
+    v_parts = (shape(B, Hkv, S, 32, dtype=jnp.uint8), shape(B, Hkv, S, 4), shape(B, Hkv, S, 4))
+    lowered = decode_kivi_mma.decode_partials.trace(
+        shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32),
+        num_splits=3).lower(lowering_platforms=("cuda",))
+    assert "kvjax_decode_kivi_mma" in lowered.as_text()
