@@ -48,14 +48,17 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     k_parts, v_parts = random_cache(key, batch, heads, capacity)
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.asarray(lengths, jnp.int32).reshape(batch, heads)
-    parts = mma_kernel.decode_partials(q, k_parts, v_parts, lengths, num_splits=splits)
-    got = merge_partials([parts], jnp.float32)
+    got = merge_partials([mma_kernel.decode_partials(q, k_parts, v_parts, lengths,
+                                                     num_splits=splits)], jnp.float32)
+    unfetched = merge_partials([mma_kernel.decode_partials(
+        q, k_parts, v_parts, lengths, num_splits=splits, prefetch=False)], jnp.float32)
     want = reference(q, k_parts, v_parts, lengths)
     triton = merge_partials([triton_kernel.decode_partials(
         q, k_parts, v_parts, lengths, k_spec=K_SPEC, v_spec=V_SPEC)], jnp.float32)
     row = {"batch": batch, "heads": heads, "group": group, "capacity": capacity,
            "splits": splits, "lengths": np.asarray(lengths).ravel().tolist()[:16],
-           "rel_error": rel_error(got, want), "triton_rel_error": rel_error(triton, want),
+           "rel_error": rel_error(got, want),
+           "no_prefetch_rel_error": rel_error(unfetched, want), "triton_rel_error": rel_error(triton, want),
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
     return row
@@ -66,11 +69,13 @@ def timing(batch, capacity, heads=8, group=4):
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
     nbytes = q.nbytes + sum(x.nbytes for x in (*k_parts, *v_parts))
-    ours = jax.jit(mma_kernel.decode_partials)
-    theirs = jax.jit(functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
-                                       v_spec=V_SPEC))
+    kernels = {"mma": functools.partial(mma_kernel.decode_partials, prefetch=True),
+               "mma_no_prefetch": functools.partial(mma_kernel.decode_partials, prefetch=False),
+               "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
+                                           v_spec=V_SPEC)}
     rows = []
-    for name, fn in (("mma", ours), ("triton", theirs)):
+    for name, fn in kernels.items():
+        fn = jax.jit(fn)
         seconds = median_seconds(lambda: fn(q, k_parts, v_parts, lengths), reps=20, inner=10)
         rows.append({"kernel": name, "batch": batch, "context": capacity, "ms": seconds * 1e3,
                      "bytes": nbytes, "TBps": nbytes / seconds / 1e12})

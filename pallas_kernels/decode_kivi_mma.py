@@ -387,10 +387,34 @@ def _key_combo(step, kh):
     return combo // 8, (combo // 4) % 2, combo % 4
 
 
-def _key_operands(ops, lane, qf_regs, ks_base, kg):
-    """B operands of the 8 key MMA steps of key group kg: (q * 4^-f * scale)^T."""
-    scales = [ops.load(ops.at(ks_base, ops.mul(kg, HEAD_DIM * 2), 64 * f,
-                              ops.mul(lane.l4, 16)), 4) for f in range(4)]
+def _loads(ops, lane, bases, t0):
+    """Every word a thread reads for the block at token t0, issued together."""
+    kc, ks, qz, vc, vs, vz = bases
+    kg = [ops.add(ops.shr(t0, 5), half) for half in range(2)]
+    row = [ops.add(ops.add(t0, 16 * t), lane.r) for t in range(4)]  # tile t's first token row
+    pair = [[ops.add(ops.add(t0, 16 * t + 8 * kh), ops.mul(lane.l4, 2)) for kh in range(2)]
+            for t in range(4)]  # tile t's token pair of k-half kh
+    return {
+        # [half][f]: channels 32 f + 8 l4 + [0, 8) of key group kg's scales
+        "ks": [[ops.load(ops.at(ks, ops.mul(g, HEAD_DIM * 2), 64 * f, ops.mul(lane.l4, 16)), 4)
+                for f in range(4)] for g in kg],
+        "qz": [ops.load(ops.at(qz, ops.mul(g, 16), ops.mul(lane.q0, 4)), 2) for g in kg],
+        # [t][rh]: bytes 8 l4 + [0, 8) of token row + 8 rh
+        "kc": [[ops.load(ops.at(kc, ops.mul(ops.add(x, 8 * rh), 32), ops.mul(lane.l4, 8)), 2)
+                for rh in range(2)] for x in row],
+        # [t][rh]: the 4 value groups' scales (zeros) of token row + 8 rh
+        "vs": [[ops.load(ops.at(vs, ops.mul(ops.add(x, 8 * rh), 8)), 2) for rh in range(2)]
+               for x in row],
+        "vz": [[ops.load(ops.at(vz, ops.mul(ops.add(x, 8 * rh), 8)), 2) for rh in range(2)]
+               for x in row],
+        # [t][kh][e]: word r (bytes 4 r + [0, 4)) of token pair + e
+        "vc": [[[ops.load(ops.at(vc, ops.mul(x, 32), 32 * e, ops.mul(lane.r, 4)), 1)[0]
+                 for e in range(2)] for x in xs] for xs in pair],
+    }
+
+
+def _key_operands(ops, qf_regs, scales):
+    """B operands of a key group's 8 MMA steps: (q * 4^-f * scale)^T."""
     b = []
     for step in range(8):
         pair = []
@@ -401,39 +425,34 @@ def _key_operands(ops, lane, qf_regs, ks_base, kg):
     return b
 
 
-def _key_scores(ops, lane, bases, qf_regs, t0):
+def _key_scores(ops, qf_regs, words):
     """Unscaled scores of the block's 64 tokens: 4 tiles of accumulator registers, token rows
     r and r + 8, query columns q0 and q0 + 1."""
-    kc, ks, qz = bases[:3]
     neg128 = [ops.c(_NEG128)] * 4
     scores = []
     for half in range(2):
-        kg = ops.add(ops.shr(t0, 5), half)
-        b = _key_operands(ops, lane, qf_regs, ks, kg)
-        zb = [ops.as_f32(w) for w in ops.load(ops.at(qz, ops.mul(kg, 16), ops.mul(lane.q0, 4)), 2)]
+        b = _key_operands(ops, qf_regs, words["ks"][half])
+        zb = [ops.as_f32(w) for w in words["qz"][half]]
         start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 128 * sum(B), every row
         for step in range(8):
             start = ops.mma(neg128, b[step], start)
         for tile in range(2):
-            row = ops.add(ops.add(t0, 32 * half + 16 * tile), lane.r)
-            words = []  # [rh][i]: bytes 8 l4 + 4 i + (0, 2, 1, 3) of token row + 8 rh, shifted
-            for rh in range(2):
-                w = ops.load(ops.at(kc, ops.mul(ops.add(row, 8 * rh), 32), ops.mul(lane.l4, 8)), 2)
-                words.append([_shifted(ops, ops.prmt(x, x, 0x3120)) for x in w])
+            # [rh][i]: bytes 8 l4 + 4 i + (0, 2, 1, 3) of token row + 8 rh, shifted
+            shifted = [[_shifted(ops, ops.prmt(x, x, 0x3120)) for x in w]
+                       for w in words["kc"][2 * half + tile]]
             acc = start
             for step in range(8):
-                a = [_extract(ops, words[rh][i], x, f)
+                a = [_extract(ops, shifted[rh][i], x, f)
                      for i, x, f in (_key_combo(step, kh) for kh in range(2)) for rh in range(2)]
                 acc = ops.mma(a, b[step], acc)
             scores.append(acc)
     return scores
 
 
-def _block(ops, lane, bases, qf_regs, length, t0, state):
-    """One block of 64 tokens: the online-softmax state after it."""
+def _block(ops, lane, qf_regs, length, t0, words, state):
+    """One block of 64 tokens (its words loaded by _loads): the online-softmax state after."""
     o, c_off, s_zero, m, l = state
-    vc, vs, vz = bases[3:]
-    scores = _key_scores(ops, lane, bases, qf_regs, t0)
+    scores = _key_scores(ops, qf_regs, words)
     # Online softmax in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
     scale = ops.cf(HEAD_DIM ** -0.5 * LOG2_E)
     neg_inf = ops.cf(-np.inf)
@@ -461,13 +480,9 @@ def _block(ops, lane, bases, qf_regs, length, t0, state):
     pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
     zero, neg128 = ops.c(0), [ops.c(_NEG128)] * 4
     for t in range(4):
-        row = ops.add(ops.add(t0, 16 * t), lane.r)
-        stats = []  # [rh] -> (scales of value groups half, 2 + half), (zeros of the same)
-        for rh in range(2):
-            token = ops.add(row, 8 * rh)
-            stats.append([[ops.as_f32(ops.prmt(w, zero, pick))
-                           for w in ops.load(ops.at(base, ops.mul(token, 8)), 2)]
-                          for base in (vs, vz)])
+        # [rh] -> (scales of value groups half, 2 + half), (zeros of the same)
+        stats = [[[ops.as_f32(ops.prmt(w, zero, pick)) for w in words[name][t][rh]]
+                  for name in ("vs", "vz")] for rh in range(2)]
         b_v = []  # [a]: B operands (p * scale) of value groups 2 a + (0, 1)
         for a in range(2):
             rows = [ops.pack_bf16(ops.fmul(p[t][2 * rh + 1], stats[rh][0][a]),
@@ -477,13 +492,9 @@ def _block(ops, lane, bases, qf_regs, length, t0, state):
             for e in range(2):
                 s_zero[e][a] = ops.fma(p[t][e], stats[0][1][a],
                                        ops.fma(p[t][e + 2], stats[1][1][a], s_zero[e][a]))
-        xs = []  # [kh] -> (bytes 0-1, bytes 2-3 of word r) of tokens 2 l4 + 8 kh + (0, 1)
-        for kh in range(2):
-            token = ops.add(ops.add(t0, 16 * t + 8 * kh), ops.mul(lane.l4, 2))
-            w0, w1 = (ops.load(ops.at(vc, ops.mul(token, 32), 32 * e, ops.mul(lane.r, 4)), 1)[0]
-                      for e in range(2))
-            xs.append((_shifted(ops, ops.prmt(w0, w1, 0x5410)),
-                       _shifted(ops, ops.prmt(w0, w1, 0x7632))))
+        # [kh] -> (bytes 0-1, bytes 2-3 of word r) of tokens 2 l4 + 8 kh + (0, 1), shifted
+        xs = [(_shifted(ops, ops.prmt(w0, w1, 0x5410)), _shifted(ops, ops.prmt(w0, w1, 0x7632)))
+              for w0, w1 in words["vc"][t]]
         for beta in range(4):
             for a in range(2):
                 regs = [_extract(ops, xs[kh][beta // 2], beta % 2, 2 * a + rh)
@@ -519,7 +530,7 @@ def _epilogue(ops, lane, state, o_base, m_base, l_base):
         ops.store_f32(ops.at(l_base, offset), l[e])
 
 
-def _part(ops, lane, part, refs, *, capacity, num_splits):
+def _part(ops, lane, part, refs, *, capacity, num_splits, prefetch):
     """One warp's part (batch row and KV head b * Hkv + h, split): refs are the addresses of
     lengths, qf, qz, k codes, k scales, v codes, v scales, v zeros, o, m, l."""
     lengths, qf, qz, k_codes, k_scale, v_codes, v_scale, v_zero, o_ref, m_ref, l_ref = refs
@@ -541,13 +552,24 @@ def _part(ops, lane, part, refs, *, capacity, num_splits):
     zero = ops.cf(0.0)
     state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
              [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
-    state = ops.loop(first, last, state, lambda i, s: _block(
-        ops, lane, bases, qf_regs, length, ops.mul(i, BLOCK), s))
+    if not prefetch:
+        state = ops.loop(first, last, state, lambda i, s: _block(
+            ops, lane, qf_regs, length, ops.mul(i, BLOCK), _loads(ops, lane, bases, ops.mul(i, BLOCK)), s))
+    else:  # the next block's words load while this one computes (the last block loads twice)
+        final = ops.umin(ops.add(ops.umax(last, ops.c(1)), 0xFFFFFFFF), ops.c(capacity // BLOCK - 1))
+        at = lambda i: ops.mul(ops.umin(i, final), BLOCK)  # noqa: E731 - never past the cache
+
+        def body(i, carry):
+            words, s = carry
+            upcoming = _loads(ops, lane, bases, at(ops.add(i, 1)))
+            return upcoming, _block(ops, lane, qf_regs, length, ops.mul(i, BLOCK), words, s)
+
+        _, state = ops.loop(first, last, (_loads(ops, lane, bases, at(first)), state), body)
     _epilogue(ops, lane, state, ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
               ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
 
 
-def _kernel(ctx, *refs, capacity, num_splits, parts):
+def _kernel(ctx, *refs, capacity, num_splits, parts, prefetch):
     """The GPU kernel: warp w of program i takes part 4 i + w."""
     del ctx
     ops = _Mlir()
@@ -557,7 +579,8 @@ def _kernel(ctx, *refs, capacity, num_splits, parts):
     part = ops.add(ops.mul(program, WARPS), ops.shr(tid, 5))
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
     with mgpu_utils.when(ops.lt(part, parts)):
-        _part(ops, lane, part, addresses, capacity=capacity, num_splits=num_splits)
+        _part(ops, lane, part, addresses, capacity=capacity, num_splits=num_splits,
+              prefetch=prefetch)
 
 
 def _inputs(q, k_parts, v_parts, lengths):
@@ -573,7 +596,7 @@ def _inputs(q, k_parts, v_parts, lengths):
     return (lengths.astype(jnp.int32), qf, qz, k_parts[0], k_parts[1], *v_parts)
 
 
-def emulate(q, k_parts, v_parts, lengths, *, num_splits=None):
+def emulate(q, k_parts, v_parts, lengths, *, num_splits=None, prefetch=True):
     """The kernel's own code run on the CPU, warp by warp over numpy (see _Numpy): what the
     tests check against the reference, since interpret mode cannot run the kernel's PTX."""
     inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths)]
@@ -588,7 +611,8 @@ def emulate(q, k_parts, v_parts, lengths, *, num_splits=None):
     lane = _Lane(ops, np.arange(32, dtype=np.uint32))
     refs = [np.full(32, off, np.int64) for off in offsets[:-1]]
     for part in range(B * Hkv * num_splits):
-        _part(ops, lane, ops.c(part), refs, capacity=S, num_splits=num_splits)
+        _part(ops, lane, ops.c(part), refs, capacity=S, num_splits=num_splits,
+              prefetch=prefetch)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
             for i, s in zip(range(len(inputs), len(arrays)), shapes)]
     g = q.shape[1] // Hkv
@@ -607,8 +631,8 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     return max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits",))
-def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None):
+@functools.partial(jax.jit, static_argnames=("num_splits", "prefetch"))
+def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None, prefetch=True):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
     KIVI 2-bit cache: k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPEC). Returns o [B, Hkv, P, g, D] and m, l
@@ -622,7 +646,8 @@ def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None):
 
     def body(*refs):
         plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(functools.partial(
-            _kernel, capacity=S, num_splits=num_splits, parts=parts))(*refs)
+            _kernel, capacity=S, num_splits=num_splits, parts=parts,
+            prefetch=prefetch))(*refs)
 
     o, m, l = plgpu.kernel(
         body, out_type=_out_shapes(B, Hkv, num_splits), grid=(-(-parts // WARPS),),
