@@ -64,7 +64,7 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     return row
 
 
-def timing(batch, capacity, heads=8, group=4):
+def timing(batch, capacity, heads=8, group=4, sweep=()):
     k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity)
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
@@ -73,6 +73,11 @@ def timing(batch, capacity, heads=8, group=4):
                "mma_no_prefetch": functools.partial(mma_kernel.decode_partials, prefetch=False),
                "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
                                            v_spec=V_SPEC)}
+    for parts in sweep:  # parts (warps) over the whole batch
+        splits = max(1, parts // (batch * heads))
+        for prefetch in (True, False):
+            kernels[f"mma_{parts}_parts{'' if prefetch else '_no_prefetch'}"] = functools.partial(
+                mma_kernel.decode_partials, num_splits=splits, prefetch=prefetch)
     rows = []
     for name, fn in kernels.items():
         fn = jax.jit(fn)
@@ -87,14 +92,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tag", default="")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--sweep", default="", help="parts per launch to time, e.g. 2048,8192")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    checks = [check(0, 1, 1, 4, 64, [64], 1),
+    sweep = [int(x) for x in args.sweep.split(",") if x]
+    checks = [] if args.skip_checks else [check(0, 1, 1, 4, 64, [64], 1),
               check(1, 2, 2, 4, 256, [1, 63, 200, 256], 2),
               check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 3),
               check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 1),
               check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8)]
-    rows = [] if args.skip_timing else timing(16, 32768) + timing(1, 131072)
+    rows = [] if args.skip_timing else (timing(16, 32768, sweep=sweep)
+                                           + timing(1, 131072, sweep=sweep))
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
     write_result(name, {**environment(), "checks": checks, "timing": rows})
 
