@@ -212,13 +212,14 @@ class _Mlir:
         index = arith.extui(self.i64, index)
         return arith.addi(base, arith.muli(index, arith.constant(self.i64, stride)))
 
-    def load(self, address, words):
-        """`words` 32-bit words at a global address, through the read-only path."""
+    def load(self, address, words, offset=0):
+        """`words` 32-bit words at a global address plus a constant byte offset (folded into
+        the instruction), through the read-only path."""
         if words == 1:
-            return [self._asm("ld.global.nc.u32 $0, [$1];", [address], "=r,l")]
+            return [self._asm(f"ld.global.nc.u32 $0, [$1+{offset}];", [address], "=r,l")]
         regs = ",".join(f"${i}" for i in range(words))
-        return self._asm(f"ld.global.nc.v{words}.u32 {{{regs}}}, [${words}];", [address],
-                         ",".join(["=r"] * words + ["l"]), outs=words)
+        return self._asm(f"ld.global.nc.v{words}.u32 {{{regs}}}, [${words}+{offset}];",
+                         [address], ",".join(["=r"] * words + ["l"]), outs=words)
 
     def store_f32(self, address, value):
         llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
@@ -338,8 +339,8 @@ class _Numpy:
     def at_wide(self, base, index, stride):
         return base + index.astype(np.int64) * stride
 
-    def load(self, address, words):
-        offsets = np.asarray(address, np.int64)[:, None] + np.arange(4 * words)
+    def load(self, address, words, offset=0):
+        offsets = np.asarray(address, np.int64)[:, None] + offset + np.arange(4 * words)
         raw = self.memory[offsets].reshape(32, words, 4).astype(np.uint32)
         values = raw[..., 0] | raw[..., 1] << 8 | raw[..., 2] << 16 | raw[..., 3] << 24
         return [values[:, i] for i in range(words)]
@@ -387,29 +388,33 @@ def _key_combo(step, kh):
     return combo // 8, (combo // 4) % 2, combo % 4
 
 
-def _loads(ops, lane, bases, t0):
-    """Every word a thread reads for the block at token t0, issued together."""
-    kc, ks, qz, vc, vs, vz = bases
-    kg = [ops.add(ops.shr(t0, 5), half) for half in range(2)]
-    row = [ops.add(ops.add(t0, 16 * t), lane.r) for t in range(4)]  # tile t's first token row
-    pair = [[ops.add(ops.add(t0, 16 * t + 8 * kh), ops.mul(lane.l4, 2)) for kh in range(2)]
-            for t in range(4)]  # tile t's token pair of k-half kh
+def _thread_bases(ops, lane, slabs):
+    """Each array's address for this thread at token 0 (see _loads for what a thread reads)."""
+    kc, ks, qz, vc, vs, vz = slabs
+    return (ops.at(kc, ops.mul(lane.r, 32), ops.mul(lane.l4, 8)), ops.at(ks, ops.mul(lane.l4, 16)),
+            ops.at(qz, ops.mul(lane.q0, 4)), ops.at(vc, ops.mul(lane.r, 4), ops.mul(lane.l4, 64)),
+            ops.at(vs, ops.mul(lane.r, 8)), ops.at(vz, ops.mul(lane.r, 8)))
+
+
+def _loads(ops, bases, t0):
+    """Every word a thread reads for the block at token t0, issued together: one address per
+    array, the rest constant offsets."""
+    kg = ops.shr(t0, 5)  # first key group
+    kc, ks, qz, vc, vs, vz = (ops.at(base, ops.mul(index, stride)) for base, index, stride in zip(
+        bases, (t0, kg, kg, t0, t0, t0), (32, HEAD_DIM * 2, QUERIES * 4, 32, 8, 8)))
     return {
-        # [half][f]: channels 32 f + 8 l4 + [0, 8) of key group kg's scales
-        "ks": [[ops.load(ops.at(ks, ops.mul(g, HEAD_DIM * 2), 64 * f, ops.mul(lane.l4, 16)), 4)
-                for f in range(4)] for g in kg],
-        "qz": [ops.load(ops.at(qz, ops.mul(g, 16), ops.mul(lane.q0, 4)), 2) for g in kg],
-        # [t][rh]: bytes 8 l4 + [0, 8) of token row + 8 rh
-        "kc": [[ops.load(ops.at(kc, ops.mul(ops.add(x, 8 * rh), 32), ops.mul(lane.l4, 8)), 2)
-                for rh in range(2)] for x in row],
-        # [t][rh]: the 4 value groups' scales (zeros) of token row + 8 rh
-        "vs": [[ops.load(ops.at(vs, ops.mul(ops.add(x, 8 * rh), 8)), 2) for rh in range(2)]
-               for x in row],
-        "vz": [[ops.load(ops.at(vz, ops.mul(ops.add(x, 8 * rh), 8)), 2) for rh in range(2)]
-               for x in row],
-        # [t][kh][e]: word r (bytes 4 r + [0, 4)) of token pair + e
-        "vc": [[[ops.load(ops.at(vc, ops.mul(x, 32), 32 * e, ops.mul(lane.r, 4)), 1)[0]
-                 for e in range(2)] for x in xs] for xs in pair],
+        # [half][f]: channels 32 f + 8 l4 + [0, 8) of key group t0 / 32 + half's scales
+        "ks": [[ops.load(ks, 4, HEAD_DIM * 2 * half + 64 * f) for f in range(4)]
+               for half in range(2)],
+        "qz": [ops.load(qz, 2, QUERIES * 4 * half) for half in range(2)],
+        # [t][rh]: bytes 8 l4 + [0, 8) of token row t0 + 16 t + 8 rh + r
+        "kc": [[ops.load(kc, 2, 32 * (16 * t + 8 * rh)) for rh in range(2)] for t in range(4)],
+        # [t][rh]: the 4 value groups' scales (zeros) of the same token row
+        "vs": [[ops.load(vs, 2, 8 * (16 * t + 8 * rh)) for rh in range(2)] for t in range(4)],
+        "vz": [[ops.load(vz, 2, 8 * (16 * t + 8 * rh)) for rh in range(2)] for t in range(4)],
+        # [t][kh][e]: word r (bytes 4 r + [0, 4)) of token t0 + 16 t + 8 kh + 2 l4 + e
+        "vc": [[[ops.load(vc, 1, 32 * (16 * t + 8 * kh + e))[0] for e in range(2)]
+                for kh in range(2)] for t in range(4)],
     }
 
 
@@ -537,11 +542,12 @@ def _part(ops, lane, part, refs, *, capacity, num_splits, prefetch):
     split = ops.rem(part, num_splits)
     bh = ops.div(part, num_splits)
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
-    bases = (ops.at_wide(k_codes, bh, capacity * 32),
+    bases = _thread_bases(ops, lane, (
+             ops.at_wide(k_codes, bh, capacity * 32),
              ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
              ops.at_wide(qz, bh, capacity // GROUP * QUERIES * 4),
              ops.at_wide(v_codes, bh, capacity * 32),
-             ops.at_wide(v_scale, bh, capacity * 8), ops.at_wide(v_zero, bh, capacity * 8))
+             ops.at_wide(v_scale, bh, capacity * 8), ops.at_wide(v_zero, bh, capacity * 8)))
     qf_base = ops.at(ops.at_wide(qf, bh, QUERIES * HEAD_DIM * 2),
                      ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
     qf_regs = [ops.load(ops.at(qf_base, 64 * f), 4) for f in range(4)]  # channels 8 l4 + 32 f
@@ -554,17 +560,17 @@ def _part(ops, lane, part, refs, *, capacity, num_splits, prefetch):
              [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
     if not prefetch:
         state = ops.loop(first, last, state, lambda i, s: _block(
-            ops, lane, qf_regs, length, ops.mul(i, BLOCK), _loads(ops, lane, bases, ops.mul(i, BLOCK)), s))
+            ops, lane, qf_regs, length, ops.mul(i, BLOCK), _loads(ops, bases, ops.mul(i, BLOCK)), s))
     else:  # the next block's words load while this one computes (the last block loads twice)
         final = ops.umin(ops.add(ops.umax(last, ops.c(1)), 0xFFFFFFFF), ops.c(capacity // BLOCK - 1))
         at = lambda i: ops.mul(ops.umin(i, final), BLOCK)  # noqa: E731 - never past the cache
 
         def body(i, carry):
             words, s = carry
-            upcoming = _loads(ops, lane, bases, at(ops.add(i, 1)))
+            upcoming = _loads(ops, bases, at(ops.add(i, 1)))
             return upcoming, _block(ops, lane, qf_regs, length, ops.mul(i, BLOCK), words, s)
 
-        _, state = ops.loop(first, last, (_loads(ops, lane, bases, at(first)), state), body)
+        _, state = ops.loop(first, last, (_loads(ops, bases, at(first)), state), body)
     _epilogue(ops, lane, state, ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
               ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
 
