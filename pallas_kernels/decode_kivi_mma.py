@@ -159,12 +159,12 @@ class _Mlir:
     def as_f32(self, x):
         return arith.bitcast(self.f32, x)
 
-    def _asm(self, ptx, args, constraints, outs=1, ty=None):
+    def _asm(self, ptx, args, constraints, outs=1, ty=None, keep_order=False):
         ty = ty or self.i32
         if outs == 1:
-            return llvm.inline_asm(ty, list(args), ptx, constraints, has_side_effects=False)
+            return llvm.inline_asm(ty, list(args), ptx, constraints, has_side_effects=keep_order)
         struct = llvm.inline_asm(llvm.StructType.get_literal([ty] * outs), list(args), ptx,
-                                 constraints, has_side_effects=False)
+                                 constraints, has_side_effects=keep_order)
         return [llvm.extractvalue(ty, struct, [i]) for i in range(outs)]
 
     def field(self, word, pos):
@@ -214,12 +214,15 @@ class _Mlir:
 
     def load(self, address, words, offset=0):
         """`words` 32-bit words at a global address plus a constant byte offset (folded into
-        the instruction), through the read-only path."""
+        the instruction), through the read-only path. Kept where the code issues it (LLVM
+        sank the prefetching loads to their first use otherwise)."""
         if words == 1:
-            return [self._asm(f"ld.global.nc.u32 $0, [$1+{offset}];", [address], "=r,l")]
+            return [self._asm(f"ld.global.nc.u32 $0, [$1+{offset}];", [address], "=r,l",
+                              keep_order=True)]
         regs = ",".join(f"${i}" for i in range(words))
         return self._asm(f"ld.global.nc.v{words}.u32 {{{regs}}}, [${words}+{offset}];",
-                         [address], ",".join(["=r"] * words + ["l"]), outs=words)
+                         [address], ",".join(["=r"] * words + ["l"]), outs=words,
+                         keep_order=True)
 
     def store_f32(self, address, value):
         llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
