@@ -1,6 +1,6 @@
 """Runs each decode kernel a few times at one shape, for a profiler to read (Nsight Compute).
 
-    bash benchmarks/profile.sh kivi2 16x32768     # or by hand:
+    bash benchmarks/profile.sh kivi2 16x32768     # kivi2_mma: the MMA kernel; or by hand:
     ncu --clock-control none -k regex:decode --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         python -m benchmarks.profile_decode --policies bf16,kivi2
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from benchmarks.kernels import D, HKV, HQ, QUANTIZED, quantized_cache
 from pallas_kernels import decode_attention as kernel
+from pallas_kernels import decode_kivi_mma
 
 
 def main():
@@ -31,13 +32,17 @@ def main():
         if name == "bf16":
             parts, specs = ((k,), (v,)), (None, None)
         else:
-            cache = quantized_cache(QUANTIZED[name], k, v, QUANTIZED[name].quantization.residual)
+            policy = QUANTIZED[name.removesuffix("_mma")]  # kivi2_mma: the MMA kernel
+            cache = quantized_cache(policy, k, v, policy.quantization.residual)
             parts = ((cache.k_codes, cache.k_scale, cache.k_zero),
                      (cache.v_codes, cache.v_scale, cache.v_zero))
             specs = (cache.k_spec, cache.v_spec)
         for _ in range(args.calls):
-            jax.block_until_ready(kernel.decode_partials(q, *parts, lengths, k_spec=specs[0],
-                                                         v_spec=specs[1]))
+            if name.endswith("_mma"):
+                jax.block_until_ready(decode_kivi_mma.decode_partials(q, *parts, lengths))
+            else:
+                jax.block_until_ready(kernel.decode_partials(q, *parts, lengths,
+                                                             k_spec=specs[0], v_spec=specs[1]))
         print(name, "done", flush=True)
 
 
