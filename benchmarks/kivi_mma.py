@@ -50,15 +50,15 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     lengths = jnp.asarray(lengths, jnp.int32).reshape(batch, heads)
     got = merge_partials([mma_kernel.decode_partials(q, k_parts, v_parts, lengths,
                                                      num_splits=splits)], jnp.float32)
-    unfetched = merge_partials([mma_kernel.decode_partials(
-        q, k_parts, v_parts, lengths, num_splits=splits, prefetch=False)], jnp.float32)
+    two_stages = merge_partials([mma_kernel.decode_partials(
+        q, k_parts, v_parts, lengths, num_splits=splits, stages=2)], jnp.float32)
     want = reference(q, k_parts, v_parts, lengths)
     triton = merge_partials([triton_kernel.decode_partials(
         q, k_parts, v_parts, lengths, k_spec=K_SPEC, v_spec=V_SPEC)], jnp.float32)
     row = {"batch": batch, "heads": heads, "group": group, "capacity": capacity,
            "splits": splits, "lengths": np.asarray(lengths).ravel().tolist()[:16],
            "rel_error": rel_error(got, want),
-           "no_prefetch_rel_error": rel_error(unfetched, want), "triton_rel_error": rel_error(triton, want),
+           "two_stages_rel_error": rel_error(two_stages, want), "triton_rel_error": rel_error(triton, want),
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
     return row
@@ -69,15 +69,15 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
     nbytes = q.nbytes + sum(x.nbytes for x in (*k_parts, *v_parts))
-    kernels = {"mma": functools.partial(mma_kernel.decode_partials, prefetch=True),
-               "mma_no_prefetch": functools.partial(mma_kernel.decode_partials, prefetch=False),
+    kernels = {"mma": mma_kernel.decode_partials,
+               "mma_2_stages": functools.partial(mma_kernel.decode_partials, stages=2),
+               "mma_4_stages": functools.partial(mma_kernel.decode_partials, stages=4),
                "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
                                            v_spec=V_SPEC)}
     for parts in sweep:  # parts (warps) over the whole batch
         splits = max(1, parts // (batch * heads))
-        for prefetch in (True, False):
-            kernels[f"mma_{parts}_parts{'' if prefetch else '_no_prefetch'}"] = functools.partial(
-                mma_kernel.decode_partials, num_splits=splits, prefetch=prefetch)
+        kernels[f"mma_{parts}_parts"] = functools.partial(mma_kernel.decode_partials,
+                                                          num_splits=splits)
     rows = []
     for name, fn in kernels.items():
         fn = jax.jit(fn)

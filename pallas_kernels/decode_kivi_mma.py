@@ -51,6 +51,7 @@ GROUP = 32  # tokens per key group, channels per value group
 BLOCK = 64  # tokens per loop step: 4 row tiles of 16, 2 key groups
 QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
 WARPS = 4  # parts per program (one warpgroup): one per warp
+STAGES = 3  # shared-memory stages per warp: blocks in flight while one computes
 SPEC = QuantSpec(bits=2, group=GROUP, per_channel=True), QuantSpec(bits=2, group=GROUP)
 
 # A 2-bit field at bit p (of a 16-bit half) after the word is shifted right by s: for the field
@@ -116,6 +117,9 @@ class _Mlir:
 
     def mul(self, a, b):
         return arith.muli(a, self._int(b))
+
+    def sub(self, a, b):
+        return arith.subi(a, self._int(b))
 
     def shr(self, a, s):
         return arith.shrui(a, self.c(s))
@@ -214,8 +218,7 @@ class _Mlir:
 
     def load(self, address, words, offset=0):
         """`words` 32-bit words at a global address plus a constant byte offset (folded into
-        the instruction), through the read-only path. Kept where the code issues it (LLVM
-        sank the prefetching loads to their first use otherwise)."""
+        the instruction), through the read-only path, kept where the code issues it."""
         if words == 1:
             return [self._asm(f"ld.global.nc.u32 $0, [$1+{offset}];", [address], "=r,l",
                               keep_order=True)]
@@ -226,6 +229,33 @@ class _Mlir:
 
     def store_f32(self, address, value):
         llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
+
+    def copy_async(self, shared, address, size):
+        """16 bytes from global `address` to `shared` (a 32-bit shared-memory address), of
+        which the first `size` (16 or 0: zeros) are read, in the current cp.async group."""
+        self._asm("cp.async.cg.shared.global [$1], [$2], 16, $3;", [shared, address, size],
+                  "=r,r,l,r", keep_order=True)
+
+    def commit(self):
+        self._asm("cp.async.commit_group;", [], "=r", keep_order=True)
+
+    def wait(self, pending):
+        """Until at most `pending` cp.async groups of this thread are in flight, then the warp
+        in step (its lanes' copies visible to each other)."""
+        self._asm(f"cp.async.wait_group {pending};", [], "=r", keep_order=True)
+        self.sync_warp()
+
+    def sync_warp(self):
+        self._asm("bar.warp.sync -1;", [], "=r", keep_order=True)
+
+    def load_shared(self, address, words, offset=0):
+        if words == 1:
+            return [self._asm(f"ld.shared.u32 $0, [$1+{offset}];", [address], "=r,r",
+                              keep_order=True)]
+        regs = ",".join(f"${i}" for i in range(words))
+        return self._asm(f"ld.shared.v{words}.u32 {{{regs}}}, [${words}+{offset}];",
+                         [address], ",".join(["=r"] * words + ["r"]), outs=words,
+                         keep_order=True)
 
     def loop(self, first, last, state, body):
         flat, tree = jax.tree.flatten(state)
@@ -265,6 +295,7 @@ class _Numpy:
 
     add = lambda self, a, b: (a + self._int(b)).astype(np.uint32)  # noqa: E731
     mul = lambda self, a, b: (a * self._int(b)).astype(np.uint32)  # noqa: E731
+    sub = lambda self, a, b: (a - self._int(b)).astype(np.uint32)  # noqa: E731
     shr = lambda self, a, s: a >> np.uint32(s)  # noqa: E731
     band = lambda self, a, b: a & self._int(b)  # noqa: E731
     rem = lambda self, a, n: a % np.uint32(n)  # noqa: E731
@@ -352,6 +383,23 @@ class _Numpy:
         data = np.asarray(value, np.float32).view(np.uint8).reshape(32, 4)
         self.memory[np.asarray(address, np.int64)[:, None] + np.arange(4)] = data
 
+    def copy_async(self, shared, address, size):
+        for i in range(32):
+            data = self.memory[address[i]:address[i] + size[i]]
+            self.memory[shared[i]:shared[i] + 16] = np.pad(data, (0, 16 - len(data)))
+
+    def commit(self):
+        pass
+
+    def wait(self, pending):
+        pass
+
+    def sync_warp(self):
+        pass
+
+    def load_shared(self, address, words, offset=0):
+        return self.load(address, words, offset)
+
     def loop(self, first, last, state, body):
         for i in range(int(first[0]), int(last[0])):
             state = body(self.c(i), state)
@@ -391,32 +439,51 @@ def _key_combo(step, kh):
     return combo // 8, (combo // 4) % 2, combo % 4
 
 
-def _thread_bases(ops, lane, slabs):
-    """Each array's address for this thread at token 0 (see _loads for what a thread reads)."""
-    kc, ks, qz, vc, vs, vz = slabs
-    return (ops.at(kc, ops.mul(lane.r, 32), ops.mul(lane.l4, 8)), ops.at(ks, ops.mul(lane.l4, 16)),
-            ops.at(qz, ops.mul(lane.q0, 4)), ops.at(vc, ops.mul(lane.r, 4), ops.mul(lane.l4, 64)),
-            ops.at(vs, ops.mul(lane.r, 8)), ops.at(vz, ops.mul(lane.r, 8)))
+# A block's bytes in a warp's shared-memory stage: (offset, bytes) of each array's part.
+_STAGE = {"kc": (0, BLOCK * 32), "vc": (2048, BLOCK * 32), "ks": (4096, 2 * HEAD_DIM * 2),
+          "vs": (4608, BLOCK * 8), "vz": (5120, BLOCK * 8), "qz": (5632, 2 * QUERIES * 4)}
+STAGE_BYTES = 5760  # the above, rounded up to 128
 
 
-def _loads(ops, bases, t0):
-    """Every word a thread reads for the block at token t0, issued together: one address per
-    array, the rest constant offsets."""
-    kg = ops.shr(t0, 5)  # first key group
-    kc, ks, qz, vc, vs, vz = (ops.at(base, ops.mul(index, stride)) for base, index, stride in zip(
-        bases, (t0, kg, kg, t0, t0, t0), (32, HEAD_DIM * 2, QUERIES * 4, 32, 8, 8)))
+def _stage(ops, lane_id, slabs, block, valid, stage):
+    """Issues the copies of block `block` (a token block index) into `stage` (a shared-memory
+    address): 16 bytes a lane at a time, reading nothing where not `valid`."""
+    size = ops.select(valid, ops.c(16), ops.c(0))
+    t0 = ops.mul(block, BLOCK)
+    kg = ops.shr(t0, 5)
+    index = {"kc": t0, "vc": t0, "ks": kg, "vs": t0, "vz": t0, "qz": kg}
+    stride = {"kc": 32, "vc": 32, "ks": HEAD_DIM * 2, "vs": 8, "vz": 8, "qz": QUERIES * 4}
+    for name, (offset, nbytes) in _STAGE.items():
+        chunk = ops.band(lane_id, 1) if nbytes < 512 else lane_id  # qz: 2 chunks, twice over
+        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), ops.mul(chunk, 16))
+        target = ops.add(stage, ops.add(ops.mul(chunk, 16), offset))
+        for j in range(max(1, nbytes // 512)):
+            ops.copy_async(ops.add(target, 512 * j), ops.at(start, 512 * j), size)
+    ops.commit()
+
+
+def _read(ops, lane, stage):
+    """Every word a thread needs from a staged block (see _STAGE), by constant offsets."""
+    at = lambda name, offset: ops.add(stage, ops.add(offset, _STAGE[name][0]))  # noqa: E731
+    kc = at("kc", ops.add(ops.mul(lane.r, 32), ops.mul(lane.l4, 8)))
+    vc = at("vc", ops.add(ops.mul(lane.l4, 64), ops.mul(lane.r, 4)))
+    ks, qz = at("ks", ops.mul(lane.l4, 16)), at("qz", ops.mul(lane.q0, 4))
+    vs, vz = at("vs", ops.mul(lane.r, 8)), at("vz", ops.mul(lane.r, 8))
     return {
         # [half][f]: channels 32 f + 8 l4 + [0, 8) of key group t0 / 32 + half's scales
-        "ks": [[ops.load(ks, 4, HEAD_DIM * 2 * half + 64 * f) for f in range(4)]
+        "ks": [[ops.load_shared(ks, 4, HEAD_DIM * 2 * half + 64 * f) for f in range(4)]
                for half in range(2)],
-        "qz": [ops.load(qz, 2, QUERIES * 4 * half) for half in range(2)],
+        "qz": [ops.load_shared(qz, 2, QUERIES * 4 * half) for half in range(2)],
         # [t][rh]: bytes 8 l4 + [0, 8) of token row t0 + 16 t + 8 rh + r
-        "kc": [[ops.load(kc, 2, 32 * (16 * t + 8 * rh)) for rh in range(2)] for t in range(4)],
+        "kc": [[ops.load_shared(kc, 2, 32 * (16 * t + 8 * rh)) for rh in range(2)]
+               for t in range(4)],
         # [t][rh]: the 4 value groups' scales (zeros) of the same token row
-        "vs": [[ops.load(vs, 2, 8 * (16 * t + 8 * rh)) for rh in range(2)] for t in range(4)],
-        "vz": [[ops.load(vz, 2, 8 * (16 * t + 8 * rh)) for rh in range(2)] for t in range(4)],
+        "vs": [[ops.load_shared(vs, 2, 8 * (16 * t + 8 * rh)) for rh in range(2)]
+               for t in range(4)],
+        "vz": [[ops.load_shared(vz, 2, 8 * (16 * t + 8 * rh)) for rh in range(2)]
+               for t in range(4)],
         # [t][kh][e]: word r (bytes 4 r + [0, 4)) of token t0 + 16 t + 8 kh + 2 l4 + e
-        "vc": [[[ops.load(vc, 1, 32 * (16 * t + 8 * kh + e))[0] for e in range(2)]
+        "vc": [[[ops.load_shared(vc, 1, 32 * (16 * t + 8 * kh + e))[0] for e in range(2)]
                 for kh in range(2)] for t in range(4)],
     }
 
@@ -458,7 +525,7 @@ def _key_scores(ops, qf_regs, words):
 
 
 def _block(ops, lane, qf_regs, length, t0, words, state):
-    """One block of 64 tokens (its words loaded by _loads): the online-softmax state after."""
+    """One block of 64 tokens (its words read by _read): the online-softmax state after."""
     o, c_off, s_zero, m, l = state
     scores = _key_scores(ops, qf_regs, words)
     # Online softmax in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
@@ -538,58 +605,70 @@ def _epilogue(ops, lane, state, o_base, m_base, l_base):
         ops.store_f32(ops.at(l_base, offset), l[e])
 
 
-def _part(ops, lane, part, refs, *, capacity, num_splits, prefetch):
+def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stages):
     """One warp's part (batch row and KV head b * Hkv + h, split): refs are the addresses of
-    lengths, qf, qz, k codes, k scales, v codes, v scales, v zeros, o, m, l."""
+    lengths, qf, qz, k codes, k scales, v codes, v scales, v zeros, o, m, l; shared the
+    warp's `stages` shared-memory stages, a ring the next blocks are copied into while one
+    computes."""
     lengths, qf, qz, k_codes, k_scale, v_codes, v_scale, v_zero, o_ref, m_ref, l_ref = refs
     split = ops.rem(part, num_splits)
     bh = ops.div(part, num_splits)
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
-    bases = _thread_bases(ops, lane, (
-             ops.at_wide(k_codes, bh, capacity * 32),
-             ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
-             ops.at_wide(qz, bh, capacity // GROUP * QUERIES * 4),
-             ops.at_wide(v_codes, bh, capacity * 32),
-             ops.at_wide(v_scale, bh, capacity * 8), ops.at_wide(v_zero, bh, capacity * 8)))
+    slabs = {"kc": ops.at_wide(k_codes, bh, capacity * 32),
+             "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
+             "qz": ops.at_wide(qz, bh, capacity // GROUP * QUERIES * 4),
+             "vc": ops.at_wide(v_codes, bh, capacity * 32),
+             "vs": ops.at_wide(v_scale, bh, capacity * 8), "vz": ops.at_wide(v_zero, bh, capacity * 8)}
     qf_base = ops.at(ops.at_wide(qf, bh, QUERIES * HEAD_DIM * 2),
                      ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
-    qf_regs = [ops.load(ops.at(qf_base, 64 * f), 4) for f in range(4)]  # channels 8 l4 + 32 f
+    qf_regs = [ops.load(qf_base, 4, 64 * f) for f in range(4)]  # channels 8 l4 + 32 f
     per_split = -(-(capacity // BLOCK) // num_splits)
     first = ops.mul(split, per_split)
     blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
     last = ops.umax(ops.umin(ops.add(first, per_split), blocks), first)
+    final = ops.c(capacity // BLOCK - 1)
+
+    def stage_block(i):  # block i into its stage, if it is one of this part's
+        slot = ops.rem(ops.sub(i, first), stages)
+        _stage(ops, lane_id, slabs, ops.umin(i, final), ops.lt(i, last),
+               ops.add(shared, ops.mul(slot, STAGE_BYTES)))
+
+    for j in range(stages - 1):
+        stage_block(ops.add(first, j))
+
+    def body(i, state):
+        ops.sync_warp()  # every lane is done with the stage about to be refilled
+        stage_block(ops.add(i, stages - 1))
+        ops.wait(stages - 1)
+        slot = ops.rem(ops.sub(i, first), stages)
+        words = _read(ops, lane, ops.add(shared, ops.mul(slot, STAGE_BYTES)))
+        return _block(ops, lane, qf_regs, length, ops.mul(i, BLOCK), words, state)
+
     zero = ops.cf(0.0)
     state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
              [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
-    if not prefetch:
-        state = ops.loop(first, last, state, lambda i, s: _block(
-            ops, lane, qf_regs, length, ops.mul(i, BLOCK), _loads(ops, bases, ops.mul(i, BLOCK)), s))
-    else:  # the next block's words load while this one computes (the last block loads twice)
-        final = ops.umin(ops.add(ops.umax(last, ops.c(1)), 0xFFFFFFFF), ops.c(capacity // BLOCK - 1))
-        at = lambda i: ops.mul(ops.umin(i, final), BLOCK)  # noqa: E731 - never past the cache
-
-        def body(i, carry):
-            words, s = carry
-            upcoming = _loads(ops, bases, at(ops.add(i, 1)))
-            return upcoming, _block(ops, lane, qf_regs, length, ops.mul(i, BLOCK), words, s)
-
-        _, state = ops.loop(first, last, (_loads(ops, bases, at(first)), state), body)
+    state = ops.loop(first, last, state, body)
+    ops.wait(0)  # no copy is left writing when the warp leaves
     _epilogue(ops, lane, state, ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
               ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
 
 
-def _kernel(ctx, *refs, capacity, num_splits, parts, prefetch):
+def _kernel(ctx, *refs, capacity, num_splits, parts, stages):
     """The GPU kernel: warp w of program i takes part 4 i + w."""
     del ctx
+    *refs, shared = refs
     ops = _Mlir()
     tid = arith.index_cast(ops.i32, gpu.thread_id(gpu.Dimension.x))
     lane = _Lane(ops, tid)
+    warp = ops.shr(tid, 5)
     program = arith.index_cast(ops.i32, gpu.block_id(gpu.Dimension.x))
-    part = ops.add(ops.mul(program, WARPS), ops.shr(tid, 5))
+    part = ops.add(ops.mul(program, WARPS), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
+    shared = ops.add(llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared)),
+                     ops.mul(warp, stages * STAGE_BYTES))
     with mgpu_utils.when(ops.lt(part, parts)):
-        _part(ops, lane, part, addresses, capacity=capacity, num_splits=num_splits,
-              prefetch=prefetch)
+        _part(ops, lane, ops.band(tid, 31), part, addresses, shared, capacity=capacity,
+              num_splits=num_splits, stages=stages)
 
 
 def _inputs(q, k_parts, v_parts, lengths):
@@ -605,7 +684,7 @@ def _inputs(q, k_parts, v_parts, lengths):
     return (lengths.astype(jnp.int32), qf, qz, k_parts[0], k_parts[1], *v_parts)
 
 
-def emulate(q, k_parts, v_parts, lengths, *, num_splits=None, prefetch=True):
+def emulate(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES):
     """The kernel's own code run on the CPU, warp by warp over numpy (see _Numpy): what the
     tests check against the reference, since interpret mode cannot run the kernel's PTX."""
     inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths)]
@@ -614,16 +693,18 @@ def emulate(q, k_parts, v_parts, lengths, *, num_splits=None, prefetch=True):
     num_splits = num_splits or default_splits(B, Hkv, S)
     shapes = _out_shapes(B, Hkv, num_splits)
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
+    arrays.append(np.zeros(stages * STAGE_BYTES, np.uint8))  # one warp's shared memory
     offsets = np.cumsum([0] + [a.nbytes for a in arrays])
     memory = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
     ops = _Numpy(memory)
     lane = _Lane(ops, np.arange(32, dtype=np.uint32))
-    refs = [np.full(32, off, np.int64) for off in offsets[:-1]]
+    *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
+    lane_id = np.arange(32, dtype=np.uint32)
     for part in range(B * Hkv * num_splits):
-        _part(ops, lane, ops.c(part), refs, capacity=S, num_splits=num_splits,
-              prefetch=prefetch)
+        _part(ops, lane, lane_id, ops.c(part), refs, shared, capacity=S,
+              num_splits=num_splits, stages=stages)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
-            for i, s in zip(range(len(inputs), len(arrays)), shapes)]
+            for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
     g = q.shape[1] // Hkv
     return tuple(x[:, :, :, :g] for x in outs)
 
@@ -640,8 +721,8 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     return max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "prefetch"))
-def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None, prefetch=True):
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
+def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
     KIVI 2-bit cache: k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPEC). Returns o [B, Hkv, P, g, D] and m, l
@@ -655,11 +736,11 @@ def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None, prefetch=T
 
     def body(*refs):
         plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(functools.partial(
-            _kernel, capacity=S, num_splits=num_splits, parts=parts,
-            prefetch=prefetch))(*refs)
+            _kernel, capacity=S, num_splits=num_splits, parts=parts, stages=stages))(*refs)
 
     o, m, l = plgpu.kernel(
         body, out_type=_out_shapes(B, Hkv, num_splits), grid=(-(-parts // WARPS),),
+        scratch_types=[plgpu.SMEM((WARPS * stages * STAGE_BYTES,), jnp.uint8)],
         grid_names=("programs",), kernel_name="kvjax_decode_kivi_mma")(*inputs)
     g = Hq // Hkv
     return o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
