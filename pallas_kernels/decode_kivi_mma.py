@@ -462,30 +462,39 @@ def _stage(ops, lane_id, slabs, block, valid, stage):
     ops.commit()
 
 
-def _read(ops, lane, stage):
-    """Every word a thread needs from a staged block (see _STAGE), by constant offsets."""
-    at = lambda name, offset: ops.add(stage, ops.add(offset, _STAGE[name][0]))  # noqa: E731
-    kc = at("kc", ops.add(ops.mul(lane.r, 32), ops.mul(lane.l4, 8)))
-    vc = at("vc", ops.add(ops.mul(lane.l4, 64), ops.mul(lane.r, 4)))
-    ks, qz = at("ks", ops.mul(lane.l4, 16)), at("qz", ops.mul(lane.q0, 4))
-    vs, vz = at("vs", ops.mul(lane.r, 8)), at("vz", ops.mul(lane.r, 8))
-    return {
-        # [half][f]: channels 32 f + 8 l4 + [0, 8) of key group t0 / 32 + half's scales
-        "ks": [[ops.load_shared(ks, 4, HEAD_DIM * 2 * half + 64 * f) for f in range(4)]
-               for half in range(2)],
-        "qz": [ops.load_shared(qz, 2, QUERIES * 4 * half) for half in range(2)],
-        # [t][rh]: bytes 8 l4 + [0, 8) of token row t0 + 16 t + 8 rh + r
-        "kc": [[ops.load_shared(kc, 2, 32 * (16 * t + 8 * rh)) for rh in range(2)]
-               for t in range(4)],
-        # [t][rh]: the 4 value groups' scales (zeros) of the same token row
-        "vs": [[ops.load_shared(vs, 2, 8 * (16 * t + 8 * rh)) for rh in range(2)]
-               for t in range(4)],
-        "vz": [[ops.load_shared(vz, 2, 8 * (16 * t + 8 * rh)) for rh in range(2)]
-               for t in range(4)],
-        # [t][kh][e]: word r (bytes 4 r + [0, 4)) of token t0 + 16 t + 8 kh + 2 l4 + e
-        "vc": [[[ops.load_shared(vc, 1, 32 * (16 * t + 8 * kh + e))[0] for e in range(2)]
-                for kh in range(2)] for t in range(4)],
-    }
+class _Staged:
+    """A staged block's words (see _STAGE), each read where it is used (a read up front held
+    every word in registers for the whole block), by constant offsets."""
+
+    def __init__(self, ops, lane, stage):
+        at = lambda name, offset: ops.add(stage, ops.add(offset, _STAGE[name][0]))  # noqa: E731
+        self.ops = ops
+        self.kc_at = at("kc", ops.add(ops.mul(lane.r, 32), ops.mul(lane.l4, 8)))
+        self.vc_at = at("vc", ops.add(ops.mul(lane.l4, 64), ops.mul(lane.r, 4)))
+        self.ks_at, self.qz_at = at("ks", ops.mul(lane.l4, 16)), at("qz", ops.mul(lane.q0, 4))
+        self.stats_at = {"vs": at("vs", ops.mul(lane.r, 8)), "vz": at("vz", ops.mul(lane.r, 8))}
+
+    def ks(self, half):
+        """[f]: channels 32 f + 8 l4 + [0, 8) of key group t0 / 32 + half's scales."""
+        return [self.ops.load_shared(self.ks_at, 4, HEAD_DIM * 2 * half + 64 * f)
+                for f in range(4)]
+
+    def qz(self, half):
+        return self.ops.load_shared(self.qz_at, 2, QUERIES * 4 * half)
+
+    def kc(self, t):
+        """[rh]: bytes 8 l4 + [0, 8) of token row t0 + 16 t + 8 rh + r."""
+        return [self.ops.load_shared(self.kc_at, 2, 32 * (16 * t + 8 * rh)) for rh in range(2)]
+
+    def stats(self, name, t):
+        """[rh]: the 4 value groups' scales ("vs") or zeros ("vz") of the same token rows."""
+        return [self.ops.load_shared(self.stats_at[name], 2, 8 * (16 * t + 8 * rh))
+                for rh in range(2)]
+
+    def vc(self, t):
+        """[kh][e]: word r (bytes 4 r + [0, 4)) of token t0 + 16 t + 8 kh + 2 l4 + e."""
+        return [[self.ops.load_shared(self.vc_at, 1, 32 * (16 * t + 8 * kh + e))[0]
+                 for e in range(2)] for kh in range(2)]
 
 
 def _key_operands(ops, qf_regs, scales):
@@ -506,15 +515,15 @@ def _key_scores(ops, qf_regs, words):
     neg128 = [ops.c(_NEG128)] * 4
     scores = []
     for half in range(2):
-        b = _key_operands(ops, qf_regs, words["ks"][half])
-        zb = [ops.as_f32(w) for w in words["qz"][half]]
+        b = _key_operands(ops, qf_regs, words.ks(half))
+        zb = [ops.as_f32(w) for w in words.qz(half)]
         start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 128 * sum(B), every row
         for step in range(8):
             start = ops.mma(neg128, b[step], start)
         for tile in range(2):
             # [rh][i]: bytes 8 l4 + 4 i + (0, 2, 1, 3) of token row + 8 rh, shifted
             shifted = [[_shifted(ops, ops.prmt(x, x, 0x3120)) for x in w]
-                       for w in words["kc"][2 * half + tile]]
+                       for w in words.kc(2 * half + tile)]
             acc = start
             for step in range(8):
                 a = [_extract(ops, shifted[rh][i], x, f)
@@ -525,7 +534,7 @@ def _key_scores(ops, qf_regs, words):
 
 
 def _block(ops, lane, qf_regs, length, t0, words, state):
-    """One block of 64 tokens (its words read by _read): the online-softmax state after."""
+    """One block of 64 tokens (its words staged, _Staged): the online-softmax state after."""
     o, c_off, s_zero, m, l = state
     scores = _key_scores(ops, qf_regs, words)
     # Online softmax in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
@@ -556,7 +565,8 @@ def _block(ops, lane, qf_regs, length, t0, words, state):
     zero, neg128 = ops.c(0), [ops.c(_NEG128)] * 4
     for t in range(4):
         # [rh] -> (scales of value groups half, 2 + half), (zeros of the same)
-        stats = [[[ops.as_f32(ops.prmt(w, zero, pick)) for w in words[name][t][rh]]
+        raw = {name: words.stats(name, t) for name in ("vs", "vz")}
+        stats = [[[ops.as_f32(ops.prmt(w, zero, pick)) for w in raw[name][rh]]
                   for name in ("vs", "vz")] for rh in range(2)]
         b_v = []  # [a]: B operands (p * scale) of value groups 2 a + (0, 1)
         for a in range(2):
@@ -569,7 +579,7 @@ def _block(ops, lane, qf_regs, length, t0, words, state):
                                        ops.fma(p[t][e + 2], stats[1][1][a], s_zero[e][a]))
         # [kh] -> (bytes 0-1, bytes 2-3 of word r) of tokens 2 l4 + 8 kh + (0, 1), shifted
         xs = [(_shifted(ops, ops.prmt(w0, w1, 0x5410)), _shifted(ops, ops.prmt(w0, w1, 0x7632)))
-              for w0, w1 in words["vc"][t]]
+              for w0, w1 in words.vc(t)]
         for beta in range(4):
             for a in range(2):
                 regs = [_extract(ops, xs[kh][beta // 2], beta % 2, 2 * a + rh)
@@ -641,7 +651,7 @@ def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stage
         stage_block(ops.add(i, stages - 1))
         ops.wait(stages - 1)
         slot = ops.rem(ops.sub(i, first), stages)
-        words = _read(ops, lane, ops.add(shared, ops.mul(slot, STAGE_BYTES)))
+        words = _Staged(ops, lane, ops.add(shared, ops.mul(slot, STAGE_BYTES)))
         return _block(ops, lane, qf_regs, length, ops.mul(i, BLOCK), words, state)
 
     zero = ops.cf(0.0)
