@@ -22,19 +22,23 @@ class Sampling:
 
 
 def sample(logits, key, s: Sampling):
-    """logits [B, V] float32 -> token ids [B] int32."""
+    """logits [B, V] float32 -> token ids [B] int32.
+
+    Top-k and top-p filter the candidates in sorted order and sample a position among them,
+    never comparing logits with a threshold recomputed from them: on the GPU, XLA may compute
+    `logits / temperature` in two fusions that round differently, and a threshold a hair above
+    the largest logit filtered out every token (token 0 came out, seen on an H200)."""
     if s.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / s.temperature
-    if s.top_k:
-        kth_largest = jax.lax.top_k(logits, s.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if not s.top_k and s.top_p >= 1:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    values, index = jax.lax.top_k(logits, s.top_k or logits.shape[-1])  # [B, k], descending
     if s.top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(values, axis=-1), axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         keep = jnp.concatenate(
             [jnp.ones_like(cumulative[:, :1], bool), cumulative[:, :-1] < s.top_p], axis=-1)
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        values = jnp.where(keep, values, -jnp.inf)
+    position = jax.random.categorical(key, values, axis=-1)  # [B]
+    return jnp.take_along_axis(index, position[:, None], axis=-1)[:, 0].astype(jnp.int32)

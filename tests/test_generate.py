@@ -1,8 +1,12 @@
 """Batching, stopping, sampling and the cache accounting of kvjax.generate."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import kvjax
+from kvjax.sampling import Sampling, sample
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +57,18 @@ def test_stats_report_allocated_cache_bytes(model):
     assert s.dense_bf16_cache_bytes == 2 * cfg.num_layers * 2 * cfg.num_kv_heads * capacity * cfg.head_dim * 2
     assert s.prompt_tokens == 5 and s.generated_tokens == 140
     assert s.prefill_seconds > 0 and s.decode_seconds > 0
+
+
+def test_sample_filters_keep_the_right_candidates_with_the_right_odds():
+    """Top-k and top-p sample among the kept tokens in proportion to their probabilities."""
+    probs = np.array([0.05, 0.5, 0.02, 0.3, 0.13])
+    logits = jnp.asarray(np.log(probs)[None].repeat(4000, 0), jnp.float32)
+    key = jax.random.key(0)
+    for sampling, kept in ((Sampling(temperature=1.0, top_k=2), [1, 3]),
+                           (Sampling(temperature=1.0, top_p=0.85), [1, 3, 4]),
+                           (Sampling(temperature=1.0, top_k=4, top_p=0.75), [1, 3])):
+        tokens = np.asarray(sample(logits, key, sampling))
+        assert set(tokens) == set(kept)
+        want = probs[kept] / probs[kept].sum()
+        got = np.array([(tokens == t).mean() for t in kept])
+        np.testing.assert_allclose(got, want, atol=0.03)
