@@ -1,6 +1,7 @@
 """The MMA decode kernel for KIVI 2-bit caches (pallas_kernels/decode_kivi_mma.py) on the GPU:
 its partials against the float32 reference on ragged lengths and GQA groups, then the kernel
-alone against the Triton kernel at B16 x 32K and B1 x 128K.
+alone (3 shared-memory stages, the default; 2 and 4; other parts per launch with --sweep)
+against the Triton kernel at B16 x 32K and B1 x 128K.
 
     python -m benchmarks.kivi_mma        # on an H100/H200; writes results/kivi_mma.json
 """
@@ -58,7 +59,8 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     row = {"batch": batch, "heads": heads, "group": group, "capacity": capacity,
            "splits": splits, "lengths": np.asarray(lengths).ravel().tolist()[:16],
            "rel_error": rel_error(got, want),
-           "two_stages_rel_error": rel_error(two_stages, want), "triton_rel_error": rel_error(triton, want),
+           "two_stages_rel_error": rel_error(two_stages, want),
+           "triton_rel_error": rel_error(triton, want),
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
     return row

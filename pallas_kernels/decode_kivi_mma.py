@@ -5,27 +5,31 @@ picks the register layouts of its dots, so every block of packed codes was unpac
 into the layout the dot wanted and scaled, about 4.7 instructions per code, where reading the
 cache at the memory ceiling leaves room for about 2 (benchmarks/RESULTS.md, issue 3). Here each
 warp is one flash-decoding part (batch row, KV head, split) and writes its MMAs
-(`mma.sync.m16n8k16`, bf16) itself, so each thread loads packed words straight into the
+(`mma.sync.m16n8k16`, bf16) itself, so each thread reads packed words straight into the
 registers the MMA reads. The query group (up to 4, padded to the MMA's 8 columns) is the narrow
 dimension and tokens or channels the 16 rows:
 
 - Keys: scores^T [16 tokens, 8] = codes [16 tokens, 128 channels] @ (q * scale)^T. A thread
-  loads 8 packed bytes of each of its tokens; one byte permute and one `lop3` per two codes put
+  reads 8 packed bytes of each of its tokens; one byte permute and one `lop3` per two codes put
   a code under the exponent of 128.0 in bf16 (128 + 4^f * code, exact): the channel order of
-  the contraction follows the packing (_CHANNEL_SHIFT), and the factor 4^-f rides on q.
+  the contraction follows the packing (_key_combo, _FIELD_AT), and the factor 4^-f rides on q.
   The 128s cost no instruction per code: an MMA of the same scaled q with a constant -128
   operand gives each key group its offset, which starts the accumulator together with q.zero.
 - Values: o^T [16 channels, 8] += codes^T [16 channels, 16 tokens] @ (p * scale) [16 tokens, 8].
-  A thread loads one packed word of each of its tokens; byte permutes pair two tokens per
+  A thread reads one packed word of each of its tokens; byte permutes pair two tokens per
   register. The 8 columns are the 4 queries times the 2 value groups a row tile spans. p comes
   from the scores' accumulator, is scaled and moved into the operand layout with `movmatrix`.
   The offset of 128 and the zeros are summed once per part (an MMA with -128 and a running
   sum), not per code.
 
 Every warp walks its split in blocks of 64 tokens (two key groups) with an online softmax in
-base 2; tokens past a head's length get probability 0. It returns partials (o unnormalized, m,
-l) for kvjax.attention.merge_partials, like decode_attention.decode_partials. The jnp reference
-is kvjax.attention.decode_partials over the dequantized cache.
+base 2; tokens past a head's length get probability 0. The next blocks are copied into a ring
+of shared-memory stages (`cp.async`) while one computes: held in registers instead, they took
+the kernel to 247 registers and their latency was still exposed (benchmarks/RESULTS.md).
+
+It returns partials (o unnormalized, m, l) for kvjax.attention.merge_partials, like
+decode_attention.decode_partials. The jnp reference is kvjax.attention.decode_partials over the
+dequantized cache.
 
 It takes what KIVI's 2-bit policy stores: per-channel keys in groups of 32 tokens, per-token
 values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16 queries
@@ -261,7 +265,8 @@ class _Mlir:
         flat, tree = jax.tree.flatten(state)
         loop = scf.ForOp(first, last, self.c(1), flat)
         with ir.InsertionPoint(loop.body):
-            new = body(loop.induction_variable, jax.tree.unflatten(tree, list(loop.inner_iter_args)))
+            carried = jax.tree.unflatten(tree, list(loop.inner_iter_args))
+            new = body(loop.induction_variable, carried)
             scf.YieldOp(jax.tree.leaves(new))
         return jax.tree.unflatten(tree, list(loop.results))
 
@@ -302,7 +307,10 @@ class _Numpy:
     div = lambda self, a, n: a // np.uint32(n)  # noqa: E731
     umin = lambda self, a, b: np.minimum(a, b)  # noqa: E731
     umax = lambda self, a, b: np.maximum(a, b)  # noqa: E731
-    lt = lambda self, a, b: a.astype(np.int64) < np.int64(b) if isinstance(b, int) else a.astype(np.int64) < b.astype(np.int64)  # noqa: E731,E501
+
+    def lt(self, a, b):  # signed, as the GPU's
+        return a.astype(np.int32) < (np.int32(b) if isinstance(b, int) else b.astype(np.int32))
+
     select = lambda self, cond, a, b: np.where(cond, a, b)  # noqa: E731
     fadd = lambda self, a, b: (a + b).astype(np.float32)  # noqa: E731
     fsub = lambda self, a, b: (a - b).astype(np.float32)  # noqa: E731
@@ -546,7 +554,8 @@ def _block(ops, lane, qf_regs, length, t0, words, state):
             scores[t][reg] = ops.select(ops.lt(token, length), scores[t][reg], neg_inf)
     m_new, corr, p = [], [], [[None] * 4 for _ in range(4)]
     for e in range(2):
-        block_max = functools.reduce(ops.fmax, [scores[t][reg] for t in range(4) for reg in (e, e + 2)])
+        block_max = functools.reduce(ops.fmax, [scores[t][reg] for t in range(4)
+                                                for reg in (e, e + 2)])
         for d in (4, 8, 16):
             block_max = ops.fmax(block_max, ops.shfl(block_max, d))
         m_new.append(ops.fmax(m[e], ops.fmul(block_max, scale)))
@@ -628,7 +637,8 @@ def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stage
              "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
              "qz": ops.at_wide(qz, bh, capacity // GROUP * QUERIES * 4),
              "vc": ops.at_wide(v_codes, bh, capacity * 32),
-             "vs": ops.at_wide(v_scale, bh, capacity * 8), "vz": ops.at_wide(v_zero, bh, capacity * 8)}
+             "vs": ops.at_wide(v_scale, bh, capacity * 8),
+             "vz": ops.at_wide(v_zero, bh, capacity * 8)}
     qf_base = ops.at(ops.at_wide(qf, bh, QUERIES * HEAD_DIM * 2),
                      ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
     qf_regs = [ops.load(qf_base, 4, 64 * f) for f in range(4)]  # channels 8 l4 + 32 f
