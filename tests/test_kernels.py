@@ -165,3 +165,26 @@ def test_kivi_mma_kernel_lowers_for_the_gpu():
         shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32),
         num_splits=3).lower(lowering_platforms=("cuda",))
     assert "kvjax_decode_kivi_mma" in lowered.as_text()
+
+
+@pytest.mark.parametrize("case, takes", [
+    ({}, True),
+    (dict(hq=8, hkv=2), True),  # GQA 4, as Llama-3-8B
+    (dict(hq=16, hkv=2), False),  # GQA 8: more queries than the MMA's columns hold
+    (dict(specs=SPECS["kivi4_g16"]), False),
+    (dict(specs=(QuantSpec(2, 16, per_channel=True), QuantSpec(2, 16))), False),  # MiniKV's G16
+    (dict(head_dim=64), False),
+    (dict(dtype=jnp.float16), False),
+    (dict(capacity=96), False),  # not whole 64-token blocks
+    (dict(capability="8.0"), False),  # not Hopper
+])
+def test_kivi_mma_kernel_takes_only_its_format_on_hopper(monkeypatch, case, takes):
+    """Which caches the MMA kernel takes (decode_kivi_mma.fits), on a GPU faked here."""
+    args = dict(hq=4, hkv=4, specs=SPECS["kivi2"], head_dim=128, dtype=jnp.bfloat16,
+                capacity=256, capability="9.0") | case
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    device = type("Device", (), {"compute_capability": args["capability"]})()
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    q = jax.ShapeDtypeStruct((2, args["hq"], args["head_dim"]), args["dtype"])
+    lengths = jax.ShapeDtypeStruct((2, args["hkv"]), jnp.int32)
+    assert decode_kivi_mma.fits(q, lengths, *args["specs"], args["capacity"]) is takes
