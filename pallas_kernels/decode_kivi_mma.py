@@ -84,7 +84,7 @@ def _code_factor(channel_parity, field):
 
 
 def key_query_factor() -> np.ndarray:
-    """[128] 4^-f of each channel, as q is scaled before the key MMA (see _kernel)."""
+    """[128] 4^-f of each channel, as q is scaled before the key MMA (see _key_operands)."""
     c = np.arange(HEAD_DIM)
     return 1.0 / _code_factor((c >> 1) & 1, c >> 5)
 
