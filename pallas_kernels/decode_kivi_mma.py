@@ -49,6 +49,7 @@ from jaxlib.mlir.dialects import arith, gpu, llvm, scf
 
 from kvjax.attention import EMPTY_MAX, LOG2_E
 from kvjax.quantization import QuantSpec
+from pallas_kernels.decode_attention import _key_zero_bias
 
 HEAD_DIM = 128
 GROUP = 32  # tokens per key group, channels per value group
@@ -116,50 +117,18 @@ class _Mlir:
     def _int(self, x):
         return self.c(x) if isinstance(x, int) else x
 
-    def add(self, a, b):
-        return arith.addi(a, self._int(b))
+    def _int_op(op):  # noqa: N805 - a factory used in the class body: op(a, b), b an int or i32
+        return lambda self, a, b: op(a, self._int(b))
 
-    def mul(self, a, b):
-        return arith.muli(a, self._int(b))
-
-    def sub(self, a, b):
-        return arith.subi(a, self._int(b))
-
-    def shr(self, a, s):
-        return arith.shrui(a, self.c(s))
-
-    def band(self, a, b):
-        return arith.andi(a, self._int(b))
-
-    def rem(self, a, n):
-        return arith.remui(a, self.c(n))
-
-    def div(self, a, n):
-        return arith.divui(a, self.c(n))
-
-    def umin(self, a, b):
-        return arith.minui(a, b)
-
-    def umax(self, a, b):
-        return arith.maxui(a, b)
-
-    def lt(self, a, b):
-        return arith.cmpi(arith.CmpIPredicate.slt, a, self._int(b))
-
-    def select(self, cond, a, b):
-        return arith.select(cond, a, b)
-
-    def fadd(self, a, b):
-        return arith.addf(a, b)
-
-    def fsub(self, a, b):
-        return arith.subf(a, b)
-
-    def fmul(self, a, b):
-        return arith.mulf(a, b)
-
-    def fmax(self, a, b):
-        return arith.maxnumf(a, b)
+    add, mul, sub = _int_op(arith.addi), _int_op(arith.muli), _int_op(arith.subi)
+    shr, band = _int_op(arith.shrui), _int_op(arith.andi)
+    rem, div = _int_op(arith.remui), _int_op(arith.divui)
+    lt = _int_op(functools.partial(arith.cmpi, arith.CmpIPredicate.slt))
+    del _int_op
+    umin, umax = staticmethod(arith.minui), staticmethod(arith.maxui)
+    select = staticmethod(arith.select)
+    fadd, fsub, fmul = staticmethod(arith.addf), staticmethod(arith.subf), staticmethod(arith.mulf)
+    fmax = staticmethod(arith.maxnumf)
 
     def fgt0(self, a):
         return arith.cmpf(arith.CmpFPredicate.OGT, a, self.cf(0.0))
@@ -220,16 +189,20 @@ class _Mlir:
         index = arith.extui(self.i64, index)
         return arith.addi(base, arith.muli(index, arith.constant(self.i64, stride)))
 
-    def load(self, address, words, offset=0):
-        """`words` 32-bit words at a global address plus a constant byte offset (folded into
-        the instruction), through the read-only path, kept where the code issues it."""
-        if words == 1:
-            return [self._asm(f"ld.global.nc.u32 $0, [$1+{offset}];", [address], "=r,l",
-                              keep_order=True)]
+    def load(self, address, words, offset=0, space="global.nc"):
+        """`words` 32-bit words at an address plus a constant byte offset (folded into the
+        instruction): global memory through the read-only path (a 64-bit address), or shared
+        memory (space="shared", 32-bit). Kept in program order: shared-memory reads must stay
+        after the cp.async waits before them."""
+        pointer = "r" if space == "shared" else "l"
         regs = ",".join(f"${i}" for i in range(words))
-        return self._asm(f"ld.global.nc.v{words}.u32 {{{regs}}}, [${words}+{offset}];",
-                         [address], ",".join(["=r"] * words + ["l"]), outs=words,
-                         keep_order=True)
+        vector = f".v{words}" if words > 1 else ""
+        ptx = f"ld.{space}{vector}.u32 {{{regs}}}, [${words}+{offset}];"
+        if words == 1:
+            ptx = ptx.replace("{$0}", "$0")
+        out = self._asm(ptx, [address], ",".join(["=r"] * words + [pointer]), outs=words,
+                        keep_order=True)
+        return out if words > 1 else [out]
 
     def store_f32(self, address, value):
         llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
@@ -253,13 +226,7 @@ class _Mlir:
         self._asm("bar.warp.sync -1;", [], "=r", keep_order=True)
 
     def load_shared(self, address, words, offset=0):
-        if words == 1:
-            return [self._asm(f"ld.shared.u32 $0, [$1+{offset}];", [address], "=r,r",
-                              keep_order=True)]
-        regs = ",".join(f"${i}" for i in range(words))
-        return self._asm(f"ld.shared.v{words}.u32 {{{regs}}}, [${words}+{offset}];",
-                         [address], ",".join(["=r"] * words + ["r"]), outs=words,
-                         keep_order=True)
+        return self.load(address, words, offset, space="shared")
 
     def loop(self, first, last, state, body):
         flat, tree = jax.tree.flatten(state)
@@ -693,8 +660,6 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages):
 
 def _inputs(q, k_parts, v_parts, lengths):
     """The kernel's inputs: lengths, q * 4^-f (bf16, exact), q.zero per key group, the cache."""
-    from pallas_kernels.decode_attention import _key_zero_bias
-
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
     g = Hq // Hkv
