@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (cuda_event_seconds, environment, median_seconds, read_bandwidth,
-                               write_result)
+from benchmarks.common import (chained_seconds, cuda_event_seconds, environment, median_seconds,
+                               read_bandwidth, write_result)
 from kvjax import policies
 from kvjax.attention import decode_attention, decode_partials, merge_partials
 from kvjax.cache import QuantizedLayerCache
@@ -44,11 +44,18 @@ def cudnn_seconds(q, k, v):
     qt, kt, vt = q[:, None], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, T, N, D]
     for impl in ("cudnn", "xla"):
         try:
-            fn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=impl))
-            return median_seconds(lambda: fn(qt, kt, vt), reps=20, inner=10), impl
+            fn = functools.partial(jax.nn.dot_product_attention, implementation=impl)
+            return timed(fn, qt, kt, vt), impl
         except Exception as e:  # noqa: BLE001 - report which implementation ran
             print(f"jax.nn.dot_product_attention implementation={impl} failed: {type(e).__name__}")
     return float("nan"), "none"
+
+
+def timed(fn, *args):
+    """(device seconds per call, chained in one program; wall seconds of one jitted call,
+    host dispatch included) of fn(*args): see benchmarks.common.chained_seconds."""
+    wall = median_seconds(functools.partial(jax.jit(fn), *args), reps=20, inner=10)
+    return chained_seconds(fn, *args), wall
 
 
 def quantized_cache(policy, k, v, residual_tokens):
@@ -128,6 +135,8 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     rows = []
 
     def add(name, seconds, nbytes, err=None, **extra):
+        seconds, extra["ms_wall"] = (seconds if isinstance(seconds, tuple) else (seconds, None))
+        extra["ms_wall"] = extra["ms_wall"] and extra["ms_wall"] * 1e3
         row = {"kernel": name, "batch": batch, "context": context, "ms": seconds * 1e3,
                "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
                "of_ceiling": nbytes / seconds / bandwidth, "rel_error": err, **extra}
@@ -137,26 +146,25 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     xla = jax.jit(decode_attention)
     with jax.default_matmul_precision("highest"):  # float32 reference, as reference_attend
         reference = xla(*(x.astype(jnp.float32) for x in (q, k, v)), lengths)
-    timed = functools.partial(median_seconds, reps=20, inner=10)
-    add("xla_einsum_bf16", timed(lambda: xla(q, k, v, lengths)), dense_bytes)
+    add("xla_einsum_bf16", timed(decode_attention, q, k, v, lengths), dense_bytes)
     seconds, impl = cudnn_seconds(q, k, v)
     add(f"jax_dot_product_attention_{impl}_bf16", seconds, dense_bytes)
     add("torch_sdpa_bf16", torch_sdpa_seconds(q, k, v), dense_bytes)
 
-    ours = jax.jit(lambda q, k, v, n: merge_partials([kernel.decode_partials(q, (k,), (v,), n)], q.dtype))
-    add("kvjax_bf16", timed(lambda: ours(q, k, v, lengths)), dense_bytes,
-        rel_error(ours(q, k, v, lengths), reference))
+    ours = lambda q, k, v, n: merge_partials([kernel.decode_partials(q, (k,), (v,), n)], q.dtype)  # noqa: E731
+    add("kvjax_bf16", timed(ours, q, k, v, lengths), dense_bytes,
+        rel_error(jax.jit(ours)(q, k, v, lengths), reference))
 
     if "bf16" in sweep:
         sweep_kernel("bf16", q, ((k,), (v,)), lengths, None, None, add, sweep["bf16"])
-    attend = jax.jit(lambda c, q: c.attend(q))
+    attend = lambda q, c: c.attend(q)  # noqa: E731
     for name in names:
         policy = QUANTIZED[name]
         cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
         nbytes = q.nbytes + sum(x.nbytes for x in jax.tree.leaves(cache))
         with jax.default_matmul_precision("highest"):
-            err = rel_error(attend(cache, q), jax.jit(reference_attend)(cache, q))
-        add(f"kvjax_{name}", timed(lambda: attend(cache, q)), nbytes, err)
+            err = rel_error(jax.jit(attend)(q, cache), jax.jit(reference_attend)(cache, q))
+        add(f"kvjax_{name}", timed(attend, q, cache), nbytes, err)
         if name in sweep:
             sweep_kernel(name, q, ((cache.k_codes, cache.k_scale, cache.k_zero),
                                    (cache.v_codes, cache.v_scale, cache.v_zero)),

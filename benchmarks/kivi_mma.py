@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, median_seconds, write_result
+from benchmarks.common import chained_seconds, environment, median_seconds, write_result
+from benchmarks.kernels import quantized_cache
+from kvjax import policies
+from kvjax.cache import _partials
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
 from pallas_kernels import decode_attention as triton_kernel
@@ -74,6 +77,10 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
     kernels = {"mma": mma_kernel.decode_partials,
                "mma_2_stages": functools.partial(mma_kernel.decode_partials, stages=2),
                "mma_4_stages": functools.partial(mma_kernel.decode_partials, stages=4),
+               "mma_168_registers": functools.partial(mma_kernel.decode_partials,
+                                                      max_registers=168),
+               "mma_2_stages_168_registers": functools.partial(
+                   mma_kernel.decode_partials, stages=2, max_registers=168),
                "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
                                            v_spec=V_SPEC)}
     for parts in sweep:  # parts (warps) over the whole batch
@@ -82,10 +89,43 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
                                                           num_splits=splits)
     rows = []
     for name, fn in kernels.items():
-        fn = jax.jit(fn)
-        seconds = median_seconds(lambda: fn(q, k_parts, v_parts, lengths), reps=20, inner=10)
+        seconds = chained_seconds(fn, q, k_parts, v_parts, lengths)
+        wall = median_seconds(lambda: jax.jit(fn)(q, k_parts, v_parts, lengths), reps=20, inner=10)
         rows.append({"kernel": name, "batch": batch, "context": capacity, "ms": seconds * 1e3,
-                     "bytes": nbytes, "TBps": nbytes / seconds / 1e12})
+                     "ms_wall": wall * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def breakdown(batch, capacity, heads=8, group=4):
+    """Device time of each step of a KIVI 2-bit cache's attention op (cache.attend): the
+    kernel's inputs (q scaled, q.zero per key group), the MMA kernel with them, the residual's
+    partials, the merge; and the whole op."""
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    shape = (batch, heads, capacity, mma_kernel.HEAD_DIM)
+    k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
+    v = jax.random.normal(kv, shape, jnp.bfloat16)
+    q = jax.random.normal(kq, (batch, heads * group, 128), jnp.bfloat16)
+    policy = policies.kivi(2)
+    cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
+    del k, v
+    k_parts = cache.k_codes, cache.k_scale, cache.k_zero
+    v_parts = cache.v_codes, cache.v_scale, cache.v_zero
+    residual = (cache.k_residual,), (cache.v_residual,), cache.num_residual
+    parts = [mma_kernel.decode_partials(q, k_parts, v_parts, cache.num_quantized),
+             _partials(q, *residual)]
+    steps = {"attend": lambda q: cache.attend(q),
+             "kernel_inputs": lambda q: mma_kernel._inputs(q, k_parts, v_parts,
+                                                           cache.num_quantized),
+             "mma_partials": lambda q: mma_kernel.decode_partials(q, k_parts, v_parts,
+                                                                  cache.num_quantized),
+             "residual_partials": lambda q: _partials(q, *residual),
+             "merge": lambda q: merge_partials(parts, q.dtype)}
+    rows = []
+    for name, fn in steps.items():
+        rows.append({"step": name, "batch": batch, "context": capacity,
+                     "ms": chained_seconds(fn, q) * 1e3,
+                     "ms_wall": median_seconds(lambda: jax.jit(fn)(q), reps=20, inner=10) * 1e3})
         print(rows[-1], flush=True)
     return rows
 
@@ -96,6 +136,7 @@ def main():
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--sweep", default="", help="parts per launch to time, e.g. 2048,8192")
+    parser.add_argument("--breakdown", action="store_true", help="time the attention op's steps")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sweep = [int(x) for x in args.sweep.split(",") if x]
@@ -106,8 +147,9 @@ def main():
               check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8)]
     rows = [] if args.skip_timing else (timing(16, 32768, sweep=sweep)
                                            + timing(1, 131072, sweep=sweep))
+    steps = breakdown(16, 32768) if args.breakdown else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
-    write_result(name, {**environment(), "checks": checks, "timing": rows})
+    write_result(name, {**environment(), "checks": checks, "timing": rows, "breakdown": steps})
 
 
 if __name__ == "__main__":
