@@ -32,14 +32,15 @@ def median_seconds(fn, *, warmup=2, reps=10, inner=1):
 def chained_seconds(fn, first, *rest, iterations=20, reps=10):
     """Device seconds per call of fn(first, *rest), run `iterations` times in one jitted
     program (unrolled: no host round trip between calls), each call's first input perturbed
-    by a traced zero times an element of the last call's output so that XLA can neither
-    hoist nor merge the calls. This is how an op runs inside a compiled decode step: no host
+    by a traced zero times an element of each of the last call's outputs so that XLA can
+    neither hoist, merge nor drop the calls. This is how an op runs inside a compiled decode step: no host
     dispatch per op, which wall-clock timing of one jitted op charges when the op is short."""
     @jax.jit
     def chained(first, zero, *rest):
         for _ in range(iterations):
-            out = jax.tree.leaves(fn(first, *rest))[0]
-            first = first + (out.reshape(-1)[0] * zero).astype(first.dtype)
+            outs = jax.tree.leaves(fn(first, *rest))
+            tie = sum(out.reshape(-1)[0].astype(jnp.float32) for out in outs) * zero
+            first = first + tie.astype(first.dtype)
         return first
     zero = jnp.zeros((), jnp.float32)
     return median_seconds(lambda: chained(first, zero, *rest), reps=reps) / iterations

@@ -120,6 +120,8 @@ def breakdown(batch, capacity, heads=8, group=4):
              "mma_partials": lambda q: mma_kernel.decode_partials(q, k_parts, v_parts,
                                                                   cache.num_quantized),
              "residual_partials": lambda q: _partials(q, *residual),
+             "residual_partials_xla": lambda q: decode_partials(q, residual[0][0],
+                                                                residual[1][0], residual[2]),
              "merge": lambda q: merge_partials(parts, q.dtype)}
     rows = []
     for name, fn in steps.items():

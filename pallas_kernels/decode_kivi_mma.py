@@ -49,7 +49,6 @@ from jaxlib.mlir.dialects import arith, gpu, llvm, scf
 
 from kvjax.attention import EMPTY_MAX, LOG2_E
 from kvjax.quantization import QuantSpec
-from pallas_kernels.decode_attention import _key_zero_bias
 
 HEAD_DIM = 128
 GROUP = 32  # tokens per key group, channels per value group
@@ -57,6 +56,7 @@ BLOCK = 64  # tokens per loop step: 4 row tiles of 16, 2 key groups
 QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
 WARPS = 4  # parts per program (one warpgroup): one per warp
 STAGES = 3  # shared-memory stages per warp: blocks in flight while one computes
+RESCALE_AT = 8.0  # log2 of how far probabilities may exceed 1 before the maxima move
 SPEC = QuantSpec(bits=2, group=GROUP, per_channel=True), QuantSpec(bits=2, group=GROUP)
 
 # A 2-bit field at bit p (of a 16-bit half) after the word is shifted right by s: for the field
@@ -130,8 +130,25 @@ class _Mlir:
     fadd, fsub, fmul = staticmethod(arith.addf), staticmethod(arith.subf), staticmethod(arith.mulf)
     fmax = staticmethod(arith.maxnumf)
 
-    def fgt0(self, a):
-        return arith.cmpf(arith.CmpFPredicate.OGT, a, self.cf(0.0))
+    def fgt(self, a, b):
+        return arith.cmpf(arith.CmpFPredicate.OGT, a, b)
+
+    def any_lane(self, pred):
+        """Whether pred holds in any lane of the warp (the same answer in every lane)."""
+        ptx = ("{ .reg .pred p; setp.ne.u32 p, $1, 0; vote.sync.any.pred p, p, -1; "
+               "selp.u32 $0, 1, 0, p; }")
+        word = self._asm(ptx, [arith.extui(self.i32, pred)], "=r,r")
+        return arith.cmpi(arith.CmpIPredicate.ne, word, self.c(0))
+
+    def cond(self, pred, state, then):
+        """then(state) where pred (the same in every lane), else state."""
+        flat, tree = jax.tree.flatten(state)
+        branch = scf.IfOp(pred, [x.type for x in flat], has_else=True)
+        with ir.InsertionPoint(branch.then_block):
+            scf.YieldOp(jax.tree.leaves(then(state)))
+        with ir.InsertionPoint(branch.else_block):
+            scf.YieldOp(flat)
+        return jax.tree.unflatten(tree, list(branch.results))
 
     def as_f32(self, x):
         return arith.bitcast(self.f32, x)
@@ -143,6 +160,11 @@ class _Mlir:
         struct = llvm.inline_asm(llvm.StructType.get_literal([ty] * outs), list(args), ptx,
                                  constraints, has_side_effects=keep_order)
         return [llvm.extractvalue(ty, struct, [i]) for i in range(outs)]
+
+    def constants(self, x, n):
+        """n registers holding x: as an MMA's operand, n copies of one value were copied into
+        place before every MMA (ptxas), where n distinct ones stay put."""
+        return [self._asm(f"mov.b32 $0, {x};", [], "=r", keep_order=True) for _ in range(n)]
 
     def field(self, word, pos):
         mask = (3 << pos) | (3 << (pos + 16))
@@ -283,8 +305,15 @@ class _Numpy:
     fsub = lambda self, a, b: (a - b).astype(np.float32)  # noqa: E731
     fmul = lambda self, a, b: (a * b).astype(np.float32)  # noqa: E731
     fmax = lambda self, a, b: np.fmax(a, b)  # noqa: E731
-    fgt0 = lambda self, a: a > 0  # noqa: E731
+    fgt = lambda self, a, b: a > b  # noqa: E731
+    any_lane = lambda self, pred: np.full(32, np.any(pred))  # noqa: E731
+
+    def cond(self, pred, state, then):
+        return jax.tree.map(lambda new, old: np.where(pred, new, old), then(state), state)
     as_f32 = lambda self, x: np.asarray(x, np.uint32).view(np.float32)  # noqa: E731
+
+    def constants(self, x, n):
+        return [self.c(x) for _ in range(n)]
 
     def field(self, word, pos):
         return (word & np.uint32((3 << pos) | (3 << (pos + 16)))) | np.uint32(_MAGIC)
@@ -416,8 +445,8 @@ def _key_combo(step, kh):
 
 # A block's bytes in a warp's shared-memory stage: (offset, bytes) of each array's part.
 _STAGE = {"kc": (0, BLOCK * 32), "vc": (2048, BLOCK * 32), "ks": (4096, 2 * HEAD_DIM * 2),
-          "vs": (4608, BLOCK * 8), "vz": (5120, BLOCK * 8), "qz": (5632, 2 * QUERIES * 4)}
-STAGE_BYTES = 5760  # the above, rounded up to 128
+          "kz": (4608, 2 * HEAD_DIM * 2), "vs": (5120, BLOCK * 8), "vz": (5632, BLOCK * 8)}
+STAGE_BYTES = 6144  # the above
 
 
 def _stage(ops, lane_id, slabs, block, valid, stage):
@@ -426,13 +455,12 @@ def _stage(ops, lane_id, slabs, block, valid, stage):
     size = ops.select(valid, ops.c(16), ops.c(0))
     t0 = ops.mul(block, BLOCK)
     kg = ops.shr(t0, 5)
-    index = {"kc": t0, "vc": t0, "ks": kg, "vs": t0, "vz": t0, "qz": kg}
-    stride = {"kc": 32, "vc": 32, "ks": HEAD_DIM * 2, "vs": 8, "vz": 8, "qz": QUERIES * 4}
+    index = {"kc": t0, "vc": t0, "ks": kg, "kz": kg, "vs": t0, "vz": t0}
+    stride = {"kc": 32, "vc": 32, "ks": HEAD_DIM * 2, "kz": HEAD_DIM * 2, "vs": 8, "vz": 8}
     for name, (offset, nbytes) in _STAGE.items():
-        chunk = ops.band(lane_id, 1) if nbytes < 512 else lane_id  # qz: 2 chunks, twice over
-        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), ops.mul(chunk, 16))
-        target = ops.add(stage, ops.add(ops.mul(chunk, 16), offset))
-        for j in range(max(1, nbytes // 512)):
+        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), ops.mul(lane_id, 16))
+        target = ops.add(stage, ops.add(ops.mul(lane_id, 16), offset))
+        for j in range(nbytes // 512):
             ops.copy_async(ops.add(target, 512 * j), ops.at(start, 512 * j), size)
     ops.commit()
 
@@ -446,16 +474,14 @@ class _Staged:
         self.ops = ops
         self.kc_at = at("kc", ops.add(ops.mul(lane.r, 32), ops.mul(lane.l4, 8)))
         self.vc_at = at("vc", ops.add(ops.mul(lane.l4, 64), ops.mul(lane.r, 4)))
-        self.ks_at, self.qz_at = at("ks", ops.mul(lane.l4, 16)), at("qz", ops.mul(lane.q0, 4))
+        self.key_stats_at = {name: at(name, ops.mul(lane.l4, 16)) for name in ("ks", "kz")}
         self.stats_at = {"vs": at("vs", ops.mul(lane.r, 8)), "vz": at("vz", ops.mul(lane.r, 8))}
 
-    def ks(self, half):
-        """[f]: channels 32 f + 8 l4 + [0, 8) of key group t0 / 32 + half's scales."""
-        return [self.ops.load_shared(self.ks_at, 4, HEAD_DIM * 2 * half + 64 * f)
+    def key_stats(self, name, half):
+        """[f][j]: channels 32 f + 8 l4 + 2 j + (0, 1) of key group t0 / 32 + half's scales
+        ("ks") or zeros ("kz")."""
+        return [self.ops.load_shared(self.key_stats_at[name], 4, HEAD_DIM * 2 * half + 64 * f)
                 for f in range(4)]
-
-    def qz(self, half):
-        return self.ops.load_shared(self.qz_at, 2, QUERIES * 4 * half)
 
     def kc(self, t):
         """[rh]: bytes 8 l4 + [0, 8) of token row t0 + 16 t + 8 rh + r."""
@@ -484,14 +510,35 @@ def _key_operands(ops, qf_regs, scales):
     return b
 
 
-def _key_scores(ops, qf_regs, words):
+def _key_zero_terms(ops, qf_regs, words):
+    """q.zero of the block's two key groups, for the accumulator registers: [group 0 at query
+    columns q0, q0 + 1, group 1 at the same]. The MMAs do both groups at once: their rows r
+    and r + 8 are the two groups' zeros (every row of a group the same), their B operand the
+    q * 4^-f of the key MMAs. Words of one factor 4^f (channel parity x, field f: words x and
+    x + 2 of f) share an MMA and an accumulator; the sums are added times their factors."""
+    zeros = [words.key_stats("kz", g) for g in range(2)]  # [g][f][j]
+    sums = {}  # factor -> accumulator
+    for f in range(4):
+        for x in range(2):
+            j = (x, x + 2)
+            a = [zeros[0][f][j[0]], zeros[1][f][j[0]], zeros[0][f][j[1]], zeros[1][f][j[1]]]
+            factor = float(_code_factor(x, f))
+            sums[factor] = ops.mma(a, [qf_regs[f][j[0]], qf_regs[f][j[1]]],
+                                   sums.get(factor, [ops.cf(0.0)] * 4))
+    total = sums.pop(1.0)
+    for factor, acc in sums.items():
+        total = [ops.fma(x, ops.cf(factor), t) for x, t in zip(acc, total)]
+    return total
+
+
+def _key_scores(ops, qf_regs, words, neg128):
     """Unscaled scores of the block's 64 tokens: 4 tiles of accumulator registers, token rows
     r and r + 8, query columns q0 and q0 + 1."""
-    neg128 = [ops.c(_NEG128)] * 4
+    zero_terms = _key_zero_terms(ops, qf_regs, words)
     scores = []
     for half in range(2):
-        b = _key_operands(ops, qf_regs, words.ks(half))
-        zb = [ops.as_f32(w) for w in words.qz(half)]
+        b = _key_operands(ops, qf_regs, words.key_stats("ks", half))
+        zb = zero_terms[2 * half:2 * half + 2]
         start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 128 * sum(B), every row
         for step in range(8):
             start = ops.mma(neg128, b[step], start)
@@ -508,10 +555,11 @@ def _key_scores(ops, qf_regs, words):
     return scores
 
 
-def _block(ops, lane, qf_regs, length, t0, words, state):
-    """One block of 64 tokens (its words staged, _Staged): the online-softmax state after."""
+def _block(ops, lane, qf_regs, neg128, length, t0, words, state):
+    """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
+    neg128: 4 registers of bf16 -128 pairs, the A operand of the offset MMAs."""
     o, c_off, s_zero, m, l = state
-    scores = _key_scores(ops, qf_regs, words)
+    scores = _key_scores(ops, qf_regs, words, neg128)
     # Online softmax in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
     scale = ops.cf(HEAD_DIM ** -0.5 * LOG2_E)
     neg_inf = ops.cf(-np.inf)
@@ -519,26 +567,39 @@ def _block(ops, lane, qf_regs, length, t0, words, state):
         for reg in range(4):
             token = ops.add(ops.add(t0, 16 * t + 8 * (reg // 2)), lane.r)
             scores[t][reg] = ops.select(ops.lt(token, length), scores[t][reg], neg_inf)
-    m_new, corr, p = [], [], [[None] * 4 for _ in range(4)]
+    m_new = []
     for e in range(2):
         block_max = functools.reduce(ops.fmax, [scores[t][reg] for t in range(4)
                                                 for reg in (e, e + 2)])
         for d in (4, 8, 16):
             block_max = ops.fmax(block_max, ops.shfl(block_max, d))
         m_new.append(ops.fmax(m[e], ops.fmul(block_max, scale)))
-        corr.append(ops.exp2(ops.fsub(m[e], m_new[e])))
-        neg_m = ops.fsub(ops.cf(0.0), m_new[e])
+
+    def rescale(state):  # to the new maxima
+        o, c_off, s_zero, l, m = state
+        corr = [ops.exp2(ops.fsub(m[e], m_new[e])) for e in range(2)]
+        return ([[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(tile)] for tile in o],
+                [[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(acc)] for acc in c_off],
+                [[ops.fmul(s_zero[e][a], corr[e]) for a in range(2)] for e in range(2)],
+                [ops.fmul(l[e], corr[e]) for e in range(2)], m_new)
+
+    # The running maxima move only when a block's exceeds them by RESCALE_AT (a warp-wide
+    # choice): below that the probabilities stay under 2^RESCALE_AT, and most blocks of a long
+    # context skip the 46 multiplies of the rescale.
+    growth = ops.fmax(ops.fsub(m_new[0], m[0]), ops.fsub(m_new[1], m[1]))
+    o, c_off, s_zero, l, m = ops.cond(ops.any_lane(ops.fgt(growth, ops.cf(RESCALE_AT))),
+                                      (o, c_off, s_zero, l, m), rescale)
+    p = [[None] * 4 for _ in range(4)]
+    for e in range(2):
+        neg_m = ops.fsub(ops.cf(0.0), m[e])
         for t in range(4):
             for reg in (e, e + 2):
                 p[t][reg] = ops.exp2(ops.fma(scores[t][reg], scale, neg_m))
-    l = [functools.reduce(ops.fadd, [p[t][reg] for t in range(4) for reg in (e, e + 2)],
-                          ops.fmul(l[e], corr[e])) for e in range(2)]
-    o = [[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(tile)] for tile in o]
-    c_off = [[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(acc)] for acc in c_off]
-    s_zero = [[ops.fmul(s_zero[e][a], corr[e]) for a in range(2)] for e in range(2)]
+    l = [functools.reduce(ops.fadd, [p[t][reg] for t in range(4) for reg in (e, e + 2)], l[e])
+         for e in range(2)]
     # Values: 16 tokens (one score tile) per MMA step.
     pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
-    zero, neg128 = ops.c(0), [ops.c(_NEG128)] * 4
+    zero = ops.c(0)
     for t in range(4):
         # [rh] -> (scales of value groups half, 2 + half), (zeros of the same)
         raw = {name: words.stats(name, t) for name in ("vs", "vz")}
@@ -561,7 +622,7 @@ def _block(ops, lane, qf_regs, length, t0, words, state):
                 regs = [_extract(ops, xs[kh][beta // 2], beta % 2, 2 * a + rh)
                         for kh in range(2) for rh in range(2)]  # a0 a1 a2 a3
                 o[2 * beta + a] = ops.mma(regs, b_v[a], o[2 * beta + a])
-    return o, c_off, s_zero, m_new, l
+    return o, c_off, s_zero, m, l
 
 
 def _epilogue(ops, lane, state, o_base, m_base, l_base):
@@ -585,7 +646,7 @@ def _epilogue(ops, lane, state, o_base, m_base, l_base):
                 index = ops.add(ops.mul(ops.add(lane.q0, e), HEAD_DIM), channel)
                 ops.store_f32(ops.at(o_base, ops.mul(index, 4)), value)
     for e in range(2):  # every lane writes its columns' m and l: equal values, same places
-        m_out = ops.select(ops.fgt0(l[e]), ops.fmul(m[e], ops.cf(1 / LOG2_E)), ops.cf(EMPTY_MAX))
+        m_out = ops.select(ops.fgt(l[e], ops.cf(0.0)), ops.fmul(m[e], ops.cf(1 / LOG2_E)), ops.cf(EMPTY_MAX))
         offset = ops.mul(ops.add(lane.q0, e), 4)
         ops.store_f32(ops.at(m_base, offset), m_out)
         ops.store_f32(ops.at(l_base, offset), l[e])
@@ -593,16 +654,16 @@ def _epilogue(ops, lane, state, o_base, m_base, l_base):
 
 def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stages):
     """One warp's part (batch row and KV head b * Hkv + h, split): refs are the addresses of
-    lengths, qf, qz, k codes, k scales, v codes, v scales, v zeros, o, m, l; shared the
+    lengths, qf, k codes, k scales, k zeros, v codes, v scales, v zeros, o, m, l; shared the
     warp's `stages` shared-memory stages, a ring the next blocks are copied into while one
     computes."""
-    lengths, qf, qz, k_codes, k_scale, v_codes, v_scale, v_zero, o_ref, m_ref, l_ref = refs
+    lengths, qf, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, o_ref, m_ref, l_ref = refs
     split = ops.rem(part, num_splits)
     bh = ops.div(part, num_splits)
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
     slabs = {"kc": ops.at_wide(k_codes, bh, capacity * 32),
              "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
-             "qz": ops.at_wide(qz, bh, capacity // GROUP * QUERIES * 4),
+             "kz": ops.at_wide(k_zero, bh, capacity // GROUP * HEAD_DIM * 2),
              "vc": ops.at_wide(v_codes, bh, capacity * 32),
              "vs": ops.at_wide(v_scale, bh, capacity * 8),
              "vz": ops.at_wide(v_zero, bh, capacity * 8)}
@@ -623,13 +684,15 @@ def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stage
     for j in range(stages - 1):
         stage_block(ops.add(first, j))
 
+    neg128 = ops.constants(_NEG128, 4)
+
     def body(i, state):
         ops.sync_warp()  # every lane is done with the stage about to be refilled
         stage_block(ops.add(i, stages - 1))
         ops.wait(stages - 1)
         slot = ops.rem(ops.sub(i, first), stages)
         words = _Staged(ops, lane, ops.add(shared, ops.mul(slot, STAGE_BYTES)))
-        return _block(ops, lane, qf_regs, length, ops.mul(i, BLOCK), words, state)
+        return _block(ops, lane, qf_regs, neg128, length, ops.mul(i, BLOCK), words, state)
 
     zero = ops.cf(0.0)
     state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
@@ -661,14 +724,13 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages, max_registers):
 
 
 def _inputs(q, k_parts, v_parts, lengths):
-    """The kernel's inputs: lengths, q * 4^-f (bf16, exact), q.zero per key group, the cache."""
+    """The kernel's inputs: lengths, q * 4^-f (bf16, exact), the cache."""
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
     g = Hq // Hkv
     q4 = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, QUERIES - g), (0, 0)))
     qf = (q4.astype(jnp.float32) * key_query_factor()).astype(jnp.bfloat16)
-    qz = _key_zero_bias(q4, k_parts[2])  # [B, Hkv, S // 32, 4]
-    return (lengths.astype(jnp.int32), qf, qz, k_parts[0], k_parts[1], *v_parts)
+    return (lengths.astype(jnp.int32), qf, *k_parts, *v_parts)
 
 
 def emulate(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES):
@@ -676,7 +738,7 @@ def emulate(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES):
     tests check against the reference, since interpret mode cannot run the kernel's PTX."""
     inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths)]
     B, Hkv = inputs[0].shape
-    S = inputs[3].shape[2]
+    S = inputs[2].shape[2]
     num_splits = num_splits or default_splits(B, Hkv, S)
     shapes = _out_shapes(B, Hkv, num_splits)
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]

@@ -128,13 +128,18 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
     assert kernels_fit(head_dim, *specs) == fits
 
 
-@pytest.mark.parametrize("hq, hkv, capacity, num_splits", [(4, 1, 64, 1), (8, 2, 256, 2),
-                                                          (6, 3, 192, 3), (2, 2, 320, 4)])
-def test_kivi_mma_kernel_matches_reference(rng, hq, hkv, capacity, num_splits):
+@pytest.mark.parametrize("hq, hkv, capacity, num_splits, rescale_at", [
+    (4, 1, 64, 1, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 2, 0.0),
+    (6, 3, 192, 3, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 4, 0.0)])
+def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, num_splits,
+                                           rescale_at):
     """The MMA kernel for KIVI 2-bit caches, its own code run lane by lane on the CPU
     (decode_kivi_mma.emulate: interpret mode cannot run its PTX), vs the float32 reference:
     GQA groups of 4, 2 and 1, an empty head, lengths off the 64-token blocks, splits that
-    leave some parts empty. The tolerance is the bf16 one (q times the key scales rounds)."""
+    leave some parts empty; the running maxima moved only past RESCALE_AT (the kernel's
+    default), or whenever they grow (0). The tolerance is the bf16 one (q times the key
+    scales rounds)."""
+    monkeypatch.setattr(decode_kivi_mma, "RESCALE_AT", rescale_at)
     k_spec, v_spec = decode_kivi_mma.SPEC
     B, D = 2, 128
     q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
