@@ -563,10 +563,13 @@ def _block(ops, lane, qf_regs, neg128, length, t0, words, state):
     # Online softmax in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
     scale = ops.cf(HEAD_DIM ** -0.5 * LOG2_E)
     neg_inf = ops.cf(-np.inf)
-    for t in range(4):
-        for reg in range(4):
-            token = ops.add(ops.add(t0, 16 * t + 8 * (reg // 2)), lane.r)
-            scores[t][reg] = ops.select(ops.lt(token, length), scores[t][reg], neg_inf)
+
+    def mask(scores):  # tokens past the length
+        token = ops.add(t0, lane.r)
+        return [[ops.select(ops.lt(ops.add(token, 16 * t + 8 * (reg // 2)), length), x, neg_inf)
+                 for reg, x in enumerate(tile)] for t, tile in enumerate(scores)]
+
+    scores = ops.cond(ops.lt(length, ops.add(t0, BLOCK)), scores, mask)  # only the last block
     m_new = []
     for e in range(2):
         block_max = functools.reduce(ops.fmax, [scores[t][reg] for t in range(4)
@@ -646,7 +649,8 @@ def _epilogue(ops, lane, state, o_base, m_base, l_base):
                 index = ops.add(ops.mul(ops.add(lane.q0, e), HEAD_DIM), channel)
                 ops.store_f32(ops.at(o_base, ops.mul(index, 4)), value)
     for e in range(2):  # every lane writes its columns' m and l: equal values, same places
-        m_out = ops.select(ops.fgt(l[e], ops.cf(0.0)), ops.fmul(m[e], ops.cf(1 / LOG2_E)), ops.cf(EMPTY_MAX))
+        m_out = ops.select(ops.fgt(l[e], ops.cf(0.0)), ops.fmul(m[e], ops.cf(1 / LOG2_E)),
+                           ops.cf(EMPTY_MAX))
         offset = ops.mul(ops.add(lane.q0, e), 4)
         ops.store_f32(ops.at(m_base, offset), m_out)
         ops.store_f32(ops.at(l_base, offset), l[e])
