@@ -37,6 +37,7 @@ and a capacity that is a multiple of 64 (`fits`); decode_attention.py takes the 
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,18 +57,41 @@ BLOCK = 64  # tokens per loop step: 4 row tiles of 16, 2 key groups
 QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
 WARPS = 4  # parts per program (one warpgroup): one per warp
 STAGES = 3  # shared-memory stages per warp: blocks in flight while one computes
-RESCALE_AT = 8.0  # log2 of how far probabilities may exceed 1 before the maxima move
+# log2 of how far probabilities may exceed 1 before the running maxima move: 8 skipped more
+# rescales but doubled the error against the float32 reference (4.5e-3 vs 2.2e-3, emulated).
+RESCALE_AT = 2.0
 SPEC = QuantSpec(bits=2, group=GROUP, per_channel=True), QuantSpec(bits=2, group=GROUP)
 
-# A 2-bit field at bit p (of a 16-bit half) after the word is shifted right by s: for the field
-# at half-word bit position 8 * x + 2 * f (byte x of the half, field f): (s, bit position left).
-# Only bits 0-5 sit under the mantissa of 128.0 as they are (bit 7 is the exponent's).
-_FIELD_AT = {(x, f): ((0, 2 * f) if 8 * x + 2 * f < 6 else
-                      (6, 8 * x + 2 * f - 6) if 8 * x + 2 * f < 12 else
-                      (12, 8 * x + 2 * f - 12))
-             for x in (0, 1) for f in range(4)}
-_MAGIC = 0x43004300  # bf16 128.0 in both halves
-_NEG128 = 0xC300C300  # bf16 -128.0 in both halves
+KEY_STATS_FACTOR = 2.0 ** -8  # key scales and zeros in f16 are this times their value
+
+
+class _Half(NamedTuple):
+    """A 16-bit float type the codes convert to: a code put under the mantissa of `magic`
+    (2^mantissa, in both halves of a word) reads as magic + code, exactly."""
+    ptx: str
+    magic: int
+    mantissa: int
+
+    @property
+    def neg_magic(self):  # -magic in both halves
+        return self.magic | 0x80008000
+
+    @property
+    def step(self):
+        """Bits a word shifts right by to bring its next fields under the mantissa."""
+        return self.mantissa // 2 * 2
+
+    def field_at(self, x, f):
+        """(shift, bit position left) of the 2-bit field at half-word bit 8 x + 2 f (byte x of
+        the half, field f)."""
+        position = 8 * x + 2 * f
+        shift = position // self.step * self.step
+        return shift, position - shift
+
+
+# Keys convert to f16, whose 11 significant bits hold q times the key scales 8 times more
+# precisely than bf16 (the error of bf16 there reached 1e-2 of the output); values to bf16.
+KEYS, VALUES = _Half("f16", 0x64006400, 10), _Half("bf16", 0x43004300, 7)
 
 
 def fits(q, lengths, k_spec, v_spec, capacity: int) -> bool:
@@ -78,22 +102,22 @@ def fits(q, lengths, k_spec, v_spec, capacity: int) -> bool:
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
 
 
-def _code_factor(channel_parity, field):
-    """4^f of the value 128 + 4^f * code that a code at (byte parity, field) converts to."""
+def _code_factor(half: _Half, channel_parity, field):
+    """2^p of the value magic + 2^p * code that a code at (byte parity, field) converts to."""
     x = np.asarray(channel_parity)
-    return 4.0 ** np.vectorize(lambda x, f: _FIELD_AT[(int(x), int(f))][1] // 2)(x, field)
+    return 2.0 ** np.vectorize(lambda x, f: half.field_at(int(x), int(f))[1])(x, field)
 
 
 def key_query_factor() -> np.ndarray:
-    """[128] 4^-f of each channel, as q is scaled before the key MMA (see _key_operands)."""
+    """[128] 2^-p of each channel, as q is scaled before the key MMA (see _key_operands)."""
     c = np.arange(HEAD_DIM)
-    return 1.0 / _code_factor((c >> 1) & 1, c >> 5)
+    return 1.0 / _code_factor(KEYS, (c >> 1) & 1, c >> 5)
 
 
 def value_factor() -> np.ndarray:
-    """[128] 4^-f of each channel's value codes."""
+    """[128] 2^-p of each channel's value codes."""
     c = np.arange(HEAD_DIM)
-    return 1.0 / _code_factor(c & 1, c >> 5)
+    return 1.0 / _code_factor(VALUES, c & 1, c >> 5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +145,7 @@ class _Mlir:
         return lambda self, a, b: op(a, self._int(b))
 
     add, mul, sub = _int_op(arith.addi), _int_op(arith.muli), _int_op(arith.subi)
-    shr, band = _int_op(arith.shrui), _int_op(arith.andi)
+    shr, shl, band = _int_op(arith.shrui), _int_op(arith.shli), _int_op(arith.andi)
     rem, div = _int_op(arith.remui), _int_op(arith.divui)
     lt = _int_op(functools.partial(arith.cmpi, arith.CmpIPredicate.slt))
     del _int_op
@@ -166,29 +190,31 @@ class _Mlir:
         place before every MMA (ptxas), where n distinct ones stay put."""
         return [self._asm(f"mov.b32 $0, {x};", [], "=r", keep_order=True) for _ in range(n)]
 
-    def field(self, word, pos):
+    def field(self, word, pos, half: _Half):
         mask = (3 << pos) | (3 << (pos + 16))
-        return self._asm(f"lop3.b32 $0, $1, {mask}, {_MAGIC}, 0xEA;", [word], "=r,r")
+        return self._asm(f"lop3.b32 $0, $1, {mask}, {half.magic}, 0xEA;", [word], "=r,r")
 
     def prmt(self, a, b, selector):
         if isinstance(selector, int):
             return self._asm(f"prmt.b32 $0, $1, $2, {selector};", [a, b], "=r,r,r")
         return self._asm("prmt.b32 $0, $1, $2, $3;", [a, b, selector], "=r,r,r,r")
 
-    def mma(self, a, b, acc):
-        ptx = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, "
-               "{$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+    def mma(self, a, b, acc, half: _Half):
+        ptx = (f"mma.sync.aligned.m16n8k16.row.col.f32.{half.ptx}.{half.ptx}.f32 "
+               "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
         return self._asm(ptx, [*a, *b, *acc], "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", outs=4,
                          ty=self.f32)
 
     def movmatrix(self, x):
         return self._asm("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", [x], "=r,r")
 
-    def pack_bf16(self, hi, lo):
-        return self._asm("cvt.rn.bf16x2.f32 $0, $1, $2;", [hi, lo], "=r,f,f")
+    def pack(self, hi, lo, half: _Half):
+        """Two f32 rounded to a pair (f16 saturates at its largest finite magnitude)."""
+        saturate = ".satfinite" if half.ptx == "f16" else ""
+        return self._asm(f"cvt.rn{saturate}.{half.ptx}x2.f32 $0, $1, $2;", [hi, lo], "=r,f,f")
 
-    def mul_bf16x2(self, a, b):
-        return self._asm("mul.rn.bf16x2 $0, $1, $2;", [a, b], "=r,r,r")
+    def mul_x2(self, a, b, half: _Half):
+        return self._asm(f"mul.rn.{half.ptx}x2 $0, $1, $2;", [a, b], "=r,r,r")
 
     def exp2(self, x):
         return self._asm("ex2.approx.ftz.f32 $0, $1;", [x], "=f,f", ty=self.f32)
@@ -250,6 +276,13 @@ class _Mlir:
     def load_shared(self, address, words, offset=0):
         return self.load(address, words, offset, space="shared")
 
+    def store_shared(self, address, words):
+        """32-bit words to shared memory (a 32-bit address), in program order."""
+        regs = ",".join(f"${i}" for i in range(2, len(words) + 2))
+        ptx = f"st.shared.v{len(words)}.u32 [$1], {{{regs}}};"
+        self._asm(ptx, [address, *words], ",".join(["=r"] + ["r"] * (len(words) + 1)),
+                  keep_order=True)
+
     def loop(self, first, last, state, body):
         flat, tree = jax.tree.flatten(state)
         loop = scf.ForOp(first, last, self.c(1), flat)
@@ -260,15 +293,21 @@ class _Mlir:
         return jax.tree.unflatten(tree, list(loop.results))
 
 
-def _bf16_bits(x):
-    """float32 -> bfloat16 bits (round to nearest even), as uint32."""
-    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+_NUMPY_TYPE = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}
 
 
-def _bf16_halves(x):
-    """uint32 bf16 pairs -> (low, high) float64."""
+def _bits(x, half: _Half):
+    """float -> the half's bits (round to nearest even; f16 saturating), as uint32."""
+    x = np.asarray(x, np.float32)
+    if half.ptx == "f16":
+        x = np.clip(x, -65504, 65504)
+    return x.astype(_NUMPY_TYPE[half.ptx]).view(np.uint16).astype(np.uint32)
+
+
+def _halves(x, half: _Half):
+    """uint32 pairs of the half type -> (low, high) float64."""
     x = np.asarray(x, np.uint32)
-    to_f = lambda h: (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+    to_f = lambda h: h.astype(np.uint16).view(_NUMPY_TYPE[half.ptx]).astype(np.float64)  # noqa: E731
     return to_f(x & 0xFFFF), to_f(x >> 16)
 
 
@@ -291,6 +330,7 @@ class _Numpy:
     mul = lambda self, a, b: (a * self._int(b)).astype(np.uint32)  # noqa: E731
     sub = lambda self, a, b: (a - self._int(b)).astype(np.uint32)  # noqa: E731
     shr = lambda self, a, s: a >> np.uint32(s)  # noqa: E731
+    shl = lambda self, a, s: (a << np.uint32(s)).astype(np.uint32)  # noqa: E731
     band = lambda self, a, b: a & self._int(b)  # noqa: E731
     rem = lambda self, a, n: a % np.uint32(n)  # noqa: E731
     div = lambda self, a, n: a // np.uint32(n)  # noqa: E731
@@ -315,8 +355,8 @@ class _Numpy:
     def constants(self, x, n):
         return [self.c(x) for _ in range(n)]
 
-    def field(self, word, pos):
-        return (word & np.uint32((3 << pos) | (3 << (pos + 16)))) | np.uint32(_MAGIC)
+    def field(self, word, pos, half: _Half):
+        return (word & np.uint32((3 << pos) | (3 << (pos + 16)))) | np.uint32(half.magic)
 
     def prmt(self, a, b, selector):
         source = np.stack([(a >> np.uint32(8 * i)) & 0xFF for i in range(4)]
@@ -328,15 +368,15 @@ class _Numpy:
             out |= source[pick, np.arange(32)] << np.uint32(8 * i)
         return out
 
-    def mma(self, a, b, acc):
+    def mma(self, a, b, acc, half: _Half):
         lane = np.arange(32)
         r, col = lane // 4, 2 * (lane % 4)
         A, B, C = np.zeros((16, 16)), np.zeros((16, 8)), np.zeros((16, 8))
         for reg, (dr, dc) in zip(a, [(0, 0), (8, 0), (0, 8), (8, 8)]):
-            lo, hi = _bf16_halves(reg)
+            lo, hi = _halves(reg, half)
             A[r + dr, col + dc], A[r + dr, col + dc + 1] = lo, hi
         for reg, dk in zip(b, (0, 8)):
-            lo, hi = _bf16_halves(reg)
+            lo, hi = _halves(reg, half)
             B[col + dk, r], B[col + dk + 1, r] = lo, hi
         spots = [(0, 0), (0, 1), (8, 0), (8, 1)]
         for reg, (dr, dc) in zip(acc, spots):
@@ -352,12 +392,15 @@ class _Numpy:
         T = M.T
         return T[lane // 4, 2 * (lane % 4)] | (T[lane // 4, 2 * (lane % 4) + 1] << np.uint32(16))
 
-    def pack_bf16(self, hi, lo):
-        return _bf16_bits(lo) | (_bf16_bits(hi) << np.uint32(16))
+    def pack(self, hi, lo, half: _Half):
+        return _bits(lo, half) | (_bits(hi, half) << np.uint32(16))
 
-    def mul_bf16x2(self, a, b):
-        (a_lo, a_hi), (b_lo, b_hi) = _bf16_halves(a), _bf16_halves(b)
-        return self.pack_bf16(a_hi * b_hi, a_lo * b_lo)
+    def mul_x2(self, a, b, half: _Half):
+        (a_lo, a_hi), (b_lo, b_hi) = _halves(a, half), _halves(b, half)
+        with np.errstate(over="ignore"):  # f16 products past its range are inf, as on the GPU
+            hi, lo = (x.astype(_NUMPY_TYPE[half.ptx]) for x in (a_hi * b_hi, a_lo * b_lo))
+        return (lo.view(np.uint16).astype(np.uint32)
+                | (hi.view(np.uint16).astype(np.uint32) << np.uint32(16)))
 
     def exp2(self, x):
         with np.errstate(over="ignore"):
@@ -404,6 +447,10 @@ class _Numpy:
     def load_shared(self, address, words, offset=0):
         return self.load(address, words, offset)
 
+    def store_shared(self, address, words):
+        data = np.stack(words, axis=1).astype(np.uint32).view(np.uint8).reshape(32, -1)
+        self.memory[np.asarray(address, np.int64)[:, None] + np.arange(data.shape[1])] = data
+
     def loop(self, first, last, state, body):
         for i in range(int(first[0]), int(last[0])):
             state = body(self.c(i), state)
@@ -426,14 +473,15 @@ class _Lane:
         self.b_query = ops.band(self.r, 3)  # query of B-operand column r (r >= 4: again)
 
 
-def _shifted(ops, word):
-    """word >> 0, 6, 12: every 2-bit field of a half-word brought below bit 6 (_FIELD_AT)."""
-    return {s: word if s == 0 else ops.shr(word, s) for s in (0, 6, 12)}
+def _shifted(ops, word, half: _Half):
+    """word >> multiples of half.step: every 2-bit field of a half-word brought under the
+    mantissa in one of them (_Half.field_at)."""
+    return {s: word if s == 0 else ops.shr(word, s) for s in range(0, 16, half.step)}
 
 
-def _extract(ops, shifted, x, f):
-    shift, pos = _FIELD_AT[(x, f)]
-    return ops.field(shifted[shift], pos)
+def _extract(ops, shifted, x, f, half: _Half):
+    shift, pos = half.field_at(x, f)
+    return ops.field(shifted[shift], pos, half)
 
 
 def _key_combo(step, kh):
@@ -463,6 +511,21 @@ def _stage(ops, lane_id, slabs, block, valid, stage):
         for j in range(nbytes // 512):
             ops.copy_async(ops.add(target, 512 * j), ops.at(start, 512 * j), size)
     ops.commit()
+
+
+def _key_stats_to_f16(ops, lane_id, stage):
+    """Rewrites a stage's key scales and zeros, bf16 as copied, as f16 times KEY_STATS_FACTOR
+    (saturating): each lane 16 bytes of each. The factor keeps q times a scale inside f16's
+    range up to |q * scale| = 2^24, where f16 would overflow at 65504; the scores undo it in
+    the softmax scale."""
+    factor = ops.cf(KEY_STATS_FACTOR)
+    for name in ("ks", "kz"):
+        address = ops.add(stage, ops.add(ops.mul(lane_id, 16), _STAGE[name][0]))
+        words = [ops.pack(ops.fmul(ops.as_f32(ops.band(w, 0xFFFF0000)), factor),
+                          ops.fmul(ops.as_f32(ops.shl(w, 16)), factor), KEYS)
+                 for w in ops.load_shared(address, 4)]
+        ops.store_shared(address, words)
+    ops.sync_warp()  # every lane's words written before any lane reads them
 
 
 class _Staged:
@@ -505,7 +568,7 @@ def _key_operands(ops, qf_regs, scales):
         pair = []
         for kh in range(2):
             i, x, f = _key_combo(step, kh)
-            pair.append(ops.mul_bf16x2(qf_regs[f][2 * i + x], scales[f][2 * i + x]))
+            pair.append(ops.mul_x2(qf_regs[f][2 * i + x], scales[f][2 * i + x], KEYS))
         b.append(pair)
     return b
 
@@ -514,7 +577,7 @@ def _key_zero_terms(ops, qf_regs, words):
     """q.zero of the block's two key groups, for the accumulator registers: [group 0 at query
     columns q0, q0 + 1, group 1 at the same]. The MMAs do both groups at once: their rows r
     and r + 8 are the two groups' zeros (every row of a group the same), their B operand the
-    q * 4^-f of the key MMAs. Words of one factor 4^f (channel parity x, field f: words x and
+    q * 2^-p of the key MMAs. Words of one factor 2^p (channel parity x, field f: words x and
     x + 2 of f) share an MMA and an accumulator; the sums are added times their factors."""
     zeros = [words.key_stats("kz", g) for g in range(2)]  # [g][f][j]
     sums = {}  # factor -> accumulator
@@ -522,46 +585,46 @@ def _key_zero_terms(ops, qf_regs, words):
         for x in range(2):
             j = (x, x + 2)
             a = [zeros[0][f][j[0]], zeros[1][f][j[0]], zeros[0][f][j[1]], zeros[1][f][j[1]]]
-            factor = float(_code_factor(x, f))
+            factor = float(_code_factor(KEYS, x, f))
             sums[factor] = ops.mma(a, [qf_regs[f][j[0]], qf_regs[f][j[1]]],
-                                   sums.get(factor, [ops.cf(0.0)] * 4))
+                                   sums.get(factor, [ops.cf(0.0)] * 4), KEYS)
     total = sums.pop(1.0)
     for factor, acc in sums.items():
         total = [ops.fma(x, ops.cf(factor), t) for x, t in zip(acc, total)]
     return total
 
 
-def _key_scores(ops, qf_regs, words, neg128):
-    """Unscaled scores of the block's 64 tokens: 4 tiles of accumulator registers, token rows
-    r and r + 8, query columns q0 and q0 + 1."""
+def _key_scores(ops, qf_regs, words, neg_magic):
+    """Scores of the block's 64 tokens times KEY_STATS_FACTOR, unscaled: 4 tiles of
+    accumulator registers, token rows r and r + 8, query columns q0 and q0 + 1."""
     zero_terms = _key_zero_terms(ops, qf_regs, words)
     scores = []
-    for half in range(2):
-        b = _key_operands(ops, qf_regs, words.key_stats("ks", half))
-        zb = zero_terms[2 * half:2 * half + 2]
-        start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 128 * sum(B), every row
+    for g in range(2):  # key groups
+        b = _key_operands(ops, qf_regs, words.key_stats("ks", g))
+        zb = zero_terms[2 * g:2 * g + 2]
+        start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
         for step in range(8):
-            start = ops.mma(neg128, b[step], start)
+            start = ops.mma(neg_magic, b[step], start, KEYS)
         for tile in range(2):
             # [rh][i]: bytes 8 l4 + 4 i + (0, 2, 1, 3) of token row + 8 rh, shifted
-            shifted = [[_shifted(ops, ops.prmt(x, x, 0x3120)) for x in w]
-                       for w in words.kc(2 * half + tile)]
+            shifted = [[_shifted(ops, ops.prmt(x, x, 0x3120), KEYS) for x in w]
+                       for w in words.kc(2 * g + tile)]
             acc = start
             for step in range(8):
-                a = [_extract(ops, shifted[rh][i], x, f)
+                a = [_extract(ops, shifted[rh][i], x, f, KEYS)
                      for i, x, f in (_key_combo(step, kh) for kh in range(2)) for rh in range(2)]
-                acc = ops.mma(a, b[step], acc)
+                acc = ops.mma(a, b[step], acc, KEYS)
             scores.append(acc)
     return scores
 
 
-def _block(ops, lane, qf_regs, neg128, length, t0, words, state):
+def _block(ops, lane, qf_regs, neg_magic, length, t0, words, state):
     """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
-    neg128: 4 registers of bf16 -128 pairs, the A operand of the offset MMAs."""
+    neg_magic: {KEYS, VALUES: 4 registers of -magic pairs}, the A operands of the offset MMAs."""
     o, c_off, s_zero, m, l = state
-    scores = _key_scores(ops, qf_regs, words, neg128)
+    scores = _key_scores(ops, qf_regs, words, neg_magic[KEYS])
     # Online softmax in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
-    scale = ops.cf(HEAD_DIM ** -0.5 * LOG2_E)
+    scale = ops.cf(HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR)
     neg_inf = ops.cf(-np.inf)
 
     def mask(scores):  # tokens past the length
@@ -610,21 +673,21 @@ def _block(ops, lane, qf_regs, neg128, length, t0, words, state):
                   for name in ("vs", "vz")] for rh in range(2)]
         b_v = []  # [a]: B operands (p * scale) of value groups 2 a + (0, 1)
         for a in range(2):
-            rows = [ops.pack_bf16(ops.fmul(p[t][2 * rh + 1], stats[rh][0][a]),
-                                  ops.fmul(p[t][2 * rh], stats[rh][0][a])) for rh in range(2)]
+            rows = [ops.pack(ops.fmul(p[t][2 * rh + 1], stats[rh][0][a]),
+                             ops.fmul(p[t][2 * rh], stats[rh][0][a]), VALUES) for rh in range(2)]
             b_v.append([ops.movmatrix(x) for x in rows])
-            c_off[a] = ops.mma(neg128, b_v[a], c_off[a])
+            c_off[a] = ops.mma(neg_magic[VALUES], b_v[a], c_off[a], VALUES)
             for e in range(2):
                 s_zero[e][a] = ops.fma(p[t][e], stats[0][1][a],
                                        ops.fma(p[t][e + 2], stats[1][1][a], s_zero[e][a]))
         # [kh] -> (bytes 0-1, bytes 2-3 of word r) of tokens 2 l4 + 8 kh + (0, 1), shifted
-        xs = [(_shifted(ops, ops.prmt(w0, w1, 0x5410)), _shifted(ops, ops.prmt(w0, w1, 0x7632)))
+        xs = [[_shifted(ops, ops.prmt(w0, w1, selector), VALUES) for selector in (0x5410, 0x7632)]
               for w0, w1 in words.vc(t)]
         for beta in range(4):
             for a in range(2):
-                regs = [_extract(ops, xs[kh][beta // 2], beta % 2, 2 * a + rh)
+                regs = [_extract(ops, xs[kh][beta // 2], beta % 2, 2 * a + rh, VALUES)
                         for kh in range(2) for rh in range(2)]  # a0 a1 a2 a3
-                o[2 * beta + a] = ops.mma(regs, b_v[a], o[2 * beta + a])
+                o[2 * beta + a] = ops.mma(regs, b_v[a], o[2 * beta + a], VALUES)
     return o, c_off, s_zero, m, l
 
 
@@ -688,15 +751,17 @@ def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stage
     for j in range(stages - 1):
         stage_block(ops.add(first, j))
 
-    neg128 = ops.constants(_NEG128, 4)
+    neg_magic = {half: ops.constants(half.neg_magic, 4) for half in (KEYS, VALUES)}
 
     def body(i, state):
         ops.sync_warp()  # every lane is done with the stage about to be refilled
         stage_block(ops.add(i, stages - 1))
         ops.wait(stages - 1)
         slot = ops.rem(ops.sub(i, first), stages)
-        words = _Staged(ops, lane, ops.add(shared, ops.mul(slot, STAGE_BYTES)))
-        return _block(ops, lane, qf_regs, neg128, length, ops.mul(i, BLOCK), words, state)
+        stage = ops.add(shared, ops.mul(slot, STAGE_BYTES))
+        _key_stats_to_f16(ops, lane_id, stage)
+        return _block(ops, lane, qf_regs, neg_magic, length, ops.mul(i, BLOCK),
+                      _Staged(ops, lane, stage), state)
 
     zero = ops.cf(0.0)
     state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
@@ -728,12 +793,13 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages, max_registers):
 
 
 def _inputs(q, k_parts, v_parts, lengths):
-    """The kernel's inputs: lengths, q * 4^-f (bf16, exact), the cache."""
+    """The kernel's inputs: lengths, q * 2^-p (f16), the cache."""
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
     g = Hq // Hkv
     q4 = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, QUERIES - g), (0, 0)))
-    qf = (q4.astype(jnp.float32) * key_query_factor()).astype(jnp.bfloat16)
+    qf = jnp.clip(q4.astype(jnp.float32) * key_query_factor(), -65504, 65504)
+    qf = qf.astype(jnp.float16)  # exact: bf16 values times powers of two, in f16's range
     return (lengths.astype(jnp.int32), qf, *k_parts, *v_parts)
 
 
