@@ -77,10 +77,6 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
     kernels = {"mma": mma_kernel.decode_partials,
                "mma_2_stages": functools.partial(mma_kernel.decode_partials, stages=2),
                "mma_4_stages": functools.partial(mma_kernel.decode_partials, stages=4),
-               "mma_168_registers": functools.partial(mma_kernel.decode_partials,
-                                                      max_registers=168),
-               "mma_2_stages_168_registers": functools.partial(
-                   mma_kernel.decode_partials, stages=2, max_registers=168),
                "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
                                            v_spec=V_SPEC)}
     for parts in sweep:  # parts (warps) over the whole batch

@@ -772,13 +772,11 @@ def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stage
               ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
 
 
-def _kernel(ctx, *refs, capacity, num_splits, parts, stages, max_registers):
+def _kernel(ctx, *refs, capacity, num_splits, parts, stages):
     """The GPU kernel: warp w of program i takes part 4 i + w."""
     del ctx
     *refs, shared = refs
     ops = _Mlir()
-    if max_registers:
-        ops._asm(f"setmaxnreg.dec.sync.aligned.u32 {max_registers};", [], "=r", keep_order=True)
     tid = arith.index_cast(ops.i32, gpu.thread_id(gpu.Dimension.x))
     lane = _Lane(ops, tid)
     warp = ops.shr(tid, 5)
@@ -840,9 +838,8 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     return max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "stages", "max_registers"))
-def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES,
-                    max_registers=None):
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
+def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
     KIVI 2-bit cache: k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPEC). Returns o [B, Hkv, P, g, D] and m, l
@@ -856,8 +853,7 @@ def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STA
 
     def body(*refs):
         plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(functools.partial(
-            _kernel, capacity=S, num_splits=num_splits, parts=parts, stages=stages,
-            max_registers=max_registers))(*refs)
+            _kernel, capacity=S, num_splits=num_splits, parts=parts, stages=stages))(*refs)
 
     o, m, l = plgpu.kernel(
         body, out_type=_out_shapes(B, Hkv, num_splits), grid=(-(-parts // WARPS),),
