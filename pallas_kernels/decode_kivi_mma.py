@@ -618,13 +618,11 @@ def _key_scores(ops, qf_regs, words, neg_magic):
     return scores
 
 
-def _block(ops, lane, qf_regs, neg_magic, length, t0, words, state):
-    """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
-    neg_magic: {KEYS, VALUES: 4 registers of -magic pairs}, the A operands of the offset MMAs."""
-    o, c_off, s_zero, m, l = state
-    scores = _key_scores(ops, qf_regs, words, neg_magic[KEYS])
-    # Online softmax in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
-    scale = ops.cf(HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR)
+def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
+    """The online softmax of a block of 64 tokens' scores (4 tiles of accumulator registers,
+    times `scale`), in base 2; a thread's columns e = 0, 1 hold queries q0 + e. Tokens from
+    `length` on get probability 0. Returns p (as the scores), the running maxima m and sums
+    l, and `tiles` (lists of registers whose index mod 2 is the column e) rescaled to m."""
     neg_inf = ops.cf(-np.inf)
 
     def mask(scores):  # tokens past the length
@@ -639,30 +637,40 @@ def _block(ops, lane, qf_regs, neg_magic, length, t0, words, state):
                                                 for reg in (e, e + 2)])
         for d in (4, 8, 16):
             block_max = ops.fmax(block_max, ops.shfl(block_max, d))
-        m_new.append(ops.fmax(m[e], ops.fmul(block_max, scale)))
+        m_new.append(ops.fmax(m[e], ops.fmul(block_max, ops.cf(scale))))
 
     def rescale(state):  # to the new maxima
-        o, c_off, s_zero, l, m = state
+        tiles, l, m = state
         corr = [ops.exp2(ops.fsub(m[e], m_new[e])) for e in range(2)]
-        return ([[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(tile)] for tile in o],
-                [[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(acc)] for acc in c_off],
-                [[ops.fmul(s_zero[e][a], corr[e]) for a in range(2)] for e in range(2)],
+        return ([[ops.fmul(x, corr[reg % 2]) for reg, x in enumerate(tile)] for tile in tiles],
                 [ops.fmul(l[e], corr[e]) for e in range(2)], m_new)
 
     # The running maxima move only when a block's exceeds them by RESCALE_AT (a warp-wide
     # choice): below that the probabilities stay under 2^RESCALE_AT, and most blocks of a long
-    # context skip the 46 multiplies of the rescale.
+    # context skip the multiplies of the rescale.
     growth = ops.fmax(ops.fsub(m_new[0], m[0]), ops.fsub(m_new[1], m[1]))
-    o, c_off, s_zero, l, m = ops.cond(ops.any_lane(ops.fgt(growth, ops.cf(RESCALE_AT))),
-                                      (o, c_off, s_zero, l, m), rescale)
+    tiles, l, m = ops.cond(ops.any_lane(ops.fgt(growth, ops.cf(RESCALE_AT))), (tiles, l, m),
+                           rescale)
     p = [[None] * 4 for _ in range(4)]
     for e in range(2):
         neg_m = ops.fsub(ops.cf(0.0), m[e])
         for t in range(4):
             for reg in (e, e + 2):
-                p[t][reg] = ops.exp2(ops.fma(scores[t][reg], scale, neg_m))
+                p[t][reg] = ops.exp2(ops.fma(scores[t][reg], ops.cf(scale), neg_m))
     l = [functools.reduce(ops.fadd, [p[t][reg] for t in range(4) for reg in (e, e + 2)], l[e])
          for e in range(2)]
+    return p, m, l, tiles
+
+
+def _block(ops, lane, qf_regs, neg_magic, length, t0, words, state):
+    """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
+    neg_magic: {KEYS, VALUES: 4 registers of -magic pairs}, the A operands of the offset MMAs."""
+    o, c_off, s_zero, m, l = state
+    scores = _key_scores(ops, qf_regs, words, neg_magic[KEYS])
+    # The scores are KEY_STATS_FACTOR times the true ones: the scale undoes it.
+    scale = HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR
+    p, m, l, tiles = _softmax(ops, lane, scores, length, t0, m, l, o + c_off + s_zero, scale)
+    o, c_off, s_zero = tiles[:8], tiles[8:10], tiles[10:]
     # Values: 16 tokens (one score tile) per MMA step.
     pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
     zero = ops.c(0)
@@ -678,8 +686,8 @@ def _block(ops, lane, qf_regs, neg_magic, length, t0, words, state):
             b_v.append([ops.movmatrix(x) for x in rows])
             c_off[a] = ops.mma(neg_magic[VALUES], b_v[a], c_off[a], VALUES)
             for e in range(2):
-                s_zero[e][a] = ops.fma(p[t][e], stats[0][1][a],
-                                       ops.fma(p[t][e + 2], stats[1][1][a], s_zero[e][a]))
+                s_zero[a][e] = ops.fma(p[t][e], stats[0][1][a],
+                                       ops.fma(p[t][e + 2], stats[1][1][a], s_zero[a][e]))
         # [kh] -> (bytes 0-1, bytes 2-3 of word r) of tokens 2 l4 + 8 kh + (0, 1), shifted
         xs = [[_shifted(ops, ops.prmt(w0, w1, selector), VALUES) for selector in (0x5410, 0x7632)]
               for w0, w1 in words.vc(t)]
@@ -708,7 +716,7 @@ def _epilogue(ops, lane, state, o_base, m_base, l_base):
                            ops.cf(factor[64 * a + beta]))
             for e in range(2):
                 raw = ops.select(lane.is_high, tile[2 + e], tile[e])
-                value = ops.fma(ops.fadd(raw, c_off[a][e]), f, s_zero[e][a])
+                value = ops.fma(ops.fadd(raw, c_off[a][e]), f, s_zero[a][e])
                 index = ops.add(ops.mul(ops.add(lane.q0, e), HEAD_DIM), channel)
                 ops.store_f32(ops.at(o_base, ops.mul(index, 4)), value)
     for e in range(2):  # every lane writes its columns' m and l: equal values, same places
