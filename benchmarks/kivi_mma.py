@@ -16,7 +16,6 @@ import numpy as np
 from benchmarks.common import chained_seconds, environment, median_seconds, write_result
 from benchmarks.kernels import quantized_cache
 from kvjax import policies
-from kvjax.cache import _partials
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
 from pallas_kernels import decode_attention as triton_kernel
@@ -32,6 +31,13 @@ def random_cache(key, batch, heads, capacity):
     k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
     v = jax.random.normal(kv, shape, jnp.bfloat16)
     return quantize_pack(k, K_SPEC), quantize_pack(v, V_SPEC)
+
+
+def empty_residual(batch, heads, tokens=128):
+    """A residual of `tokens` bf16 slots holding none: the kernel alone on the quantized store,
+    as the Triton kernel it is compared with."""
+    kv = jnp.zeros((batch, heads, tokens, mma_kernel.HEAD_DIM), jnp.bfloat16)
+    return kv, kv, jnp.zeros((batch, heads), jnp.int32)
 
 
 def reference(q, k_parts, v_parts, lengths):
@@ -52,10 +58,11 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     k_parts, v_parts = random_cache(key, batch, heads, capacity)
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.asarray(lengths, jnp.int32).reshape(batch, heads)
-    got = merge_partials([mma_kernel.decode_partials(q, k_parts, v_parts, lengths,
+    residual = empty_residual(batch, heads)
+    got = merge_partials([mma_kernel.decode_partials(q, k_parts, v_parts, lengths, residual,
                                                      num_splits=splits)], jnp.float32)
     two_stages = merge_partials([mma_kernel.decode_partials(
-        q, k_parts, v_parts, lengths, num_splits=splits, stages=2)], jnp.float32)
+        q, k_parts, v_parts, lengths, residual, num_splits=splits, stages=2)], jnp.float32)
     want = reference(q, k_parts, v_parts, lengths)
     triton = merge_partials([triton_kernel.decode_partials(
         q, k_parts, v_parts, lengths, k_spec=K_SPEC, v_spec=V_SPEC)], jnp.float32)
@@ -74,15 +81,16 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
     nbytes = q.nbytes + sum(x.nbytes for x in (*k_parts, *v_parts))
-    kernels = {"mma": mma_kernel.decode_partials,
-               "mma_2_stages": functools.partial(mma_kernel.decode_partials, stages=2),
-               "mma_4_stages": functools.partial(mma_kernel.decode_partials, stages=4),
+    residual = empty_residual(batch, heads)
+    mma = lambda q, k, v, n, **kw: mma_kernel.decode_partials(q, k, v, n, residual, **kw)  # noqa: E731
+    kernels = {"mma": mma,
+               "mma_2_stages": functools.partial(mma, stages=2),
+               "mma_4_stages": functools.partial(mma, stages=4),
                "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
                                            v_spec=V_SPEC)}
     for parts in sweep:  # parts (warps) over the whole batch
         splits = max(1, parts // (batch * heads))
-        kernels[f"mma_{parts}_parts"] = functools.partial(mma_kernel.decode_partials,
-                                                          num_splits=splits)
+        kernels[f"mma_{parts}_parts"] = functools.partial(mma, num_splits=splits)
     rows = []
     for name, fn in kernels.items():
         seconds = chained_seconds(fn, q, k_parts, v_parts, lengths)
@@ -95,8 +103,8 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
 
 def breakdown(batch, capacity, heads=8, group=4):
     """Device time of each step of a KIVI 2-bit cache's attention op (cache.attend): the
-    kernel's inputs (q scaled, q.zero per key group), the MMA kernel with them, the residual's
-    partials, the merge; and the whole op."""
+    kernel's inputs (q scaled, padded), the MMA kernel (quantized tokens and residual), the
+    merge; and the whole op."""
     kq, kk, kv = jax.random.split(jax.random.key(3), 3)
     shape = (batch, heads, capacity, mma_kernel.HEAD_DIM)
     k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
@@ -107,17 +115,14 @@ def breakdown(batch, capacity, heads=8, group=4):
     del k, v
     k_parts = cache.k_codes, cache.k_scale, cache.k_zero
     v_parts = cache.v_codes, cache.v_scale, cache.v_zero
-    residual = (cache.k_residual,), (cache.v_residual,), cache.num_residual
-    parts = [mma_kernel.decode_partials(q, k_parts, v_parts, cache.num_quantized),
-             _partials(q, *residual)]
+    residual = cache.k_residual, cache.v_residual, cache.num_residual
+    partials = functools.partial(mma_kernel.decode_partials, k_parts=k_parts, v_parts=v_parts,
+                                 lengths=cache.num_quantized, residual=residual)
+    parts = [partials(q)]
     steps = {"attend": lambda q: cache.attend(q),
              "kernel_inputs": lambda q: mma_kernel._inputs(q, k_parts, v_parts,
-                                                           cache.num_quantized),
-             "mma_partials": lambda q: mma_kernel.decode_partials(q, k_parts, v_parts,
-                                                                  cache.num_quantized),
-             "residual_partials": lambda q: _partials(q, *residual),
-             "residual_partials_xla": lambda q: decode_partials(q, residual[0][0],
-                                                                residual[1][0], residual[2]),
+                                                           cache.num_quantized, residual),
+             "mma_partials": partials,
              "merge": lambda q: merge_partials(parts, q.dtype)}
     rows = []
     for name, fn in steps.items():

@@ -39,7 +39,9 @@ def main():
             specs = (cache.k_spec, cache.v_spec)
         for _ in range(args.calls):
             if name.endswith("_mma"):
-                jax.block_until_ready(decode_kivi_mma.decode_partials(q, *parts, lengths))
+                residual = cache.k_residual, cache.v_residual, cache.num_residual
+                jax.block_until_ready(decode_kivi_mma.decode_partials(q, *parts, lengths,
+                                                                      residual))
             else:
                 jax.block_until_ready(kernel.decode_partials(q, *parts, lengths,
                                                              k_spec=specs[0], v_spec=specs[1]))

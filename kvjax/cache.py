@@ -37,8 +37,6 @@ def use_kernels(head_dim: int, *specs: QuantSpec | None) -> bool:
 
 def _partials(q, k_parts, v_parts, lengths, k_spec=None, v_spec=None):
     """Decode-attention parts of q over a dense (k_parts = (k,)) or packed cache."""
-    if decode_kivi_mma.fits(q, lengths, k_spec, v_spec, k_parts[0].shape[2]):
-        return decode_kivi_mma.decode_partials(q, k_parts, v_parts, lengths)
     if use_kernels(q.shape[-1], k_spec, v_spec):
         return decode_kernel.decode_partials(q, k_parts, v_parts, lengths,
                                              k_spec=k_spec, v_spec=v_spec)
@@ -236,10 +234,16 @@ class QuantizedLayerCache:
 
     def attend(self, q):
         """q [B, Hq, K] over the quantized tokens and the residual -> [B, Hq, K]."""
-        quantized = _partials(q, self._k_parts(), self._v_parts(), self.num_quantized,
-                              self.k_spec, self.v_spec)
-        residual = _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)
-        return merge_partials([quantized, residual], q.dtype)
+        k_parts, v_parts = self._k_parts(), self._v_parts()
+        if decode_kivi_mma.fits(q, self.num_quantized, self.k_spec, self.v_spec,
+                                self.k_codes.shape[2], self.k_residual):  # one kernel for both
+            residual = self.k_residual, self.v_residual, self.num_residual
+            parts = [decode_kivi_mma.decode_partials(q, k_parts, v_parts, self.num_quantized,
+                                                     residual)]
+        else:
+            parts = [_partials(q, k_parts, v_parts, self.num_quantized, self.k_spec, self.v_spec),
+                     _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)]
+        return merge_partials(parts, q.dtype)
 
 
 def _grows(active):

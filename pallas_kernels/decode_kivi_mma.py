@@ -94,10 +94,12 @@ class _Half(NamedTuple):
 KEYS, VALUES = _Half("f16", 0x64006400, 10), _Half("bf16", 0x43004300, 7)
 
 
-def fits(q, lengths, k_spec, v_spec, capacity: int) -> bool:
-    """Whether this kernel takes the cache: KIVI 2-bit (see the module docstring) on Hopper."""
+def fits(q, lengths, k_spec, v_spec, capacity: int, k_residual) -> bool:
+    """Whether this kernel takes the cache (capacity quantized tokens, a residual like
+    k_residual [B, Hkv, R, D]): KIVI 2-bit (see the module docstring) on Hopper."""
     return ((k_spec, v_spec) == SPEC and q.shape[-1] == HEAD_DIM and q.dtype == jnp.bfloat16
             and q.shape[1] <= QUERIES * lengths.shape[1] and capacity % BLOCK == 0
+            and k_residual.shape[2] % BLOCK == 0 and k_residual.dtype == jnp.bfloat16
             and jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
 
@@ -163,6 +165,14 @@ class _Mlir:
                "selp.u32 $0, 1, 0, p; }")
         word = self._asm(ptx, [arith.extui(self.i32, pred)], "=r,r")
         return arith.cmpi(arith.CmpIPredicate.ne, word, self.c(0))
+
+    def branch(self, pred, then, otherwise):
+        """then() where pred (the same in every lane), else otherwise(); no results."""
+        branch = scf.IfOp(pred, [], has_else=True)
+        for block, fn in ((branch.then_block, then), (branch.else_block, otherwise)):
+            with ir.InsertionPoint(block):
+                fn()
+                scf.YieldOp([])
 
     def cond(self, pred, state, then):
         """then(state) where pred (the same in every lane), else state."""
@@ -347,6 +357,10 @@ class _Numpy:
     fmax = lambda self, a, b: np.fmax(a, b)  # noqa: E731
     fgt = lambda self, a, b: a > b  # noqa: E731
     any_lane = lambda self, pred: np.full(32, np.any(pred))  # noqa: E731
+
+    def branch(self, pred, then, otherwise):
+        assert np.all(pred == pred[0])
+        then() if pred[0] else otherwise()
 
     def cond(self, pred, state, then):
         return jax.tree.map(lambda new, old: np.where(pred, new, old), then(state), state)
@@ -702,9 +716,8 @@ def _block(ops, lane, qf_regs, neg_magic, length, t0, words, state):
 def _epilogue(ops, lane, state, o_base, m_base, l_base):
     """Writes the part: o [4, 128] unnormalized, m and l [4] (m in natural-log units)."""
     o, c_off, s_zero, m, l = state
-    for d in (4, 8, 16):
-        l = [ops.fadd(x, ops.shfl(x, d)) for x in l]
-        s_zero = [[ops.fadd(x, ops.shfl(x, d)) for x in row] for row in s_zero]
+    l = _lane_sums(ops, l)
+    s_zero = [_lane_sums(ops, row) for row in s_zero]
     factor = value_factor()
     for beta in range(4):
         for a in range(2):
@@ -717,9 +730,27 @@ def _epilogue(ops, lane, state, o_base, m_base, l_base):
             for e in range(2):
                 raw = ops.select(lane.is_high, tile[2 + e], tile[e])
                 value = ops.fma(ops.fadd(raw, c_off[a][e]), f, s_zero[a][e])
-                index = ops.add(ops.mul(ops.add(lane.q0, e), HEAD_DIM), channel)
-                ops.store_f32(ops.at(o_base, ops.mul(index, 4)), value)
-    for e in range(2):  # every lane writes its columns' m and l: equal values, same places
+                _store_o(ops, lane, o_base, e, channel, value)
+    _store_stats(ops, lane, m, l, m_base, l_base)
+
+
+def _lane_sums(ops, values):
+    """Each value summed over the 8 rows r of the warp (lanes l4 + 4 r)."""
+    for d in (4, 8, 16):
+        values = [ops.fadd(x, ops.shfl(x, d)) for x in values]
+    return values
+
+
+def _store_o(ops, lane, o_base, e, channel, value):
+    """o [4 queries, 128] at query q0 + e, channel."""
+    index = ops.add(ops.mul(ops.add(lane.q0, e), HEAD_DIM), channel)
+    ops.store_f32(ops.at(o_base, ops.mul(index, 4)), value)
+
+
+def _store_stats(ops, lane, m, l, m_base, l_base):
+    """m (natural-log units; EMPTY_MAX where no token counted) and l [4 queries]: every lane
+    writes its columns' (equal values to the same places)."""
+    for e in range(2):
         m_out = ops.select(ops.fgt(l[e], ops.cf(0.0)), ops.fmul(m[e], ops.cf(1 / LOG2_E)),
                            ops.cf(EMPTY_MAX))
         offset = ops.mul(ops.add(lane.q0, e), 4)
@@ -727,14 +758,80 @@ def _epilogue(ops, lane, state, o_base, m_base, l_base):
         ops.store_f32(ops.at(l_base, offset), l[e])
 
 
-def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stages):
-    """One warp's part (batch row and KV head b * Hkv + h, split): refs are the addresses of
-    lengths, qf, k codes, k scales, k zeros, v codes, v scales, v zeros, o, m, l; shared the
-    warp's `stages` shared-memory stages, a ring the next blocks are copied into while one
-    computes."""
-    lengths, qf, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, o_ref, m_ref, l_ref = refs
-    split = ops.rem(part, num_splits)
-    bh = ops.div(part, num_splits)
+def _residual_part(ops, lane, bh, refs, outs, *, residual):
+    """The part of head bh's full-precision residual (bf16 [residual, 128], its first n
+    tokens): the same online softmax over blocks of 64 tokens, read straight from global
+    memory, with bf16 MMAs on q as it is; each 8 x 8 block of values is transposed into the
+    MMA's operand with movmatrix. refs: the addresses of q, the residual's k, v and n."""
+    q_ref, k_ref, v_ref, n_ref = refs
+    length = ops.load(ops.at(n_ref, ops.mul(bh, 4)), 1)[0]
+    q_base = ops.at(ops.at_wide(q_ref, bh, QUERIES * HEAD_DIM * 2),
+                    ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
+    q_regs = [ops.load(q_base, 4, 64 * f) for f in range(4)]  # [f][j]: channels 32 f + 8 l4 + 2 j
+    rows = {name: ops.at(ops.at_wide(ref, bh, residual * HEAD_DIM * 2),
+                         ops.mul(lane.r, HEAD_DIM * 2), ops.mul(lane.l4, size))
+            for name, ref, size in (("k", k_ref, 16), ("v", v_ref, 4))}  # row r of a block
+
+    def body(i, state):
+        o, m, l = state
+        t0 = ops.mul(i, BLOCK)
+        block = {name: ops.at(x, ops.mul(t0, HEAD_DIM * 2)) for name, x in rows.items()}
+        scores = []
+        for t in range(4):
+            # [rh][f][j]: channels 32 f + 8 l4 + 2 j + (0, 1) of token row 16 t + 8 rh + r
+            words = [[ops.load(block["k"], 4, (16 * t + 8 * rh) * HEAD_DIM * 2 + 64 * f)
+                      for f in range(4)] for rh in range(2)]
+            acc = [ops.cf(0.0)] * 4
+            for f in range(4):
+                for j in ((0, 1), (2, 3)):
+                    a = [words[0][f][j[0]], words[1][f][j[0]], words[0][f][j[1]],
+                         words[1][f][j[1]]]
+                    acc = ops.mma(a, [q_regs[f][j[0]], q_regs[f][j[1]]], acc, VALUES)
+            scores.append(acc)
+        p, m, l, o = _softmax(ops, lane, scores, length, t0, m, l, o, HEAD_DIM ** -0.5 * LOG2_E)
+        for t in range(4):
+            b = [ops.movmatrix(ops.pack(p[t][2 * rh + 1], p[t][2 * rh], VALUES))
+                 for rh in range(2)]
+            for ct in range(8):  # channels 16 ct + 8 ch + [0, 8) by tokens 16 t + 8 kh + [0, 8)
+                a = [ops.movmatrix(ops.load(block["v"], 1, (16 * t + 8 * kh) * HEAD_DIM * 2
+                                            + (16 * ct + 8 * ch) * 2)[0])
+                     for kh in range(2) for ch in range(2)]
+                o[ct] = ops.mma(a, b, o[ct], VALUES)
+        return o, m, l
+
+    zero = ops.cf(0.0)
+    state = ([[zero] * 4 for _ in range(8)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
+    o, m, l = ops.loop(ops.c(0), ops.div(ops.add(length, BLOCK - 1), BLOCK), state, body)
+    o_base, m_base, l_base = outs
+    for ct in range(8):  # rows r and r + 8: channels 16 ct + r (+ 8)
+        for reg in range(4):
+            _store_o(ops, lane, o_base, reg % 2, ops.add(lane.r, 16 * ct + 8 * (reg // 2)),
+                     o[ct][reg])
+    _store_stats(ops, lane, m, _lane_sums(ops, l), m_base, l_base)
+
+
+def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stages, residual):
+    """One warp's part (batch row and KV head b * Hkv + h, split; split num_splits: the
+    residual's): refs are the addresses of lengths, qf, k codes, k scales, k zeros, v codes,
+    v scales, v zeros, q, the residual's k, v and n, o, m, l; shared the warp's `stages`
+    shared-memory stages."""
+    split = ops.rem(part, num_splits + 1)
+    bh = ops.div(part, num_splits + 1)
+    o_ref, m_ref, l_ref = refs[-3:]
+    outs = (ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
+            ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
+    ops.branch(ops.lt(split, num_splits),
+               lambda: _quantized_part(ops, lane, lane_id, bh, split, refs[:8], outs, shared,
+                                       capacity=capacity, num_splits=num_splits, stages=stages),
+               lambda: _residual_part(ops, lane, bh, refs[8:12], outs, residual=residual))
+
+
+def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capacity,
+                    num_splits, stages):
+    """A split of head bh's quantized tokens: refs are the addresses of lengths, qf, k codes,
+    k scales, k zeros, v codes, v scales, v zeros; shared the warp's `stages` shared-memory
+    stages, a ring the next blocks are copied into while one computes."""
+    lengths, qf, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = refs
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
     slabs = {"kc": ops.at_wide(k_codes, bh, capacity * 32),
              "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
@@ -776,11 +873,10 @@ def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stage
              [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
     state = ops.loop(first, last, state, body)
     ops.wait(0)  # no copy is left writing when the warp leaves
-    _epilogue(ops, lane, state, ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
-              ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
+    _epilogue(ops, lane, state, *outs)
 
 
-def _kernel(ctx, *refs, capacity, num_splits, parts, stages):
+def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual):
     """The GPU kernel: warp w of program i takes part 4 i + w."""
     del ctx
     *refs, shared = refs
@@ -795,28 +891,31 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages):
                      ops.mul(warp, stages * STAGE_BYTES))
     with mgpu_utils.when(ops.lt(part, parts)):
         _part(ops, lane, ops.band(tid, 31), part, addresses, shared, capacity=capacity,
-              num_splits=num_splits, stages=stages)
+              num_splits=num_splits, stages=stages, residual=residual)
 
 
-def _inputs(q, k_parts, v_parts, lengths):
-    """The kernel's inputs: lengths, q * 2^-p (f16), the cache."""
+def _inputs(q, k_parts, v_parts, lengths, residual):
+    """The kernel's inputs: lengths, q * 2^-p (f16), the quantized cache, q (bf16), the
+    residual's k, v and counts."""
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
     g = Hq // Hkv
     q4 = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, QUERIES - g), (0, 0)))
     qf = jnp.clip(q4.astype(jnp.float32) * key_query_factor(), -65504, 65504)
     qf = qf.astype(jnp.float16)  # exact: bf16 values times powers of two, in f16's range
-    return (lengths.astype(jnp.int32), qf, *k_parts, *v_parts)
+    k_residual, v_residual, counts = residual
+    return (lengths.astype(jnp.int32), qf, *k_parts, *v_parts, q4, k_residual, v_residual,
+            counts.astype(jnp.int32))
 
 
-def emulate(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES):
+def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
     """The kernel's own code run on the CPU, warp by warp over numpy (see _Numpy): what the
     tests check against the reference, since interpret mode cannot run the kernel's PTX."""
-    inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths)]
+    inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths, residual)]
     B, Hkv = inputs[0].shape
-    S = inputs[2].shape[2]
+    S, R = inputs[2].shape[2], inputs[9].shape[2]
     num_splits = num_splits or default_splits(B, Hkv, S)
-    shapes = _out_shapes(B, Hkv, num_splits)
+    shapes = _out_shapes(B, Hkv, num_splits + 1)
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
     arrays.append(np.zeros(stages * STAGE_BYTES, np.uint8))  # one warp's shared memory
     offsets = np.cumsum([0] + [a.nbytes for a in arrays])
@@ -825,9 +924,9 @@ def emulate(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES):
     lane = _Lane(ops, np.arange(32, dtype=np.uint32))
     *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
     lane_id = np.arange(32, dtype=np.uint32)
-    for part in range(B * Hkv * num_splits):
+    for part in range(B * Hkv * (num_splits + 1)):
         _part(ops, lane, lane_id, ops.c(part), refs, shared, capacity=S,
-              num_splits=num_splits, stages=stages)
+              num_splits=num_splits, stages=stages, residual=R)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
             for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
     g = q.shape[1] // Hkv
@@ -847,24 +946,27 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
-def decode_partials(q, k_parts, v_parts, lengths, *, num_splits=None, stages=STAGES):
+def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
-    KIVI 2-bit cache: k_parts, v_parts = (codes, scale, zero) in the layout of
-    kvjax.quantization.quantize_tokens (SPEC). Returns o [B, Hkv, P, g, D] and m, l
-    [B, Hkv, P, g] (float32), P parts per head, as decode_attention.decode_partials."""
+    KIVI 2-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
+    kvjax.quantization.quantize_tokens (SPEC), and the first counts[b, h] tokens of its
+    full-precision residual, residual = (k, v [B, Hkv, R, 128] bf16, counts [B, Hkv]). Returns
+    o [B, Hkv, P, g, D] and m, l [B, Hkv, P, g] (float32): P - 1 parts per head over the
+    quantized tokens, the last over the residual (decode_attention.decode_partials' layout)."""
     B, Hq, _ = q.shape
     Hkv = lengths.shape[1]
-    S = k_parts[0].shape[2]
+    S, R = k_parts[0].shape[2], residual[0].shape[2]
     num_splits = num_splits or default_splits(B, Hkv, S)
-    parts = B * Hkv * num_splits
-    inputs = _inputs(q, k_parts, v_parts, lengths)
+    parts = B * Hkv * (num_splits + 1)
+    inputs = _inputs(q, k_parts, v_parts, lengths, residual)
 
     def body(*refs):
         plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(functools.partial(
-            _kernel, capacity=S, num_splits=num_splits, parts=parts, stages=stages))(*refs)
+            _kernel, capacity=S, num_splits=num_splits, parts=parts, stages=stages,
+            residual=R))(*refs)
 
     o, m, l = plgpu.kernel(
-        body, out_type=_out_shapes(B, Hkv, num_splits), grid=(-(-parts // WARPS),),
+        body, out_type=_out_shapes(B, Hkv, num_splits + 1), grid=(-(-parts // WARPS),),
         scratch_types=[plgpu.SMEM((WARPS * stages * STAGE_BYTES,), jnp.uint8)],
         grid_names=("programs",), kernel_name="kvjax_decode_kivi_mma")(*inputs)
     g = Hq // Hkv

@@ -128,17 +128,17 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
     assert kernels_fit(head_dim, *specs) == fits
 
 
-@pytest.mark.parametrize("hq, hkv, capacity, num_splits, rescale_at", [
-    (4, 1, 64, 1, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 2, 0.0),
-    (6, 3, 192, 3, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 4, 0.0)])
+@pytest.mark.parametrize("hq, hkv, capacity, num_splits, residual, rescale_at", [
+    (4, 1, 64, 1, 64, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 2, 128, 0.0),
+    (6, 3, 192, 3, 64, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 4, 128, 0.0)])
 def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, num_splits,
-                                           rescale_at):
+                                           residual, rescale_at):
     """The MMA kernel for KIVI 2-bit caches, its own code run lane by lane on the CPU
     (decode_kivi_mma.emulate: interpret mode cannot run its PTX), vs the float32 reference:
     GQA groups of 4, 2 and 1, an empty head, lengths off the 64-token blocks, splits that
-    leave some parts empty; the running maxima moved only past RESCALE_AT (the kernel's
-    default), or whenever they grow (0). The tolerance is the bf16 one (q times the key
-    scales rounds)."""
+    leave some parts empty, residuals empty, partial and full; the running maxima moved only
+    past RESCALE_AT (the kernel's default), or whenever they grow (0). The tolerance is the
+    bf16 one (the products of q and the scales round)."""
     monkeypatch.setattr(decode_kivi_mma, "RESCALE_AT", rescale_at)
     k_spec, v_spec = decode_kivi_mma.SPEC
     B, D = 2, 128
@@ -147,12 +147,19 @@ def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, 
     v = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32)
     lengths = _random_lengths(rng, B, hkv, capacity)
     k_parts, v_parts = quantize_tokens(k, k_spec), quantize_tokens(v, v_spec)
-    parts = decode_kivi_mma.emulate(q, k_parts, v_parts, lengths, num_splits=num_splits)
+    k_res, v_res = (rng.standard_normal((B, hkv, residual, D)).astype(ml_dtypes.bfloat16)
+                    for _ in range(2))
+    counts = rng.integers(0, residual + 1, (B, hkv)).astype(np.int32)
+    counts.flat[:3] = 0, residual, residual - 1  # the empty head's residual empty too
+    parts = decode_kivi_mma.emulate(q, k_parts, v_parts, lengths, (k_res, v_res, counts),
+                                    num_splits=num_splits)
     ours = np.asarray(merge_partials([parts], jnp.float32))
     k_hat, v_hat = dequantize_tokens(*k_parts, k_spec), dequantize_tokens(*v_parts, v_spec)
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        ref = np.asarray(merge_partials([reference_partials(q.astype(np.float32), k_hat, v_hat,
-                                                            lengths)], jnp.float32))
+        ref = np.asarray(merge_partials(
+            [reference_partials(f32(q), k_hat, v_hat, lengths),
+             reference_partials(f32(q), f32(k_res), f32(v_res), counts)], jnp.float32))
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-2 * np.abs(ref).max())
     assert not ours[0, :hq // hkv].any()  # the empty head attends to nothing
 
@@ -166,8 +173,9 @@ def test_kivi_mma_kernel_lowers_for_the_gpu():
     k_parts = (shape(B, Hkv, S, 32, dtype=jnp.uint8), shape(B, Hkv, S // 32, 128),
                shape(B, Hkv, S // 32, 128))
     v_parts = (shape(B, Hkv, S, 32, dtype=jnp.uint8), shape(B, Hkv, S, 4), shape(B, Hkv, S, 4))
+    residual = shape(B, Hkv, 64, 128), shape(B, Hkv, 64, 128), shape(B, Hkv, dtype=jnp.int32)
     lowered = decode_kivi_mma.decode_partials.trace(
-        shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32),
+        shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
         num_splits=3).lower(lowering_platforms=("cuda",))
     assert "kvjax_decode_kivi_mma" in lowered.as_text()
 
@@ -181,15 +189,18 @@ def test_kivi_mma_kernel_lowers_for_the_gpu():
     (dict(head_dim=64), False),
     (dict(dtype=jnp.float16), False),
     (dict(capacity=96), False),  # not whole 64-token blocks
+    (dict(residual=96), False),
     (dict(capability="8.0"), False),  # not Hopper
 ])
 def test_kivi_mma_kernel_takes_only_its_format_on_hopper(monkeypatch, case, takes):
     """Which caches the MMA kernel takes (decode_kivi_mma.fits), on a GPU faked here."""
     args = dict(hq=4, hkv=4, specs=SPECS["kivi2"], head_dim=128, dtype=jnp.bfloat16,
-                capacity=256, capability="9.0") | case
+                capacity=256, residual=128, capability="9.0") | case
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     device = type("Device", (), {"compute_capability": args["capability"]})()
     monkeypatch.setattr(jax, "devices", lambda *a: [device])
     q = jax.ShapeDtypeStruct((2, args["hq"], args["head_dim"]), args["dtype"])
     lengths = jax.ShapeDtypeStruct((2, args["hkv"]), jnp.int32)
-    assert decode_kivi_mma.fits(q, lengths, *args["specs"], args["capacity"]) is takes
+    k_residual = jax.ShapeDtypeStruct((2, args["hkv"], args["residual"], args["head_dim"]),
+                                      args["dtype"])
+    assert decode_kivi_mma.fits(q, lengths, *args["specs"], args["capacity"], k_residual) is takes
