@@ -110,12 +110,6 @@ def _code_factor(half: _Half, channel_parity, field):
     return 2.0 ** np.vectorize(lambda x, f: half.field_at(int(x), int(f))[1])(x, field)
 
 
-def key_query_factor() -> np.ndarray:
-    """[128] 2^-p of each channel, as q is scaled before the key MMA (see _key_operands)."""
-    c = np.arange(HEAD_DIM)
-    return 1.0 / _code_factor(KEYS, (c >> 1) & 1, c >> 5)
-
-
 def value_factor() -> np.ndarray:
     """[128] 2^-p of each channel's value codes."""
     c = np.arange(HEAD_DIM)
@@ -532,14 +526,18 @@ def _key_stats_to_f16(ops, lane_id, stage):
     (saturating): each lane 16 bytes of each. The factor keeps q times a scale inside f16's
     range up to |q * scale| = 2^24, where f16 would overflow at 65504; the scores undo it in
     the softmax scale."""
-    factor = ops.cf(KEY_STATS_FACTOR)
     for name in ("ks", "kz"):
         address = ops.add(stage, ops.add(ops.mul(lane_id, 16), _STAGE[name][0]))
-        words = [ops.pack(ops.fmul(ops.as_f32(ops.band(w, 0xFFFF0000)), factor),
-                          ops.fmul(ops.as_f32(ops.shl(w, 16)), factor), KEYS)
-                 for w in ops.load_shared(address, 4)]
+        words = [_bf16_to_f16(ops, w, KEY_STATS_FACTOR) for w in ops.load_shared(address, 4)]
         ops.store_shared(address, words)
     ops.sync_warp()  # every lane's words written before any lane reads them
+
+
+def _bf16_to_f16(ops, word, factor):
+    """A bf16 pair times `factor` as an f16 pair (saturating)."""
+    factor = ops.cf(factor)
+    return ops.pack(ops.fmul(ops.as_f32(ops.band(word, 0xFFFF0000)), factor),
+                    ops.fmul(ops.as_f32(ops.shl(word, 16)), factor), KEYS)
 
 
 class _Staged:
@@ -758,6 +756,14 @@ def _store_stats(ops, lane, m, l, m_base, l_base):
         ops.store_f32(ops.at(l_base, offset), l[e])
 
 
+def _query_words(ops, lane, q_ref, bh):
+    """[f][j]: the bf16 pair of channels 32 f + 8 l4 + 2 j + (0, 1) of head bh's query
+    b_query, in the layout of the key MMAs' B operands."""
+    base = ops.at(ops.at_wide(q_ref, bh, QUERIES * HEAD_DIM * 2),
+                  ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
+    return [ops.load(base, 4, 64 * f) for f in range(4)]
+
+
 def _residual_part(ops, lane, bh, refs, outs, *, residual):
     """The part of head bh's full-precision residual (bf16 [residual, 128], its first n
     tokens): the same online softmax over blocks of 64 tokens, read straight from global
@@ -765,9 +771,7 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
     MMA's operand with movmatrix. refs: the addresses of q, the residual's k, v and n."""
     q_ref, k_ref, v_ref, n_ref = refs
     length = ops.load(ops.at(n_ref, ops.mul(bh, 4)), 1)[0]
-    q_base = ops.at(ops.at_wide(q_ref, bh, QUERIES * HEAD_DIM * 2),
-                    ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
-    q_regs = [ops.load(q_base, 4, 64 * f) for f in range(4)]  # [f][j]: channels 32 f + 8 l4 + 2 j
+    q_regs = _query_words(ops, lane, q_ref, bh)
     rows = {name: ops.at(ops.at_wide(ref, bh, residual * HEAD_DIM * 2),
                          ops.mul(lane.r, HEAD_DIM * 2), ops.mul(lane.l4, size))
             for name, ref, size in (("k", k_ref, 16), ("v", v_ref, 4))}  # row r of a block
@@ -812,8 +816,8 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
 
 def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stages, residual):
     """One warp's part (batch row and KV head b * Hkv + h, split; split num_splits: the
-    residual's): refs are the addresses of lengths, qf, k codes, k scales, k zeros, v codes,
-    v scales, v zeros, q, the residual's k, v and n, o, m, l; shared the warp's `stages`
+    residual's): refs are the addresses of lengths, q, k codes, k scales, k zeros, v codes,
+    v scales, v zeros, the residual's k, v and n, o, m, l; shared the warp's `stages`
     shared-memory stages."""
     split = ops.rem(part, num_splits + 1)
     bh = ops.div(part, num_splits + 1)
@@ -823,15 +827,16 @@ def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stage
     ops.branch(ops.lt(split, num_splits),
                lambda: _quantized_part(ops, lane, lane_id, bh, split, refs[:8], outs, shared,
                                        capacity=capacity, num_splits=num_splits, stages=stages),
-               lambda: _residual_part(ops, lane, bh, refs[8:12], outs, residual=residual))
+               lambda: _residual_part(ops, lane, bh, [refs[1], *refs[8:11]], outs,
+                                      residual=residual))
 
 
 def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capacity,
                     num_splits, stages):
-    """A split of head bh's quantized tokens: refs are the addresses of lengths, qf, k codes,
+    """A split of head bh's quantized tokens: refs are the addresses of lengths, q, k codes,
     k scales, k zeros, v codes, v scales, v zeros; shared the warp's `stages` shared-memory
     stages, a ring the next blocks are copied into while one computes."""
-    lengths, qf, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = refs
+    lengths, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = refs
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
     slabs = {"kc": ops.at_wide(k_codes, bh, capacity * 32),
              "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
@@ -839,9 +844,11 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
              "vc": ops.at_wide(v_codes, bh, capacity * 32),
              "vs": ops.at_wide(v_scale, bh, capacity * 8),
              "vz": ops.at_wide(v_zero, bh, capacity * 8)}
-    qf_base = ops.at(ops.at_wide(qf, bh, QUERIES * HEAD_DIM * 2),
-                     ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
-    qf_regs = [ops.load(qf_base, 4, 64 * f) for f in range(4)]  # channels 8 l4 + 32 f
+    q_regs = _query_words(ops, lane, q, bh)
+    # q * 2^-p in f16 (see _key_operands): word j of field f, channels 32 f + 8 l4 + 2 j + (0, 1),
+    # has channel parity j % 2
+    qf_regs = [[_bf16_to_f16(ops, w, 1 / float(_code_factor(KEYS, j % 2, f)))
+                for j, w in enumerate(q_regs[f])] for f in range(4)]
     per_split = -(-(capacity // BLOCK) // num_splits)
     first = ops.mul(split, per_split)
     blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
@@ -895,16 +902,14 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual):
 
 
 def _inputs(q, k_parts, v_parts, lengths, residual):
-    """The kernel's inputs: lengths, q * 2^-p (f16), the quantized cache, q (bf16), the
-    residual's k, v and counts."""
+    """The kernel's inputs: lengths, q [B, Hkv, 4, 128] (the query groups padded to 4), the
+    quantized cache, the residual's k, v and counts."""
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
     g = Hq // Hkv
     q4 = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, QUERIES - g), (0, 0)))
-    qf = jnp.clip(q4.astype(jnp.float32) * key_query_factor(), -65504, 65504)
-    qf = qf.astype(jnp.float16)  # exact: bf16 values times powers of two, in f16's range
     k_residual, v_residual, counts = residual
-    return (lengths.astype(jnp.int32), qf, *k_parts, *v_parts, q4, k_residual, v_residual,
+    return (lengths.astype(jnp.int32), q4, *k_parts, *v_parts, k_residual, v_residual,
             counts.astype(jnp.int32))
 
 
@@ -913,7 +918,7 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     tests check against the reference, since interpret mode cannot run the kernel's PTX."""
     inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths, residual)]
     B, Hkv = inputs[0].shape
-    S, R = inputs[2].shape[2], inputs[9].shape[2]
+    S, R = inputs[2].shape[2], inputs[8].shape[2]
     num_splits = num_splits or default_splits(B, Hkv, S)
     shapes = _out_shapes(B, Hkv, num_splits + 1)
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
