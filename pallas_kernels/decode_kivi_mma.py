@@ -5,35 +5,43 @@ picks the register layouts of its dots, so every block of packed codes was unpac
 into the layout the dot wanted and scaled, about 4.7 instructions per code, where reading the
 cache at the memory ceiling leaves room for about 2 (benchmarks/RESULTS.md, issue 3). Here each
 warp is one flash-decoding part (batch row, KV head, split) and writes its MMAs
-(`mma.sync.m16n8k16`, bf16) itself, so each thread reads packed words straight into the
-registers the MMA reads. The query group (up to 4, padded to the MMA's 8 columns) is the narrow
+(`mma.sync.m16n8k16`) itself, so each thread reads packed words straight into the registers
+the MMA reads. The query group (up to 4, padded to the MMA's 8 columns) is the narrow
 dimension and tokens or channels the 16 rows:
 
-- Keys: scores^T [16 tokens, 8] = codes [16 tokens, 128 channels] @ (q * scale)^T. A thread
-  reads 8 packed bytes of each of its tokens; one byte permute and one `lop3` per two codes put
-  a code under the exponent of 128.0 in bf16 (128 + 4^f * code, exact): the channel order of
-  the contraction follows the packing (_key_combo, _FIELD_AT), and the factor 4^-f rides on q.
-  The 128s cost no instruction per code: an MMA of the same scaled q with a constant -128
-  operand gives each key group its offset, which starts the accumulator together with q.zero.
-- Values: o^T [16 channels, 8] += codes^T [16 channels, 16 tokens] @ (p * scale) [16 tokens, 8].
-  A thread reads one packed word of each of its tokens; byte permutes pair two tokens per
-  register. The 8 columns are the 4 queries times the 2 value groups a row tile spans. p comes
-  from the scores' accumulator, is scaled and moved into the operand layout with `movmatrix`.
-  The offset of 128 and the zeros are summed once per part (an MMA with -128 and a running
-  sum), not per code.
+- Keys (f16): scores^T [16 tokens, 8] = codes [16 tokens, 128 channels] @ (q * scale)^T. A
+  thread reads 8 packed bytes of each of its tokens; one byte permute and one `lop3` per two
+  codes put a code under the mantissa of 1024.0 in f16 (1024 + 2^p * code, exact): the channel
+  order of the contraction follows the packing (_key_combo, _Half.field_at), and the factor
+  2^-p rides on q. f16 rather than bf16 because q * scale rounds in the operand: in bf16 that
+  rounding reached 1e-2 of the output. The key scales and zeros are converted in shared memory
+  (times 2^-8, which keeps the products in f16's range). The 1024s cost no instruction per
+  code: an MMA of the same scaled q with a constant -1024 operand gives each key group its
+  offset, which starts the accumulator together with q.zero, itself one more MMA per block
+  whose rows are the two key groups' zeros (_key_zero_terms).
+- Values (bf16): o^T [16 channels, 8] += codes^T [16 channels, 16 tokens] @ (p * scale)
+  [16 tokens, 8]. A thread reads one packed word of each of its tokens; byte permutes pair two
+  tokens per register. The 8 columns are the 4 queries times the 2 value groups a row tile
+  spans. p comes from the scores' accumulator, is scaled and moved into the operand layout with
+  `movmatrix`. The offset of 128 and the zeros are summed once per part (an MMA with -128 and a
+  running sum), not per code.
 
 Every warp walks its split in blocks of 64 tokens (two key groups) with an online softmax in
-base 2; tokens past a head's length get probability 0. The next blocks are copied into a ring
-of shared-memory stages (`cp.async`) while one computes: held in registers instead, they took
-the kernel to 247 registers and their latency was still exposed (benchmarks/RESULTS.md).
+base 2 (_softmax): only the block holding a head's length masks, and the running maxima move
+only when a block's exceeds them by RESCALE_AT, so most blocks skip the rescale. The next
+blocks are copied into a ring of shared-memory stages (`cp.async`) while one computes: held in
+registers instead, they took the kernel to 247 registers and their latency was still exposed
+(benchmarks/RESULTS.md). One more part per head attends over the full-precision residual
+(_residual_part), so the whole of KIVI's attention is this kernel and one merge.
 
 It returns partials (o unnormalized, m, l) for kvjax.attention.merge_partials, like
 decode_attention.decode_partials. The jnp reference is kvjax.attention.decode_partials over the
-dequantized cache.
+dequantized cache and the residual.
 
 It takes what KIVI's 2-bit policy stores: per-channel keys in groups of 32 tokens, per-token
-values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16 queries
-and a capacity that is a multiple of 64 (`fits`); decode_attention.py takes the rest.
+values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16 queries,
+a capacity that is a multiple of 64 and a bf16 residual of whole 64-token blocks (`fits`);
+decode_attention.py takes the rest.
 """
 
 import functools
@@ -574,7 +582,7 @@ class _Staged:
 
 
 def _key_operands(ops, qf_regs, scales):
-    """B operands of a key group's 8 MMA steps: (q * 4^-f * scale)^T."""
+    """B operands of a key group's 8 MMA steps: (q * 2^-p * scale)^T, f16."""
     b = []
     for step in range(8):
         pair = []
