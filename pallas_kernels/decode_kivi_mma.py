@@ -66,7 +66,8 @@ QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
 WARPS = 4  # parts per program (one warpgroup): one per warp
 STAGES = 3  # shared-memory stages per warp: blocks in flight while one computes
 # log2 of how far probabilities may exceed 1 before the running maxima move: 8 skipped more
-# rescales but doubled the error against the float32 reference (4.5e-3 vs 2.2e-3, emulated).
+# rescales but raised the error against the float32 reference from 3.2e-3 to 5.2e-3
+# (benchmarks/kivi_rounding.py, emulated).
 RESCALE_AT = 2.0
 SPEC = QuantSpec(bits=2, group=GROUP, per_channel=True), QuantSpec(bits=2, group=GROUP)
 

@@ -1,0 +1,101 @@
+"""Where the KIVI 2-bit MMA kernel's error comes from, on the CPU (no GPU needed).
+
+1. A float64 model of the kernel's arithmetic on one head group of the GPU check's data (keys
+   2 N(0, 1) + 0.5, values N(0, 1), 4096 tokens): the exact dequantized attention against the
+   same with q * key scale, or p * value scale, rounded to bf16 or f16 (the MMA operands).
+2. The kernel itself (decode_kivi_mma.emulate) at several rescale thresholds (RESCALE_AT).
+
+Errors are max |ours - exact| / max |exact|, as in the benchmarks.
+
+    python -m benchmarks.kivi_rounding      # writes results/kivi_rounding.json
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from benchmarks.common import environment, write_result
+from kvjax.attention import decode_partials, merge_partials
+from kvjax.quantization import dequantize_tokens, quantize_tokens
+from pallas_kernels import decode_kivi_mma
+
+K_SPEC, V_SPEC = decode_kivi_mma.SPEC
+B, H, S, D, G = 1, 2, 4096, 128, 4
+
+
+def data(seed=4):
+    kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
+    k = jax.random.normal(kk, (B, H, S, D), jnp.bfloat16) * 2 + 0.5
+    v = jax.random.normal(kv, (B, H, S, D), jnp.bfloat16)
+    q = jax.random.normal(kq, (B, H * G, D), jnp.bfloat16)
+    return q, quantize_tokens(k, K_SPEC), quantize_tokens(v, V_SPEC)
+
+
+def rel_error(a, b):
+    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+def rounding_model(q, k_parts, v_parts):
+    """{which operands round to what: error} of the float64 model."""
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    k_codes = f64(dequantize_tokens(k_parts[0], jnp.ones_like(k_parts[1]),
+                                    jnp.zeros_like(k_parts[2]), K_SPEC, jnp.float32))
+    v_codes = f64(dequantize_tokens(v_parts[0], jnp.ones_like(v_parts[1]),
+                                    jnp.zeros_like(v_parts[2]), V_SPEC, jnp.float32))
+    k_scale, k_zero = (np.repeat(f64(x), K_SPEC.group, axis=2) for x in k_parts[1:])
+    v_scale, v_zero = (np.repeat(f64(x), V_SPEC.group, axis=3) for x in v_parts[1:])
+    qg = f64(q).reshape(B, H, G, D)
+    cast = {"exact": lambda x: x,
+            "bf16": lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float64),
+            "f16": lambda x: x.astype(np.float16).astype(np.float64)}
+
+    def attention(keys, values):
+        qs = cast[keys](qg[:, :, :, None, :] * k_scale[:, :, None])  # [B, H, G, S, D]
+        s = (qs * k_codes[:, :, None]).sum(-1) + np.einsum("bhgd,bhsd->bhgs", qg, k_zero)
+        p = np.exp((s - s.max(-1, keepdims=True)) / np.sqrt(D))
+        pv = cast[values](p[..., None] * v_scale[:, :, None])
+        o = (pv * v_codes[:, :, None]).sum(-2) + np.einsum("bhgs,bhsd->bhgd", p, v_zero)
+        return o / p.sum(-1)[..., None]
+
+    exact = attention("exact", "exact")
+    return {f"keys {keys}, values {values}": rel_error(attention(keys, values), exact)
+            for keys, values in (("bf16", "exact"), ("exact", "bf16"), ("bf16", "bf16"),
+                                 ("f16", "bf16"), ("f16", "f16"))}
+
+
+def emulated(q, k_parts, v_parts, thresholds=(8.0, 4.0, 2.0, 0.0)):
+    """{RESCALE_AT: error} of the emulated kernel against the float32 reference."""
+    lengths = jnp.full((B, H), S, jnp.int32)
+    empty = jnp.zeros((B, H, 64, D), jnp.bfloat16)
+    k, v = (dequantize_tokens(*parts, spec, jnp.float32)
+            for parts, spec in ((k_parts, K_SPEC), (v_parts, V_SPEC)))
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(merge_partials([decode_partials(q.astype(jnp.float32), k, v,
+                                                          lengths)], jnp.float32))
+    default, errors = decode_kivi_mma.RESCALE_AT, {}
+    try:
+        for threshold in thresholds:
+            decode_kivi_mma.RESCALE_AT = threshold
+            parts = decode_kivi_mma.emulate(q, k_parts, v_parts, lengths,
+                                            (empty, empty, jnp.zeros((B, H), jnp.int32)),
+                                            num_splits=2)
+            errors[threshold] = rel_error(merge_partials([parts], jnp.float32), want)
+            print(f"RESCALE_AT {threshold}: {errors[threshold]:.2e}", flush=True)
+    finally:
+        decode_kivi_mma.RESCALE_AT = default
+    return errors
+
+
+def main():
+    q, k_parts, v_parts = data()
+    model = rounding_model(q, k_parts, v_parts)
+    for name, error in model.items():
+        print(f"{name}: {error:.2e}", flush=True)
+    record = {**environment(), "shape": {"batch": B, "kv_heads": H, "tokens": S, "group": G},
+              "float64_model": model, "emulated_by_rescale_at": emulated(q, k_parts, v_parts)}
+    write_result("kivi_rounding", record)
+
+
+if __name__ == "__main__":
+    main()
