@@ -31,10 +31,10 @@ def median_seconds(fn, *, warmup=2, reps=10, inner=1):
 
 def chained_seconds(fn, first, *rest, iterations=20, reps=10):
     """Device seconds per call of fn(first, *rest), run `iterations` times in one jitted
-    program (unrolled: no host round trip between calls), each call's first input perturbed
-    by a traced zero times an element of each of the last call's outputs so that XLA can
-    neither hoist, merge nor drop the calls. This is how an op runs inside a compiled decode step: no host
-    dispatch per op, which wall-clock timing of one jitted op charges when the op is short."""
+    program (unrolled: no host round trip between calls). Each call's first input is perturbed
+    by a traced zero times an element of each of the last call's outputs, so XLA can neither
+    hoist, merge nor drop the calls. This is how an op runs inside a compiled decode step: no
+    host dispatch per op, which wall-clock timing of one jitted op charges when it is short."""
     @jax.jit
     def chained(first, zero, *rest):
         for _ in range(iterations):

@@ -5,7 +5,9 @@ every head full. In one run: a read-only reduction for the ceiling; XLA einsum d
 jax.nn.dot_product_attention (cuDNN where it runs) and PyTorch's scaled_dot_product_attention as
 bf16 baselines; our bf16 kernel; our 2-bit and 4-bit KIVI kernels (G32, 128-token residual,
 timed as the whole attention op: kernel, residual and merge) and LeanKV's K8V4 tier. Bytes
-moved count what each must read: packed codes, scales, zeros, residual and queries.
+moved count what each must read: packed codes, scales, zeros, residual and queries. JAX ops
+are timed on the device, chained in one program (benchmarks.common.chained_seconds: "ms"), and
+by the wall clock of separate jitted calls ("ms_wall"); PyTorch's with CUDA events.
 
     python -m benchmarks.kernels        # on the GPU; writes results/kernels.json
 """
@@ -135,8 +137,9 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     rows = []
 
     def add(name, seconds, nbytes, err=None, **extra):
-        seconds, extra["ms_wall"] = (seconds if isinstance(seconds, tuple) else (seconds, None))
-        extra["ms_wall"] = extra["ms_wall"] and extra["ms_wall"] * 1e3
+        """seconds: device seconds (CUDA events), or (device, wall) seconds from timed()."""
+        seconds, wall = seconds if isinstance(seconds, tuple) else (seconds, None)
+        extra["ms_wall"] = None if wall is None else wall * 1e3
         row = {"kernel": name, "batch": batch, "context": context, "ms": seconds * 1e3,
                "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
                "of_ceiling": nbytes / seconds / bandwidth, "rel_error": err, **extra}
@@ -151,7 +154,9 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     add(f"jax_dot_product_attention_{impl}_bf16", seconds, dense_bytes)
     add("torch_sdpa_bf16", torch_sdpa_seconds(q, k, v), dense_bytes)
 
-    ours = lambda q, k, v, n: merge_partials([kernel.decode_partials(q, (k,), (v,), n)], q.dtype)  # noqa: E731
+    def ours(q, k, v, n):
+        return merge_partials([kernel.decode_partials(q, (k,), (v,), n)], q.dtype)
+
     add("kvjax_bf16", timed(ours, q, k, v, lengths), dense_bytes,
         rel_error(jax.jit(ours)(q, k, v, lengths), reference))
 

@@ -1,7 +1,8 @@
 """The MMA decode kernel for KIVI 2-bit caches (pallas_kernels/decode_kivi_mma.py) on the GPU:
 its partials against the float32 reference on ragged lengths and GQA groups, then the kernel
-alone (3 shared-memory stages, the default; 2 and 4; other parts per launch with --sweep)
-against the Triton kernel at B16 x 32K and B1 x 128K.
+alone (3 shared-memory stages, the default; 2 and 4; other parts per launch with --sweep; an
+empty residual) against the Triton kernel at B16 x 32K and B1 x 128K; with --breakdown, the
+steps of the whole attention op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall").
 
     python -m benchmarks.kivi_mma        # on an H100/H200; writes results/kivi_mma.json
 """
@@ -82,7 +83,10 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
     nbytes = q.nbytes + sum(x.nbytes for x in (*k_parts, *v_parts))
     residual = empty_residual(batch, heads)
-    mma = lambda q, k, v, n, **kw: mma_kernel.decode_partials(q, k, v, n, residual, **kw)  # noqa: E731
+
+    def mma(q, k, v, n, **options):
+        return mma_kernel.decode_partials(q, k, v, n, residual, **options)
+
     kernels = {"mma": mma,
                "mma_2_stages": functools.partial(mma, stages=2),
                "mma_4_stages": functools.partial(mma, stages=4),

@@ -320,8 +320,8 @@ def _bits(x, half: _Half):
 def _halves(x, half: _Half):
     """uint32 pairs of the half type -> (low, high) float64."""
     x = np.asarray(x, np.uint32)
-    to_f = lambda h: h.astype(np.uint16).view(_NUMPY_TYPE[half.ptx]).astype(np.float64)  # noqa: E731
-    return to_f(x & 0xFFFF), to_f(x >> 16)
+    return tuple(h.astype(np.uint16).view(_NUMPY_TYPE[half.ptx]).astype(np.float64)
+                 for h in (x & 0xFFFF, x >> 16))
 
 
 class _Numpy:
