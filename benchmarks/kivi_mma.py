@@ -98,7 +98,8 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
     rows = []
     for name, fn in kernels.items():
         seconds = chained_seconds(fn, q, k_parts, v_parts, lengths)
-        wall = median_seconds(lambda: jax.jit(fn)(q, k_parts, v_parts, lengths), reps=20, inner=10)
+        wall = median_seconds(functools.partial(jax.jit(fn), q, k_parts, v_parts, lengths),
+                              reps=20, inner=10)
         rows.append({"kernel": name, "batch": batch, "context": capacity, "ms": seconds * 1e3,
                      "ms_wall": wall * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12})
         print(rows[-1], flush=True)
@@ -132,7 +133,8 @@ def breakdown(batch, capacity, heads=8, group=4):
     for name, fn in steps.items():
         rows.append({"step": name, "batch": batch, "context": capacity,
                      "ms": chained_seconds(fn, q) * 1e3,
-                     "ms_wall": median_seconds(lambda: jax.jit(fn)(q), reps=20, inner=10) * 1e3})
+                     "ms_wall": median_seconds(functools.partial(jax.jit(fn), q), reps=20,
+                                               inner=10) * 1e3})
         print(rows[-1], flush=True)
     return rows
 
