@@ -100,7 +100,8 @@ class _Half(NamedTuple):
 
 # Keys convert to f16, whose 11 significant bits hold q times the key scales 8 times more
 # precisely than bf16 (the error of bf16 there reached 1e-2 of the output); values to bf16.
-KEYS, VALUES = _Half("f16", 0x64006400, 10), _Half("bf16", 0x43004300, 7)
+F16, BF16 = _Half("f16", 0x64006400, 10), _Half("bf16", 0x43004300, 7)
+KEYS, VALUES = F16, BF16
 
 
 def fits(q, lengths, k_spec, v_spec, capacity: int, k_residual) -> bool:
@@ -546,7 +547,7 @@ def _bf16_to_f16(ops, word, factor):
     """A bf16 pair times `factor` as an f16 pair (saturating)."""
     factor = ops.cf(factor)
     return ops.pack(ops.fmul(ops.as_f32(ops.band(word, 0xFFFF0000)), factor),
-                    ops.fmul(ops.as_f32(ops.shl(word, 16)), factor), KEYS)
+                    ops.fmul(ops.as_f32(ops.shl(word, 16)), factor), F16)
 
 
 class _Staged:
@@ -799,17 +800,17 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
                 for j in ((0, 1), (2, 3)):
                     a = [words[0][f][j[0]], words[1][f][j[0]], words[0][f][j[1]],
                          words[1][f][j[1]]]
-                    acc = ops.mma(a, [q_regs[f][j[0]], q_regs[f][j[1]]], acc, VALUES)
+                    acc = ops.mma(a, [q_regs[f][j[0]], q_regs[f][j[1]]], acc, BF16)
             scores.append(acc)
         p, m, l, o = _softmax(ops, lane, scores, length, t0, m, l, o, HEAD_DIM ** -0.5 * LOG2_E)
         for t in range(4):
-            b = [ops.movmatrix(ops.pack(p[t][2 * rh + 1], p[t][2 * rh], VALUES))
+            b = [ops.movmatrix(ops.pack(p[t][2 * rh + 1], p[t][2 * rh], BF16))
                  for rh in range(2)]
             for ct in range(8):  # channels 16 ct + 8 ch + [0, 8) by tokens 16 t + 8 kh + [0, 8)
                 a = [ops.movmatrix(ops.load(block["v"], 1, (16 * t + 8 * kh) * HEAD_DIM * 2
                                             + (16 * ct + 8 * ch) * 2)[0])
                      for kh in range(2) for ch in range(2)]
-                o[ct] = ops.mma(a, b, o[ct], VALUES)
+                o[ct] = ops.mma(a, b, o[ct], BF16)
         return o, m, l
 
     zero = ops.cf(0.0)
