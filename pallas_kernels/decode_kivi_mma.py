@@ -310,12 +310,14 @@ class _Mlir:
 _NUMPY_TYPE = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}
 
 
-def _bits(x, half: _Half):
-    """float -> the half's bits (round to nearest even; f16 saturating), as uint32."""
+def _bits(x, half: _Half, saturate=True):
+    """float -> the half's bits (round to nearest even; f16 saturating, or past its range
+    inf), as uint32."""
     x = np.asarray(x, np.float32)
-    if half.ptx == "f16":
+    if half.ptx == "f16" and saturate:
         x = np.clip(x, -65504, 65504)
-    return x.astype(_NUMPY_TYPE[half.ptx]).view(np.uint16).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        return x.astype(_NUMPY_TYPE[half.ptx]).view(np.uint16).astype(np.uint32)
 
 
 def _halves(x, half: _Half):
@@ -414,11 +416,10 @@ class _Numpy:
         return _bits(lo, half) | (_bits(hi, half) << np.uint32(16))
 
     def mul_x2(self, a, b, half: _Half):
+        """Products exact in f32, rounded once; past f16's range inf, as on the GPU."""
         (a_lo, a_hi), (b_lo, b_hi) = _halves(a, half), _halves(b, half)
-        with np.errstate(over="ignore"):  # f16 products past its range are inf, as on the GPU
-            hi, lo = (x.astype(_NUMPY_TYPE[half.ptx]) for x in (a_hi * b_hi, a_lo * b_lo))
-        return (lo.view(np.uint16).astype(np.uint32)
-                | (hi.view(np.uint16).astype(np.uint32) << np.uint32(16)))
+        return (_bits(a_lo * b_lo, half, saturate=False)
+                | (_bits(a_hi * b_hi, half, saturate=False) << np.uint32(16)))
 
     def exp2(self, x):
         with np.errstate(over="ignore"):

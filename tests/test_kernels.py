@@ -143,14 +143,14 @@ def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, 
     k_spec, v_spec = decode_kivi_mma.SPEC
     B, D = 2, 128
     q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
-    k = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32) + 0.5
+    k = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32) * 2 + 0.5
     v = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32)
     lengths = _random_lengths(rng, B, hkv, capacity)
     k_parts, v_parts = quantize_tokens(k, k_spec), quantize_tokens(v, v_spec)
     k_res, v_res = (rng.standard_normal((B, hkv, residual, D)).astype(ml_dtypes.bfloat16)
                     for _ in range(2))
     counts = rng.integers(0, residual + 1, (B, hkv)).astype(np.int32)
-    counts.flat[:3] = 0, residual, residual - 1  # the empty head's residual empty too
+    counts.flat[0], counts.flat[-1] = 0, residual  # the empty head's residual empty too
     parts = decode_kivi_mma.emulate(q, k_parts, v_parts, lengths, (k_res, v_res, counts),
                                     num_splits=num_splits)
     ours = np.asarray(merge_partials([parts], jnp.float32))
