@@ -77,15 +77,7 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     return row
 
 
-VARIANTS = {  # EXPERIMENT: kernel variants by name (decode_kivi_mma._VARIANT)
-    "halves": (("softmax_groups", ((0,), (1,))),),
-    "fma_shifts": (("fma_shifts", True),),
-    "uniform": (("uniform_head", True),),
-    "uniform_halves": (("uniform_head", True), ("softmax_groups", ((0,), (1,)))),
-}
-
-
-def timing(batch, capacity, heads=8, group=4, sweep=(), variants=()):
+def timing(batch, capacity, heads=8, group=4, sweep=()):
     k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity)
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
@@ -100,8 +92,6 @@ def timing(batch, capacity, heads=8, group=4, sweep=(), variants=()):
                "mma_4_stages": functools.partial(mma, stages=4),
                "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
                                            v_spec=V_SPEC)}
-    for name in variants:
-        kernels[f"mma_{name}"] = functools.partial(mma, variant=VARIANTS[name])
     for parts in sweep:  # parts (warps) over the whole batch
         splits = max(1, parts // (batch * heads))
         kernels[f"mma_{parts}_parts"] = functools.partial(mma, num_splits=splits)
@@ -155,7 +145,6 @@ def main():
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--sweep", default="", help="parts per launch to time, e.g. 2048,8192")
-    parser.add_argument("--variants", default="", help="named kernel variants to time")
     parser.add_argument("--breakdown", action="store_true", help="time the attention op's steps")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -165,9 +154,8 @@ def main():
               check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 3),
               check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 1),
               check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8)]
-    variants = [x for x in args.variants.split(",") if x]
-    rows = [] if args.skip_timing else (timing(16, 32768, sweep=sweep, variants=variants)
-                                           + timing(1, 131072, sweep=sweep, variants=variants))
+    rows = [] if args.skip_timing else (timing(16, 32768, sweep=sweep)
+                                           + timing(1, 131072, sweep=sweep))
     steps = breakdown(16, 32768) if args.breakdown else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
     write_result(name, {**environment(), "checks": checks, "timing": rows, "breakdown": steps})

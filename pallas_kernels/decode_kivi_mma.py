@@ -71,9 +71,6 @@ STAGES = 3  # shared-memory stages per warp: blocks in flight while one computes
 RESCALE_AT = 2.0
 SPEC = QuantSpec(bits=2, group=GROUP, per_channel=True), QuantSpec(bits=2, group=GROUP)
 
-_DEFAULT_VARIANT = {"softmax_groups": ((0, 1),), "fma_shifts": False, "uniform_head": False}  # EXPERIMENT
-_VARIANT = dict(_DEFAULT_VARIANT)
-
 KEY_STATS_FACTOR = 2.0 ** -8  # key scales and zeros in f16 are this times their value
 
 
@@ -162,9 +159,6 @@ class _Mlir:
     select = staticmethod(arith.select)
     fadd, fsub, fmul = staticmethod(arith.addf), staticmethod(arith.subf), staticmethod(arith.mulf)
     fmax = staticmethod(arith.maxnumf)
-
-    def shr_hi(self, a, s):
-        return self._asm(f"mul.hi.u32 $0, $1, {1 << (32 - s)};", [a], "=r,r")
 
     def fgt(self, a, b):
         return arith.cmpf(arith.CmpFPredicate.OGT, a, b)
@@ -353,7 +347,6 @@ class _Numpy:
     sub = lambda self, a, b: (a - self._int(b)).astype(np.uint32)  # noqa: E731
     shr = lambda self, a, s: a >> np.uint32(s)  # noqa: E731
     shl = lambda self, a, s: (a << np.uint32(s)).astype(np.uint32)  # noqa: E731
-    shr_hi = lambda self, a, s: ((a.astype(np.uint64) << np.uint64(32 - s)) >> np.uint64(32)).astype(np.uint32)  # noqa: E731
     band = lambda self, a, b: a & self._int(b)  # noqa: E731
     rem = lambda self, a, n: a % np.uint32(n)  # noqa: E731
     div = lambda self, a, n: a // np.uint32(n)  # noqa: E731
@@ -502,8 +495,7 @@ class _Lane:
 def _shifted(ops, word, half: _Half):
     """word >> multiples of half.step: every 2-bit field of a half-word brought under the
     mantissa in one of them (_Half.field_at)."""
-    shr = ops.shr_hi if _VARIANT["fma_shifts"] else ops.shr
-    return {s: word if s == 0 else shr(word, s) for s in range(0, 16, half.step)}
+    return {s: word if s == 0 else ops.shr(word, s) for s in range(0, 16, half.step)}
 
 
 def _extract(ops, shifted, x, f, half: _Half):
@@ -625,25 +617,27 @@ def _key_zero_terms(ops, qf_regs, words):
     return total
 
 
-def _key_scores(ops, qf_regs, words, neg_magic, zero_terms, g):
-    """Scores of the block's key group g (32 tokens) times KEY_STATS_FACTOR, unscaled: 2 tiles
-    of accumulator registers, token rows r and r + 8, query columns q0 and q0 + 1."""
-    b = _key_operands(ops, qf_regs, words.key_stats("ks", g))
-    zb = zero_terms[2 * g:2 * g + 2]
-    start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
-    for step in range(8):
-        start = ops.mma(neg_magic, b[step], start, KEYS)
+def _key_scores(ops, qf_regs, words, neg_magic):
+    """Scores of the block's 64 tokens times KEY_STATS_FACTOR, unscaled: 4 tiles of
+    accumulator registers, token rows r and r + 8, query columns q0 and q0 + 1."""
+    zero_terms = _key_zero_terms(ops, qf_regs, words)
     scores = []
-    for tile in range(2):
-        # [rh][i]: bytes 8 l4 + 4 i + (0, 2, 1, 3) of token row + 8 rh, shifted
-        shifted = [[_shifted(ops, ops.prmt(x, x, 0x3120), KEYS) for x in w]
-                   for w in words.kc(2 * g + tile)]
-        acc = start
+    for g in range(2):  # key groups
+        b = _key_operands(ops, qf_regs, words.key_stats("ks", g))
+        zb = zero_terms[2 * g:2 * g + 2]
+        start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
         for step in range(8):
-            a = [_extract(ops, shifted[rh][i], x, f, KEYS)
-                 for i, x, f in (_key_combo(step, kh) for kh in range(2)) for rh in range(2)]
-            acc = ops.mma(a, b[step], acc, KEYS)
-        scores.append(acc)
+            start = ops.mma(neg_magic, b[step], start, KEYS)
+        for tile in range(2):
+            # [rh][i]: bytes 8 l4 + 4 i + (0, 2, 1, 3) of token row + 8 rh, shifted
+            shifted = [[_shifted(ops, ops.prmt(x, x, 0x3120), KEYS) for x in w]
+                       for w in words.kc(2 * g + tile)]
+            acc = start
+            for step in range(8):
+                a = [_extract(ops, shifted[rh][i], x, f, KEYS)
+                     for i, x, f in (_key_combo(step, kh) for kh in range(2)) for rh in range(2)]
+                acc = ops.mma(a, b[step], acc, KEYS)
+            scores.append(acc)
     return scores
 
 
@@ -659,11 +653,10 @@ def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
         return [[ops.select(ops.lt(ops.add(token, 16 * t + 8 * (reg // 2)), length), x, neg_inf)
                  for reg, x in enumerate(tile)] for t, tile in enumerate(scores)]
 
-    last = ops.add(t0, 16 * len(scores))
-    scores = ops.cond(ops.lt(length, last), scores, mask)  # only the last block
+    scores = ops.cond(ops.lt(length, ops.add(t0, BLOCK)), scores, mask)  # only the last block
     m_new = []
     for e in range(2):
-        block_max = functools.reduce(ops.fmax, [tile[reg] for tile in scores
+        block_max = functools.reduce(ops.fmax, [scores[t][reg] for t in range(4)
                                                 for reg in (e, e + 2)])
         for d in (4, 8, 16):
             block_max = ops.fmax(block_max, ops.shfl(block_max, d))
@@ -681,13 +674,13 @@ def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
     growth = ops.fmax(ops.fsub(m_new[0], m[0]), ops.fsub(m_new[1], m[1]))
     tiles, l, m = ops.cond(ops.any_lane(ops.fgt(growth, ops.cf(RESCALE_AT))), (tiles, l, m),
                            rescale)
-    p = [[None] * 4 for _ in scores]
+    p = [[None] * 4 for _ in range(4)]
     for e in range(2):
         neg_m = ops.fsub(ops.cf(0.0), m[e])
-        for t, tile in enumerate(scores):
+        for t in range(4):
             for reg in (e, e + 2):
-                p[t][reg] = ops.exp2(ops.fma(tile[reg], ops.cf(scale), neg_m))
-    l = [functools.reduce(ops.fadd, [x[reg] for x in p for reg in (e, e + 2)], l[e])
+                p[t][reg] = ops.exp2(ops.fma(scores[t][reg], ops.cf(scale), neg_m))
+    l = [functools.reduce(ops.fadd, [p[t][reg] for t in range(4) for reg in (e, e + 2)], l[e])
          for e in range(2)]
     return p, m, l, tiles
 
@@ -696,38 +689,28 @@ def _block(ops, lane, qf_regs, neg_magic, length, t0, words, state):
     """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
     neg_magic: {KEYS, VALUES: 4 registers of -magic pairs}, the A operands of the offset MMAs."""
     o, c_off, s_zero, m, l = state
-    zero_terms = _key_zero_terms(ops, qf_regs, words)
+    scores = _key_scores(ops, qf_regs, words, neg_magic[KEYS])
     # The scores are KEY_STATS_FACTOR times the true ones: the scale undoes it.
     scale = HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR
-    for groups in _VARIANT["softmax_groups"]:
-        scores = [tile for g in groups
-                  for tile in _key_scores(ops, qf_regs, words, neg_magic[KEYS], zero_terms, g)]
-        p, m, l, tiles = _softmax(ops, lane, scores, length, ops.add(t0, GROUP * groups[0]), m,
-                                  l, o + c_off + s_zero, scale)
-        o, c_off, s_zero = _values(ops, lane, p, 2 * groups[0], words, neg_magic[VALUES],
-                                   tiles[:8], tiles[8:10], tiles[10:])
-    return o, c_off, s_zero, m, l
-
-
-def _values(ops, lane, p, first_tile, words, neg_magic, o, c_off, s_zero):
-    """Adds the values of the tiles first_tile + t of p (16 tokens each, one MMA step) to o,
-    c_off and s_zero."""
+    p, m, l, tiles = _softmax(ops, lane, scores, length, t0, m, l, o + c_off + s_zero, scale)
+    o, c_off, s_zero = tiles[:8], tiles[8:10], tiles[10:]
+    # Values: 16 tokens (one score tile) per MMA step.
     pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
     zero = ops.c(0)
-    for t, p_t in enumerate(p, first_tile):
+    for t in range(4):
         # [rh] -> (scales of value groups half, 2 + half), (zeros of the same)
         raw = {name: words.stats(name, t) for name in ("vs", "vz")}
         stats = [[[ops.as_f32(ops.prmt(w, zero, pick)) for w in raw[name][rh]]
                   for name in ("vs", "vz")] for rh in range(2)]
         b_v = []  # [a]: B operands (p * scale) of value groups 2 a + (0, 1)
         for a in range(2):
-            rows = [ops.pack(ops.fmul(p_t[2 * rh + 1], stats[rh][0][a]),
-                             ops.fmul(p_t[2 * rh], stats[rh][0][a]), VALUES) for rh in range(2)]
+            rows = [ops.pack(ops.fmul(p[t][2 * rh + 1], stats[rh][0][a]),
+                             ops.fmul(p[t][2 * rh], stats[rh][0][a]), VALUES) for rh in range(2)]
             b_v.append([ops.movmatrix(x) for x in rows])
-            c_off[a] = ops.mma(neg_magic, b_v[a], c_off[a], VALUES)
+            c_off[a] = ops.mma(neg_magic[VALUES], b_v[a], c_off[a], VALUES)
             for e in range(2):
-                s_zero[a][e] = ops.fma(p_t[e], stats[0][1][a],
-                                       ops.fma(p_t[e + 2], stats[1][1][a], s_zero[a][e]))
+                s_zero[a][e] = ops.fma(p[t][e], stats[0][1][a],
+                                       ops.fma(p[t][e + 2], stats[1][1][a], s_zero[a][e]))
         # [kh] -> (bytes 0-1, bytes 2-3 of word r) of tokens 2 l4 + 8 kh + (0, 1), shifted
         xs = [[_shifted(ops, ops.prmt(w0, w1, selector), VALUES) for selector in (0x5410, 0x7632)]
               for w0, w1 in words.vc(t)]
@@ -736,7 +719,7 @@ def _values(ops, lane, p, first_tile, words, neg_magic, o, c_off, s_zero):
                 regs = [_extract(ops, xs[kh][beta // 2], beta % 2, 2 * a + rh, VALUES)
                         for kh in range(2) for rh in range(2)]  # a0 a1 a2 a3
                 o[2 * beta + a] = ops.mma(regs, b_v[a], o[2 * beta + a], VALUES)
-    return o, c_off, s_zero
+    return o, c_off, s_zero, m, l
 
 
 def _epilogue(ops, lane, state, o_base, m_base, l_base):
@@ -842,13 +825,13 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
     _store_stats(ops, lane, m, _lane_sums(ops, l), m_base, l_base)
 
 
-def _part(ops, lane, lane_id, bh, split, refs, shared, *, capacity, num_splits, stages,
-          residual):
-    """One warp's part (batch row and KV head bh = b * Hkv + h, split; split num_splits: the
+def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stages, residual):
+    """One warp's part (batch row and KV head b * Hkv + h, split; split num_splits: the
     residual's): refs are the addresses of lengths, q, k codes, k scales, k zeros, v codes,
     v scales, v zeros, the residual's k, v and n, o, m, l; shared the warp's `stages`
     shared-memory stages."""
-    part = ops.add(ops.mul(bh, num_splits + 1), split)
+    split = ops.rem(part, num_splits + 1)
+    bh = ops.div(part, num_splits + 1)
     o_ref, m_ref, l_ref = refs[-3:]
     outs = (ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
             ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
@@ -911,29 +894,21 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
     _epilogue(ops, lane, state, *outs)
 
 
-def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual, variant=()):
+def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual):
     """The GPU kernel: warp w of program i takes part 4 i + w."""
     del ctx
-    _VARIANT.update(_DEFAULT_VARIANT, **dict(variant))
     *refs, shared = refs
     ops = _Mlir()
     tid = arith.index_cast(ops.i32, gpu.thread_id(gpu.Dimension.x))
     lane = _Lane(ops, tid)
     warp = ops.shr(tid, 5)
     program = arith.index_cast(ops.i32, gpu.block_id(gpu.Dimension.x))
-    if _VARIANT["uniform_head"]:
-        per_head = (num_splits + 1) // WARPS
-        bh = ops.div(program, per_head)
-        split = ops.add(ops.mul(ops.rem(program, per_head), WARPS), warp)
-        part = ops.add(ops.mul(bh, num_splits + 1), split)
-    else:
-        part = ops.add(ops.mul(program, WARPS), warp)
-        bh, split = ops.div(part, num_splits + 1), ops.rem(part, num_splits + 1)
+    part = ops.add(ops.mul(program, WARPS), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
     shared = ops.add(llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared)),
                      ops.mul(warp, stages * STAGE_BYTES))
     with mgpu_utils.when(ops.lt(part, parts)):
-        _part(ops, lane, ops.band(tid, 31), bh, split, addresses, shared, capacity=capacity,
+        _part(ops, lane, ops.band(tid, 31), part, addresses, shared, capacity=capacity,
               num_splits=num_splits, stages=stages, residual=residual)
 
 
@@ -949,8 +924,7 @@ def _inputs(q, k_parts, v_parts, lengths, residual):
             counts.astype(jnp.int32))
 
 
-def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES,
-            variant=()):
+def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
     """The kernel's own code run on the CPU, warp by warp over numpy (see _Numpy): what the
     tests check against the reference, since interpret mode cannot run the kernel's PTX."""
     inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths, residual)]
@@ -966,9 +940,8 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     lane = _Lane(ops, np.arange(32, dtype=np.uint32))
     *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
     lane_id = np.arange(32, dtype=np.uint32)
-    _VARIANT.update(_DEFAULT_VARIANT, **dict(variant))
-    for bh, split in np.ndindex(B * Hkv, num_splits + 1):
-        _part(ops, lane, lane_id, ops.c(bh), ops.c(split), refs, shared, capacity=S,
+    for part in range(B * Hkv * (num_splits + 1)):
+        _part(ops, lane, lane_id, ops.c(part), refs, shared, capacity=S,
               num_splits=num_splits, stages=stages, residual=R)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
             for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
@@ -988,9 +961,8 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     return max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "stages", "variant"))
-def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES,
-                    variant=()):
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
+def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
     KIVI 2-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPEC), and the first counts[b, h] tokens of its
@@ -1001,15 +973,13 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     Hkv = lengths.shape[1]
     S, R = k_parts[0].shape[2], residual[0].shape[2]
     num_splits = num_splits or default_splits(B, Hkv, S)
-    if dict(variant).get("uniform_head"):
-        num_splits += -(num_splits + 1) % WARPS
     parts = B * Hkv * (num_splits + 1)
     inputs = _inputs(q, k_parts, v_parts, lengths, residual)
 
     def body(*refs):
         plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(functools.partial(
             _kernel, capacity=S, num_splits=num_splits, parts=parts, stages=stages,
-            residual=R, variant=variant))(*refs)
+            residual=R))(*refs)
 
     o, m, l = plgpu.kernel(
         body, out_type=_out_shapes(B, Hkv, num_splits + 1), grid=(-(-parts // WARPS),),
