@@ -199,11 +199,6 @@ class _Mlir:
                                  constraints, has_side_effects=keep_order)
         return [llvm.extractvalue(ty, struct, [i]) for i in range(outs)]
 
-    def constants(self, x, n):
-        """n registers holding x: as an MMA's operand, n copies of one value were copied into
-        place before every MMA (ptxas), where n distinct ones stay put."""
-        return [self._asm(f"mov.b32 $0, {x};", [], "=r", keep_order=True) for _ in range(n)]
-
     def field(self, word, pos, half: _Half):
         mask = (3 << pos) | (3 << (pos + 16))
         return self._asm(f"lop3.b32 $0, $1, {mask}, {half.magic}, 0xEA;", [word], "=r,r")
@@ -269,11 +264,13 @@ class _Mlir:
     def store_f32(self, address, value):
         llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
 
-    def copy_async(self, shared, address, size):
-        """16 bytes from global `address` to `shared` (a 32-bit shared-memory address), of
-        which the first `size` (16 or 0: zeros) are read, in the current cp.async group."""
-        self._asm("cp.async.cg.shared.global [$1], [$2], 16, $3;", [shared, address, size],
-                  "=r,r,l,r", keep_order=True)
+    def copy_async(self, shared, address, size, offset=0):
+        """16 bytes from global `address` + offset to `shared` + offset (a 32-bit shared-memory
+        address), of which the first `size` (16 or 0: zeros) are read, in the current cp.async
+        group. The constant offset goes into the instruction, so a run of copies needs one
+        register pair of addresses (ptxas had kept one per copy across the loop)."""
+        self._asm(f"cp.async.cg.shared.global [$1+{offset}], [$2+{offset}], 16, $3;",
+                  [shared, address, size], "=r,r,l,r", keep_order=True)
 
     def commit(self):
         self._asm("cp.async.commit_group;", [], "=r", keep_order=True)
@@ -290,10 +287,12 @@ class _Mlir:
     def load_shared(self, address, words, offset=0):
         return self.load(address, words, offset, space="shared")
 
-    def store_shared(self, address, words):
-        """32-bit words to shared memory (a 32-bit address), in program order."""
+    def store_shared(self, address, words, offset=0):
+        """32-bit words to shared memory (a 32-bit address plus a constant byte offset), in
+        program order."""
         regs = ",".join(f"${i}" for i in range(2, len(words) + 2))
-        ptx = f"st.shared.v{len(words)}.u32 [$1], {{{regs}}};"
+        vector = f".v{len(words)}" if len(words) > 1 else ""
+        ptx = f"st.shared{vector}.u32 [$1+{offset}], {{{regs}}};".replace("{$2}", "$2")
         self._asm(ptx, [address, *words], ",".join(["=r"] + ["r"] * (len(words) + 1)),
                   keep_order=True)
 
@@ -372,9 +371,6 @@ class _Numpy:
         return jax.tree.map(lambda new, old: np.where(pred, new, old), then(state), state)
     as_f32 = lambda self, x: np.asarray(x, np.uint32).view(np.float32)  # noqa: E731
 
-    def constants(self, x, n):
-        return [self.c(x) for _ in range(n)]
-
     def field(self, word, pos, half: _Half):
         return (word & np.uint32((3 << pos) | (3 << (pos + 16)))) | np.uint32(half.magic)
 
@@ -449,10 +445,11 @@ class _Numpy:
         data = np.asarray(value, np.float32).view(np.uint8).reshape(32, 4)
         self.memory[np.asarray(address, np.int64)[:, None] + np.arange(4)] = data
 
-    def copy_async(self, shared, address, size):
+    def copy_async(self, shared, address, size, offset=0):
         for i in range(32):
-            data = self.memory[address[i]:address[i] + size[i]]
-            self.memory[shared[i]:shared[i] + 16] = np.pad(data, (0, 16 - len(data)))
+            data = self.memory[address[i] + offset:address[i] + offset + size[i]]
+            self.memory[shared[i] + offset:shared[i] + offset + 16] = np.pad(
+                data, (0, 16 - len(data)))
 
     def commit(self):
         pass
@@ -466,9 +463,10 @@ class _Numpy:
     def load_shared(self, address, words, offset=0):
         return self.load(address, words, offset)
 
-    def store_shared(self, address, words):
+    def store_shared(self, address, words, offset=0):
         data = np.stack(words, axis=1).astype(np.uint32).view(np.uint8).reshape(32, -1)
-        self.memory[np.asarray(address, np.int64)[:, None] + np.arange(data.shape[1])] = data
+        address = np.asarray(address, np.int64)[:, None] + offset
+        self.memory[address + np.arange(data.shape[1])] = data
 
     def loop(self, first, last, state, body):
         for i in range(int(first[0]), int(last[0])):
@@ -524,11 +522,13 @@ def _stage(ops, lane_id, slabs, block, valid, stage):
     kg = ops.shr(t0, 5)
     index = {"kc": t0, "vc": t0, "ks": kg, "kz": kg, "vs": t0, "vz": t0}
     stride = {"kc": 32, "vc": 32, "ks": HEAD_DIM * 2, "kz": HEAD_DIM * 2, "vs": 8, "vz": 8}
+    lane_bytes = ops.mul(lane_id, 16)
+    target = ops.add(stage, lane_bytes)
     for name, (offset, nbytes) in _STAGE.items():
-        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), ops.mul(lane_id, 16))
-        target = ops.add(stage, ops.add(ops.mul(lane_id, 16), offset))
+        # the array's block, less the stage offset the copies add back
+        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), lane_bytes, -offset)
         for j in range(nbytes // 512):
-            ops.copy_async(ops.add(target, 512 * j), ops.at(start, 512 * j), size)
+            ops.copy_async(target, start, size, offset + 512 * j)
     ops.commit()
 
 
@@ -536,11 +536,19 @@ def _key_stats_to_f16(ops, lane_id, stage):
     """Rewrites a stage's key scales and zeros, bf16 as copied, as f16 times KEY_STATS_FACTOR
     (saturating): each lane 16 bytes of each. The factor keeps q times a scale inside f16's
     range up to |q * scale| = 2^24, where f16 would overflow at 65504; the scores undo it in
-    the softmax scale."""
-    for name in ("ks", "kz"):
-        address = ops.add(stage, ops.add(ops.mul(lane_id, 16), _STAGE[name][0]))
-        words = [_bf16_to_f16(ops, w, KEY_STATS_FACTOR) for w in ops.load_shared(address, 4)]
-        ops.store_shared(address, words)
+    the softmax scale. The scales go back in place; the zeros in the order of
+    _key_zero_terms' A operands (_Staged.key_zeros), so that each operand is one read."""
+    lane_bytes = ops.mul(lane_id, 16)
+    scales, zeros = [[_bf16_to_f16(ops, w, KEY_STATS_FACTOR) for w in ops.load_shared(
+        ops.add(stage, lane_bytes), 4, _STAGE[name][0])] for name in ("ks", "kz")]
+    ops.sync_warp()  # every lane's words read before any lane writes
+    ops.store_shared(ops.add(stage, lane_bytes), scales, _STAGE["ks"][0])
+    # Lane i holds group g = i // 16's channels 32 f + 8 l4 + 2 j + (0, 1), f = i % 16 // 4,
+    # l4 = i % 4, j = 0..3: word j goes to operand (f, x = j % 2), slot g + 2 (j // 2).
+    g, f, l4 = ops.shr(lane_id, 4), ops.band(ops.shr(lane_id, 2), 3), ops.band(lane_id, 3)
+    base = ops.add(stage, ops.add(ops.add(ops.mul(l4, 16), ops.mul(f, 128)), ops.mul(g, 4)))
+    for j, word in enumerate(zeros):
+        ops.store_shared(base, [word], _STAGE["kz"][0] + 64 * (j % 2) + 8 * (j // 2))
     ops.sync_warp()  # every lane's words written before any lane reads them
 
 
@@ -563,11 +571,16 @@ class _Staged:
         self.key_stats_at = {name: at(name, ops.mul(lane.l4, 16)) for name in ("ks", "kz")}
         self.stats_at = {"vs": at("vs", ops.mul(lane.r, 8)), "vz": at("vz", ops.mul(lane.r, 8))}
 
-    def key_stats(self, name, half):
-        """[f][j]: channels 32 f + 8 l4 + 2 j + (0, 1) of key group t0 / 32 + half's scales
-        ("ks") or zeros ("kz")."""
-        return [self.ops.load_shared(self.key_stats_at[name], 4, HEAD_DIM * 2 * half + 64 * f)
+    def key_scales(self, half):
+        """[f][j]: channels 32 f + 8 l4 + 2 j + (0, 1) of key group t0 / 32 + half's scales."""
+        return [self.ops.load_shared(self.key_stats_at["ks"], 4, HEAD_DIM * 2 * half + 64 * f)
                 for f in range(4)]
+
+    def key_zeros(self, f, x):
+        """The A operand of _key_zero_terms' MMA (f, x): channels 32 f + 8 l4 + 2 j + (0, 1)
+        of both key groups' zeros, [group 0 at j = x, group 1 at x, group 0 at x + 2,
+        group 1 at x + 2] (as _key_stats_to_f16 stores them)."""
+        return self.ops.load_shared(self.key_stats_at["kz"], 4, 64 * (2 * f + x))
 
     def kc(self, t):
         """[rh]: bytes 8 l4 + [0, 8) of token row t0 + 16 t + 8 rh + r."""
@@ -602,12 +615,11 @@ def _key_zero_terms(ops, qf_regs, words):
     and r + 8 are the two groups' zeros (every row of a group the same), their B operand the
     q * 2^-p of the key MMAs. Words of one factor 2^p (channel parity x, field f: words x and
     x + 2 of f) share an MMA and an accumulator; the sums are added times their factors."""
-    zeros = [words.key_stats("kz", g) for g in range(2)]  # [g][f][j]
     sums = {}  # factor -> accumulator
     for f in range(4):
         for x in range(2):
             j = (x, x + 2)
-            a = [zeros[0][f][j[0]], zeros[1][f][j[0]], zeros[0][f][j[1]], zeros[1][f][j[1]]]
+            a = words.key_zeros(f, x)
             factor = float(_code_factor(KEYS, x, f))
             sums[factor] = ops.mma(a, [qf_regs[f][j[0]], qf_regs[f][j[1]]],
                                    sums.get(factor, [ops.cf(0.0)] * 4), KEYS)
@@ -623,7 +635,7 @@ def _key_scores(ops, qf_regs, words, neg_magic):
     zero_terms = _key_zero_terms(ops, qf_regs, words)
     scores = []
     for g in range(2):  # key groups
-        b = _key_operands(ops, qf_regs, words.key_stats("ks", g))
+        b = _key_operands(ops, qf_regs, words.key_scales(g))
         zb = zero_terms[2 * g:2 * g + 2]
         start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
         for step in range(8):
@@ -828,15 +840,16 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
 def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stages, residual):
     """One warp's part (batch row and KV head b * Hkv + h, split; split num_splits: the
     residual's): refs are the addresses of lengths, q, k codes, k scales, k zeros, v codes,
-    v scales, v zeros, the residual's k, v and n, o, m, l; shared the warp's `stages`
-    shared-memory stages."""
+    v scales, v zeros, the residual's k, v and n, the MMA constants (_constants), o, m, l;
+    shared the warp's `stages` shared-memory stages."""
     split = ops.rem(part, num_splits + 1)
     bh = ops.div(part, num_splits + 1)
     o_ref, m_ref, l_ref = refs[-3:]
     outs = (ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
             ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
     ops.branch(ops.lt(split, num_splits),
-               lambda: _quantized_part(ops, lane, lane_id, bh, split, refs[:8], outs, shared,
+               lambda: _quantized_part(ops, lane, lane_id, bh, split, refs[:8] + refs[11:12],
+                                       outs, shared,
                                        capacity=capacity, num_splits=num_splits, stages=stages),
                lambda: _residual_part(ops, lane, bh, [refs[1], *refs[8:11]], outs,
                                       residual=residual))
@@ -845,9 +858,10 @@ def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stage
 def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capacity,
                     num_splits, stages):
     """A split of head bh's quantized tokens: refs are the addresses of lengths, q, k codes,
-    k scales, k zeros, v codes, v scales, v zeros; shared the warp's `stages` shared-memory
-    stages, a ring the next blocks are copied into while one computes."""
-    lengths, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = refs
+    k scales, k zeros, v codes, v scales, v zeros, the MMA constants; shared the warp's
+    `stages` shared-memory stages, a ring the next blocks are copied into while one
+    computes."""
+    lengths, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, constants = refs
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
     slabs = {"kc": ops.at_wide(k_codes, bh, capacity * 32),
              "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
@@ -874,7 +888,7 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
     for j in range(stages - 1):
         stage_block(ops.add(first, j))
 
-    neg_magic = {half: ops.constants(half.neg_magic, 4) for half in (KEYS, VALUES)}
+    neg_magic = dict(zip((KEYS, VALUES), (ops.load(constants, 4, 16 * i) for i in range(2))))
 
     def body(i, state):
         ops.sync_warp()  # every lane is done with the stage about to be refilled
@@ -912,16 +926,23 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual):
               num_splits=num_splits, stages=stages, residual=residual)
 
 
+def _constants():
+    """The A operands of the offset MMAs, -magic pairs in 4 registers for keys, then for
+    values. Read from memory: ptxas, which sees through constants, rebuilt each operand with
+    4 moves before every use (some 45 a block in Nsight Compute's SASS)."""
+    return jnp.asarray([KEYS.neg_magic] * 4 + [VALUES.neg_magic] * 4, jnp.uint32)
+
+
 def _inputs(q, k_parts, v_parts, lengths, residual):
     """The kernel's inputs: lengths, q [B, Hkv, 4, 128] (the query groups padded to 4), the
-    quantized cache, the residual's k, v and counts."""
+    quantized cache, the residual's k, v and counts, the MMA constants."""
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
     g = Hq // Hkv
     q4 = jnp.pad(q.reshape(B, Hkv, g, D), ((0, 0), (0, 0), (0, QUERIES - g), (0, 0)))
     k_residual, v_residual, counts = residual
     return (lengths.astype(jnp.int32), q4, *k_parts, *v_parts, k_residual, v_residual,
-            counts.astype(jnp.int32))
+            counts.astype(jnp.int32), _constants())
 
 
 def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
