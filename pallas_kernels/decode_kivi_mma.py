@@ -264,12 +264,13 @@ class _Mlir:
     def store_f32(self, address, value):
         llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
 
-    def copy_async(self, shared, address, size, offset=0):
-        """16 bytes from global `address` + offset to `shared` + offset (a 32-bit shared-memory
-        address), of which the first `size` (16 or 0: zeros) are read, in the current cp.async
-        group. The constant offset goes into the instruction, so a run of copies needs one
-        register pair of addresses (ptxas had kept one per copy across the loop)."""
-        self._asm(f"cp.async.cg.shared.global [$1+{offset}], [$2+{offset}], 16, $3;",
+    def copy_async(self, shared, address, size, shared_offset=0, offset=0):
+        """16 bytes from global `address` + offset to `shared` + shared_offset (a 32-bit
+        shared-memory address), of which the first `size` (16 or 0: zeros) are read, in the
+        current cp.async group. The constant offsets go into the instruction, so a run of
+        copies needs one pair of address registers (ptxas had kept one per copy across the
+        loop)."""
+        self._asm(f"cp.async.cg.shared.global [$1+{shared_offset}], [$2+{offset}], 16, $3;",
                   [shared, address, size], "=r,r,l,r", keep_order=True)
 
     def commit(self):
@@ -427,9 +428,9 @@ class _Numpy:
     def shfl(self, x, distance):
         return x[np.arange(32) ^ distance]
 
-    def at(self, base, *terms):
+    def at(self, base, *terms):  # 32-bit terms zero-extended, as on the GPU
         for t in terms:
-            base = base + (np.int64(t) if isinstance(t, int) else t.astype(np.int64))
+            base = base + (np.int64(t % 2**32) if isinstance(t, int) else t.astype(np.int64))
         return base
 
     def at_wide(self, base, index, stride):
@@ -445,11 +446,11 @@ class _Numpy:
         data = np.asarray(value, np.float32).view(np.uint8).reshape(32, 4)
         self.memory[np.asarray(address, np.int64)[:, None] + np.arange(4)] = data
 
-    def copy_async(self, shared, address, size, offset=0):
+    def copy_async(self, shared, address, size, shared_offset=0, offset=0):
         for i in range(32):
             data = self.memory[address[i] + offset:address[i] + offset + size[i]]
-            self.memory[shared[i] + offset:shared[i] + offset + 16] = np.pad(
-                data, (0, 16 - len(data)))
+            target = shared[i] + shared_offset
+            self.memory[target:target + 16] = np.pad(data, (0, 16 - len(data)))
 
     def commit(self):
         pass
@@ -525,10 +526,9 @@ def _stage(ops, lane_id, slabs, block, valid, stage):
     lane_bytes = ops.mul(lane_id, 16)
     target = ops.add(stage, lane_bytes)
     for name, (offset, nbytes) in _STAGE.items():
-        # the array's block, less the stage offset the copies add back
-        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), lane_bytes, -offset)
+        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), lane_bytes)
         for j in range(nbytes // 512):
-            ops.copy_async(target, start, size, offset + 512 * j)
+            ops.copy_async(target, start, size, offset + 512 * j, 512 * j)
     ops.commit()
 
 
