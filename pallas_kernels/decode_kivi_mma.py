@@ -40,7 +40,7 @@ dequantized cache and the residual.
 
 It takes what KIVI's 2-bit policy stores: per-channel keys in groups of 32 tokens, per-token
 values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16 queries,
-a capacity that is a multiple of 64 and a bf16 residual of whole 64-token blocks (`fits`);
+a capacity that is a multiple of 64 and a bf16 residual of whole 16-token tiles (`fits`);
 decode_attention.py takes the rest.
 """
 
@@ -109,7 +109,7 @@ def fits(q, lengths, k_spec, v_spec, capacity: int, k_residual) -> bool:
     k_residual [B, Hkv, R, D]): KIVI 2-bit (see the module docstring) on Hopper."""
     return ((k_spec, v_spec) == SPEC and q.shape[-1] == HEAD_DIM and q.dtype == jnp.bfloat16
             and q.shape[1] <= QUERIES * lengths.shape[1] and capacity % BLOCK == 0
-            and k_residual.shape[2] % BLOCK == 0 and k_residual.dtype == jnp.bfloat16
+            and k_residual.shape[2] % 16 == 0 and k_residual.dtype == jnp.bfloat16
             and jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
 
@@ -654,9 +654,9 @@ def _key_scores(ops, qf_regs, words, neg_magic):
 
 
 def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
-    """The online softmax of a block of 64 tokens' scores (4 tiles of accumulator registers,
-    times `scale`), in base 2; a thread's columns e = 0, 1 hold queries q0 + e. Tokens from
-    `length` on get probability 0. Returns p (as the scores), the running maxima m and sums
+    """The online softmax of the scores of 16 tokens a tile from t0 on (tiles of accumulator
+    registers, times `scale`), in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
+    Tokens from `length` on get probability 0. Returns p (as the scores), the running maxima m and sums
     l, and `tiles` (lists of registers whose index mod 2 is the column e) rescaled to m."""
     neg_inf = ops.cf(-np.inf)
 
@@ -665,10 +665,11 @@ def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
         return [[ops.select(ops.lt(ops.add(token, 16 * t + 8 * (reg // 2)), length), x, neg_inf)
                  for reg, x in enumerate(tile)] for t, tile in enumerate(scores)]
 
-    scores = ops.cond(ops.lt(length, ops.add(t0, BLOCK)), scores, mask)  # only the last block
+    # only the last step masks
+    scores = ops.cond(ops.lt(length, ops.add(t0, 16 * len(scores))), scores, mask)
     m_new = []
     for e in range(2):
-        block_max = functools.reduce(ops.fmax, [scores[t][reg] for t in range(4)
+        block_max = functools.reduce(ops.fmax, [tile[reg] for tile in scores
                                                 for reg in (e, e + 2)])
         for d in (4, 8, 16):
             block_max = ops.fmax(block_max, ops.shfl(block_max, d))
@@ -686,13 +687,13 @@ def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
     growth = ops.fmax(ops.fsub(m_new[0], m[0]), ops.fsub(m_new[1], m[1]))
     tiles, l, m = ops.cond(ops.any_lane(ops.fgt(growth, ops.cf(RESCALE_AT))), (tiles, l, m),
                            rescale)
-    p = [[None] * 4 for _ in range(4)]
+    p = [[None] * 4 for _ in scores]
     for e in range(2):
         neg_m = ops.fsub(ops.cf(0.0), m[e])
-        for t in range(4):
+        for t, tile in enumerate(scores):
             for reg in (e, e + 2):
-                p[t][reg] = ops.exp2(ops.fma(scores[t][reg], ops.cf(scale), neg_m))
-    l = [functools.reduce(ops.fadd, [p[t][reg] for t in range(4) for reg in (e, e + 2)], l[e])
+                p[t][reg] = ops.exp2(ops.fma(tile[reg], ops.cf(scale), neg_m))
+    l = [functools.reduce(ops.fadd, [tile[reg] for tile in p for reg in (e, e + 2)], l[e])
          for e in range(2)]
     return p, m, l, tiles
 
@@ -789,9 +790,13 @@ def _query_words(ops, lane, q_ref, bh):
 
 def _residual_part(ops, lane, bh, refs, outs, *, residual):
     """The part of head bh's full-precision residual (bf16 [residual, 128], its first n
-    tokens): the same online softmax over blocks of 64 tokens, read straight from global
+    tokens): the same online softmax, a tile of 16 tokens a step, read straight from global
     memory, with bf16 MMAs on q as it is; each 8 x 8 block of values is transposed into the
-    MMA's operand with movmatrix. refs: the addresses of q, the residual's k, v and n."""
+    MMA's operand with movmatrix. refs: the addresses of q, the residual's k, v and n.
+
+    One tile a step because ptxas issues every load of a step up front: with 64 tokens a step
+    this part took 228 registers, the quantized part 119, and a kernel takes the larger
+    (benchmarks/kivi_registers.py)."""
     q_ref, k_ref, v_ref, n_ref = refs
     length = ops.load(ops.at(n_ref, ops.mul(bh, 4)), 1)[0]
     q_regs = _query_words(ops, lane, q_ref, bh)
@@ -801,34 +806,29 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
 
     def body(i, state):
         o, m, l = state
-        t0 = ops.mul(i, BLOCK)
-        block = {name: ops.at(x, ops.mul(t0, HEAD_DIM * 2)) for name, x in rows.items()}
-        scores = []
-        for t in range(4):
-            # [rh][f][j]: channels 32 f + 8 l4 + 2 j + (0, 1) of token row 16 t + 8 rh + r
-            words = [[ops.load(block["k"], 4, (16 * t + 8 * rh) * HEAD_DIM * 2 + 64 * f)
-                      for f in range(4)] for rh in range(2)]
-            acc = [ops.cf(0.0)] * 4
-            for f in range(4):
-                for j in ((0, 1), (2, 3)):
-                    a = [words[0][f][j[0]], words[1][f][j[0]], words[0][f][j[1]],
-                         words[1][f][j[1]]]
-                    acc = ops.mma(a, [q_regs[f][j[0]], q_regs[f][j[1]]], acc, BF16)
-            scores.append(acc)
-        p, m, l, o = _softmax(ops, lane, scores, length, t0, m, l, o, HEAD_DIM ** -0.5 * LOG2_E)
-        for t in range(4):
-            b = [ops.movmatrix(ops.pack(p[t][2 * rh + 1], p[t][2 * rh], BF16))
+        t0 = ops.mul(i, 16)
+        tile = {name: ops.at(x, ops.mul(t0, HEAD_DIM * 2)) for name, x in rows.items()}
+        # [rh][f][j]: channels 32 f + 8 l4 + 2 j + (0, 1) of token row 8 rh + r
+        words = [[ops.load(tile["k"], 4, 8 * rh * HEAD_DIM * 2 + 64 * f) for f in range(4)]
                  for rh in range(2)]
-            for ct in range(8):  # channels 16 ct + 8 ch + [0, 8) by tokens 16 t + 8 kh + [0, 8)
-                a = [ops.movmatrix(ops.load(block["v"], 1, (16 * t + 8 * kh) * HEAD_DIM * 2
-                                            + (16 * ct + 8 * ch) * 2)[0])
-                     for kh in range(2) for ch in range(2)]
-                o[ct] = ops.mma(a, b, o[ct], BF16)
+        scores = [ops.cf(0.0)] * 4
+        for f in range(4):
+            for j in ((0, 1), (2, 3)):
+                a = [words[0][f][j[0]], words[1][f][j[0]], words[0][f][j[1]], words[1][f][j[1]]]
+                scores = ops.mma(a, [q_regs[f][j[0]], q_regs[f][j[1]]], scores, BF16)
+        (p,), m, l, o = _softmax(ops, lane, [scores], length, t0, m, l, o,
+                                 HEAD_DIM ** -0.5 * LOG2_E)
+        b = [ops.movmatrix(ops.pack(p[2 * rh + 1], p[2 * rh], BF16)) for rh in range(2)]
+        for ct in range(8):  # channels 16 ct + 8 ch + [0, 8) by tokens 8 kh + [0, 8)
+            a = [ops.movmatrix(ops.load(tile["v"], 1, 8 * kh * HEAD_DIM * 2
+                                        + (16 * ct + 8 * ch) * 2)[0])
+                 for kh in range(2) for ch in range(2)]
+            o[ct] = ops.mma(a, b, o[ct], BF16)
         return o, m, l
 
     zero = ops.cf(0.0)
     state = ([[zero] * 4 for _ in range(8)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
-    o, m, l = ops.loop(ops.c(0), ops.div(ops.add(length, BLOCK - 1), BLOCK), state, body)
+    o, m, l = ops.loop(ops.c(0), ops.div(ops.add(length, 15), 16), state, body)
     o_base, m_base, l_base = outs
     for ct in range(8):  # rows r and r + 8: channels 16 ct + r (+ 8)
         for reg in range(4):

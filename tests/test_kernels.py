@@ -130,7 +130,7 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
 
 @pytest.mark.parametrize("hq, hkv, capacity, num_splits, residual, rescale_at", [
     (4, 1, 64, 1, 64, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 2, 128, 0.0),
-    (6, 3, 192, 3, 64, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 4, 128, 0.0)])
+    (6, 3, 192, 3, 48, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 4, 128, 0.0)])
 def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, num_splits,
                                            residual, rescale_at):
     """The MMA kernel for KIVI 2-bit caches, its own code run lane by lane on the CPU
@@ -189,7 +189,8 @@ def test_kivi_mma_kernel_lowers_for_the_gpu():
     (dict(head_dim=64), False),
     (dict(dtype=jnp.float16), False),
     (dict(capacity=96), False),  # not whole 64-token blocks
-    (dict(residual=96), False),
+    (dict(residual=96), True),
+    (dict(residual=40), False),  # not whole 16-token tiles
     (dict(capability="8.0"), False),  # not Hopper
 ])
 def test_kivi_mma_kernel_takes_only_its_format_on_hopper(monkeypatch, case, takes):
