@@ -1,6 +1,9 @@
 """Registers per thread of the MMA decode kernel for KIVI 2-bit caches
-(pallas_kernels/decode_kivi_mma.py), whole and with either part kind alone, as ptxas reports
-them: what caps its programs per SM (65,536 registers / 128 threads / registers).
+(pallas_kernels/decode_kivi_mma.py), as ptxas reports them when the kernel compiles: what caps
+its programs per SM (65,536 registers / 128 threads / registers). The whole kernel, then with
+pieces left out (each part kind alone, the staging copies, the key-statistics conversion, the
+key zeros' MMAs), to find what holds them. Compiled at the benchmarks' B16 x 32K: ptxas
+allocated 119 registers to a part of one block and 205 to a part of 16.
 
     MOSAIC_GPU_DUMP_PTXAS=1 python -m benchmarks.kivi_registers | grep -E "^(kernel|ptxas)"
 """
@@ -8,26 +11,35 @@ them: what caps its programs per SM (65,536 registers / 128 threads / registers)
 import jax
 import jax.numpy as jnp
 
-from benchmarks.kivi_mma import empty_residual, random_cache
 from pallas_kernels import decode_kivi_mma as mma_kernel
+
+LEFT_OUT = {  # name: {function of decode_kivi_mma: what replaces it}
+    "whole": {},
+    "quantized part alone": {"_residual_part": lambda *a, **k: None},
+    "residual part alone": {"_quantized_part": lambda *a, **k: None},
+    "no staging copies": {"_stage": lambda *a, **k: None},
+    "no key-statistics conversion": {"_key_stats_to_f16": lambda *a, **k: None},
+    "no key zeros": {"_key_zero_terms": lambda ops, *a: [ops.cf(0.0)] * 4},
+}
 
 
 def main():
-    batch, heads, capacity = 2, 8, 4096
-    k_parts, v_parts = random_cache(jax.random.key(0), batch, heads, capacity)
-    q = jax.random.normal(jax.random.key(1), (batch, heads * 4, 128), jnp.bfloat16)
-    lengths = jnp.full((batch, heads), capacity, jnp.int32)
-    residual = empty_residual(batch, heads)
-    parts = {"whole": {}, "quantized part alone": {"_residual_part": lambda *a, **k: None},
-             "residual part alone": {"_quantized_part": lambda *a, **k: None}}
-    for name, replaced in parts.items():
+    batch, heads, capacity, residual = 16, 8, 32768, 128
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    codes = shape(batch, heads, capacity, 32, dtype=jnp.uint8)
+    k_parts = codes, *[shape(batch, heads, capacity // 32, 128)] * 2
+    v_parts = codes, *[shape(batch, heads, capacity, 4)] * 2
+    rest = (shape(batch, heads, dtype=jnp.int32),
+            (shape(batch, heads, residual, 128), shape(batch, heads, residual, 128),
+             shape(batch, heads, dtype=jnp.int32)))
+    for name, replaced in LEFT_OUT.items():
         saved = {attr: getattr(mma_kernel, attr) for attr in replaced}
         for attr, fn in replaced.items():
             setattr(mma_kernel, attr, fn)
         jax.clear_caches()
         print(f"kernel: {name}", flush=True)
-        jax.block_until_ready(mma_kernel.decode_partials(q, k_parts, v_parts, lengths,
-                                                         residual))
+        mma_kernel.decode_partials.trace(shape(batch, 4 * heads, 128), k_parts, v_parts,
+                                         *rest).lower().compile()
         for attr, fn in saved.items():
             setattr(mma_kernel, attr, fn)
 
