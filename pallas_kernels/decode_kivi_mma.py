@@ -514,6 +514,10 @@ def _key_combo(step, kh):
 _STAGE = {"kc": (0, BLOCK * 32), "vc": (2048, BLOCK * 32), "ks": (4096, 2 * HEAD_DIM * 2),
           "kz": (4608, 2 * HEAD_DIM * 2), "vs": (5120, BLOCK * 8), "vz": (5632, BLOCK * 8)}
 STAGE_BYTES = 6144  # the above
+# After a warp's stages: its q * 2^-p (f16, the key MMAs' B operands before the scales), 16
+# words a lane, [f][lane][j]. Read each block rather than held: in registers ptxas kept it
+# twice, once more in the register pairs of _key_zero_terms' operands (32 registers in all).
+QF_BYTES = 4 * 32 * 16
 
 
 def _stage(ops, lane_id, slabs, block, valid, stage):
@@ -537,25 +541,38 @@ def _key_stats_to_f16(ops, lane_id, stage):
     """Rewrites a stage's key scales and zeros, bf16 as copied, as f16 times KEY_STATS_FACTOR
     (saturating): each lane 16 bytes of each. The factor keeps q times a scale inside f16's
     range up to |q * scale| = 2^24, where f16 would overflow at 65504; the scores undo it in
-    the softmax scale. The scales go back in place; the zeros in the order of
-    _key_zero_terms' A operands (_Staged.key_zeros), so that each operand is one read."""
+    the softmax scale. The scales go back in place. The zeros are times 2^p of their channel
+    as well, which the q * 2^-p they meet in _key_zero_terms cancels, and go in the order of
+    its A operands (_Staged.key_zeros), so that each operand is one read."""
     lane_bytes = ops.mul(lane_id, 16)
-    scales, zeros = [[_bf16_to_f16(ops, w, KEY_STATS_FACTOR) for w in ops.load_shared(
-        ops.add(stage, lane_bytes), 4, _STAGE[name][0])] for name in ("ks", "kz")]
+    # Lane i holds group g = i // 16's channels 32 f + 8 l4 + 2 j + (0, 1), f = i % 16 // 4,
+    # l4 = i % 4, j = 0..3 (its words): channel parity j % 2, field f.
+    g, f, l4 = ops.shr(lane_id, 4), ops.band(ops.shr(lane_id, 2), 3), ops.band(lane_id, 3)
+    factors = [ops.fmul(_code_factor_at(ops, KEYS, x, f), ops.cf(KEY_STATS_FACTOR))
+               for x in range(2)]
+    raw = {name: ops.load_shared(ops.add(stage, lane_bytes), 4, _STAGE[name][0])
+           for name in ("ks", "kz")}
+    scales = [_bf16_to_f16(ops, w, ops.cf(KEY_STATS_FACTOR)) for w in raw["ks"]]
+    zeros = [_bf16_to_f16(ops, w, factors[j % 2]) for j, w in enumerate(raw["kz"])]
     ops.sync_warp()  # every lane's words read before any lane writes
     ops.store_shared(ops.add(stage, lane_bytes), scales, _STAGE["ks"][0])
-    # Lane i holds group g = i // 16's channels 32 f + 8 l4 + 2 j + (0, 1), f = i % 16 // 4,
-    # l4 = i % 4, j = 0..3: word j goes to operand (f, x = j % 2), slot g + 2 (j // 2).
-    g, f, l4 = ops.shr(lane_id, 4), ops.band(ops.shr(lane_id, 2), 3), ops.band(lane_id, 3)
+    # word j: operand (f, j // 2), slot g + 2 (j % 2)
     base = ops.add(stage, ops.add(ops.add(ops.mul(l4, 16), ops.mul(f, 128)), ops.mul(g, 4)))
     for j, word in enumerate(zeros):
-        ops.store_shared(base, [word], _STAGE["kz"][0] + 64 * (j % 2) + 8 * (j // 2))
+        ops.store_shared(base, [word], _STAGE["kz"][0] + 64 * (j // 2) + 8 * (j % 2))
     ops.sync_warp()  # every lane's words written before any lane reads them
 
 
+def _code_factor_at(ops, half: _Half, channel_parity: int, field):
+    """_code_factor for a field index in a register: 2^p as an f32 register."""
+    position = ops.add(field, field) if channel_parity == 0 else ops.add(ops.add(field, field), 8)
+    past = ops.lt(ops.c(half.step - 1), position)  # past the first shift: p = position - step
+    p = ops.select(past, ops.sub(position, half.step), position)
+    return ops.as_f32(ops.shl(ops.add(p, 127), 23))
+
+
 def _bf16_to_f16(ops, word, factor):
-    """A bf16 pair times `factor` as an f16 pair (saturating)."""
-    factor = ops.cf(factor)
+    """A bf16 pair times `factor` (an f32 register) as an f16 pair (saturating)."""
     return ops.pack(ops.fmul(ops.as_f32(ops.band(word, 0xFFFF0000)), factor),
                     ops.fmul(ops.as_f32(ops.shl(word, 16)), factor), F16)
 
@@ -577,11 +594,11 @@ class _Staged:
         return [self.ops.load_shared(self.key_stats_at["ks"], 4, HEAD_DIM * 2 * half + 64 * f)
                 for f in range(4)]
 
-    def key_zeros(self, f, x):
-        """The A operand of _key_zero_terms' MMA (f, x): channels 32 f + 8 l4 + 2 j + (0, 1)
-        of both key groups' zeros, [group 0 at j = x, group 1 at x, group 0 at x + 2,
-        group 1 at x + 2] (as _key_stats_to_f16 stores them)."""
-        return self.ops.load_shared(self.key_stats_at["kz"], 4, 64 * (2 * f + x))
+    def key_zeros(self, f, y):
+        """The A operand of _key_zero_terms' MMA (f, y): channels 32 f + 8 l4 + 2 j + (0, 1)
+        of both key groups' zeros times 2^p, [group 0 at j = 2 y, group 1 at 2 y, group 0 at
+        2 y + 1, group 1 at 2 y + 1] (as _key_stats_to_f16 stores them)."""
+        return self.ops.load_shared(self.key_stats_at["kz"], 4, 64 * (2 * f + y))
 
     def kc(self, t):
         """[rh]: bytes 8 l4 + [0, 8) of token row t0 + 16 t + 8 rh + r."""
@@ -613,21 +630,13 @@ def _key_operands(ops, qf_regs, scales):
 def _key_zero_terms(ops, qf_regs, words):
     """q.zero of the block's two key groups, for the accumulator registers: [group 0 at query
     columns q0, q0 + 1, group 1 at the same]. The MMAs do both groups at once: their rows r
-    and r + 8 are the two groups' zeros (every row of a group the same), their B operand the
-    q * 2^-p of the key MMAs. Words of one factor 2^p (channel parity x, field f: words x and
-    x + 2 of f) share an MMA and an accumulator; the sums are added times their factors."""
-    sums = {}  # factor -> accumulator
+    and r + 8 are the two groups' zeros times 2^p (every row of a group the same), their B
+    operand the q * 2^-p of the key MMAs."""
+    acc = [ops.cf(0.0)] * 4
     for f in range(4):
-        for x in range(2):
-            j = (x, x + 2)
-            a = words.key_zeros(f, x)
-            factor = float(_code_factor(KEYS, x, f))
-            sums[factor] = ops.mma(a, [qf_regs[f][j[0]], qf_regs[f][j[1]]],
-                                   sums.get(factor, [ops.cf(0.0)] * 4), KEYS)
-    total = sums.pop(1.0)
-    for factor, acc in sums.items():
-        total = [ops.fma(x, ops.cf(factor), t) for x, t in zip(acc, total)]
-    return total
+        for y in range(2):
+            acc = ops.mma(words.key_zeros(f, y), qf_regs[f][2 * y:2 * y + 2], acc, KEYS)
+    return acc
 
 
 def _key_scores(ops, qf_regs, words, neg_magic):
@@ -699,10 +708,12 @@ def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
     return p, m, l, tiles
 
 
-def _block(ops, lane, qf_regs, neg_magic, length, t0, words, state):
+def _block(ops, lane, qf_at, neg_magic, length, t0, words, state):
     """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
-    neg_magic: {KEYS, VALUES: 4 registers of -magic pairs}, the A operands of the offset MMAs."""
+    qf_at: the lane's q * 2^-p in shared memory (QF_BYTES); neg_magic: {KEYS, VALUES: 4
+    registers of -magic pairs}, the A operands of the offset MMAs."""
     o, c_off, s_zero, m, l = state
+    qf_regs = [ops.load_shared(qf_at, 4, 512 * f) for f in range(4)]
     scores = _key_scores(ops, qf_regs, words, neg_magic[KEYS])
     # The scores are KEY_STATS_FACTOR times the true ones: the scale undoes it.
     scale = HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR
@@ -838,22 +849,29 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
     _store_stats(ops, lane, m, _lane_sums(ops, l), m_base, l_base)
 
 
-def _part(ops, lane, lane_id, part, refs, shared, *, capacity, num_splits, stages, residual):
-    """One warp's part (batch row and KV head b * Hkv + h, split; split num_splits: the
-    residual's): refs are the addresses of lengths, q, k codes, k scales, k zeros, v codes,
-    v scales, v zeros, the residual's k, v and n, the MMA constants (_constants), o, m, l;
-    shared the warp's `stages` shared-memory stages."""
-    split = ops.rem(part, num_splits + 1)
-    bh = ops.div(part, num_splits + 1)
+def _part(ops, lane, lane_id, part, refs, shared, *, heads, capacity, num_splits, stages,
+          residual):
+    """One warp's part: parts 0 to heads - 1 are the residuals of batch row and KV head
+    bh = b * Hkv + h (split num_splits of bh), the rest the splits of the quantized tokens, in
+    order. The residual parts come first: last, one started after the other parts and
+    lengthened the kernel by its time (0.083 -> 0.102 ms at B1 x 128K). refs are the
+    addresses of lengths, q, k codes, k scales, k zeros, v codes, v scales, v zeros, the
+    residual's k, v and n, the MMA constants (_constants), o, m, l; shared the warp's shared
+    memory (stages, QF_BYTES)."""
+    is_residual = ops.lt(part, heads)
+    quantized = ops.sub(part, heads)
+    bh = ops.select(is_residual, part, ops.div(quantized, num_splits))
+    split = ops.select(is_residual, ops.c(num_splits), ops.rem(quantized, num_splits))
+    index = ops.add(ops.mul(bh, num_splits + 1), split)  # in the outputs
     o_ref, m_ref, l_ref = refs[-3:]
-    outs = (ops.at_wide(o_ref, part, QUERIES * HEAD_DIM * 4),
-            ops.at_wide(m_ref, part, QUERIES * 4), ops.at_wide(l_ref, part, QUERIES * 4))
-    ops.branch(ops.lt(split, num_splits),
-               lambda: _quantized_part(ops, lane, lane_id, bh, split, refs[:8] + refs[11:12],
-                                       outs, shared,
-                                       capacity=capacity, num_splits=num_splits, stages=stages),
+    outs = (ops.at_wide(o_ref, index, QUERIES * HEAD_DIM * 4),
+            ops.at_wide(m_ref, index, QUERIES * 4), ops.at_wide(l_ref, index, QUERIES * 4))
+    ops.branch(is_residual,
                lambda: _residual_part(ops, lane, bh, [refs[1], *refs[8:11]], outs,
-                                      residual=residual))
+                                      residual=residual),
+               lambda: _quantized_part(ops, lane, lane_id, bh, split, refs[:8] + refs[11:12],
+                                       outs, shared, capacity=capacity, num_splits=num_splits,
+                                       stages=stages))
 
 
 def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capacity,
@@ -871,10 +889,13 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
              "vs": ops.at_wide(v_scale, bh, capacity * 8),
              "vz": ops.at_wide(v_zero, bh, capacity * 8)}
     q_regs = _query_words(ops, lane, q, bh)
-    # q * 2^-p in f16 (see _key_operands): word j of field f, channels 32 f + 8 l4 + 2 j + (0, 1),
-    # has channel parity j % 2
-    qf_regs = [[_bf16_to_f16(ops, w, 1 / float(_code_factor(KEYS, j % 2, f)))
-                for j, w in enumerate(q_regs[f])] for f in range(4)]
+    # q * 2^-p in f16 (see _key_operands) into shared memory (QF_BYTES): word j of field f,
+    # channels 32 f + 8 l4 + 2 j + (0, 1), has channel parity j % 2
+    qf_at = ops.add(shared, ops.add(ops.mul(lane_id, 16), stages * STAGE_BYTES))
+    for f, words in enumerate(q_regs):
+        factors = [ops.cf(1 / float(_code_factor(KEYS, j % 2, f))) for j in range(4)]
+        ops.store_shared(qf_at, [_bf16_to_f16(ops, w, x) for w, x in zip(words, factors)],
+                         512 * f)
     per_split = -(-(capacity // BLOCK) // num_splits)
     first = ops.mul(split, per_split)
     blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
@@ -898,7 +919,7 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
         slot = ops.rem(ops.sub(i, first), stages)
         stage = ops.add(shared, ops.mul(slot, STAGE_BYTES))
         _key_stats_to_f16(ops, lane_id, stage)
-        return _block(ops, lane, qf_regs, neg_magic, length, ops.mul(i, BLOCK),
+        return _block(ops, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK),
                       _Staged(ops, lane, stage), state)
 
     zero = ops.cf(0.0)
@@ -921,10 +942,11 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual):
     part = ops.add(ops.mul(program, WARPS), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
     shared = ops.add(llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared)),
-                     ops.mul(warp, stages * STAGE_BYTES))
+                     ops.mul(warp, stages * STAGE_BYTES + QF_BYTES))
     with mgpu_utils.when(ops.lt(part, parts)):
-        _part(ops, lane, ops.band(tid, 31), part, addresses, shared, capacity=capacity,
-              num_splits=num_splits, stages=stages, residual=residual)
+        _part(ops, lane, ops.band(tid, 31), part, addresses, shared,
+              heads=parts // (num_splits + 1), capacity=capacity, num_splits=num_splits,
+              stages=stages, residual=residual)
 
 
 def _constants():
@@ -955,7 +977,7 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     num_splits = num_splits or default_splits(B, Hkv, S)
     shapes = _out_shapes(B, Hkv, num_splits + 1)
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
-    arrays.append(np.zeros(stages * STAGE_BYTES, np.uint8))  # one warp's shared memory
+    arrays.append(np.zeros(stages * STAGE_BYTES + QF_BYTES, np.uint8))  # a warp's shared memory
     offsets = np.cumsum([0] + [a.nbytes for a in arrays])
     memory = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
     ops = _Numpy(memory)
@@ -963,7 +985,7 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
     lane_id = np.arange(32, dtype=np.uint32)
     for part in range(B * Hkv * (num_splits + 1)):
-        _part(ops, lane, lane_id, ops.c(part), refs, shared, capacity=S,
+        _part(ops, lane, lane_id, ops.c(part), refs, shared, heads=B * Hkv, capacity=S,
               num_splits=num_splits, stages=stages, residual=R)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
             for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
@@ -1005,7 +1027,7 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
 
     o, m, l = plgpu.kernel(
         body, out_type=_out_shapes(B, Hkv, num_splits + 1), grid=(-(-parts // WARPS),),
-        scratch_types=[plgpu.SMEM((WARPS * stages * STAGE_BYTES,), jnp.uint8)],
+        scratch_types=[plgpu.SMEM((WARPS * (stages * STAGE_BYTES + QF_BYTES),), jnp.uint8)],
         grid_names=("programs",), kernel_name="kvjax_decode_kivi_mma")(*inputs)
     g = Hq // Hkv
     return o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
