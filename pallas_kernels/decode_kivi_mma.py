@@ -111,7 +111,6 @@ def fits(q, lengths, k_spec, v_spec, capacity: int, k_residual) -> bool:
     return ((k_spec, v_spec) == SPEC and q.shape[-1] == HEAD_DIM and q.dtype == jnp.bfloat16
             and q.shape[1] <= QUERIES * lengths.shape[1] and capacity % BLOCK == 0
             and k_residual.shape[2] % 16 == 0 and k_residual.dtype == jnp.bfloat16
-            and lengths.size * capacity * 32 // 16 < MAX_UNITS
             and jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
 
@@ -515,23 +514,24 @@ def _key_combo(step, kh):
 _STAGE = {"kc": (0, BLOCK * 32), "vc": (2048, BLOCK * 32), "ks": (4096, 2 * HEAD_DIM * 2),
           "kz": (4608, 2 * HEAD_DIM * 2), "vs": (5120, BLOCK * 8), "vz": (5632, BLOCK * 8)}
 STAGE_BYTES = 6144  # the above
-MAX_UNITS = 2 ** 32  # the 16-byte units a cache array may hold (_stage's 32-bit indices)
 # After a warp's stages: its q * 2^-p (f16, the key MMAs' B operands before the scales), 16
 # words a lane, [f][lane][j]. Read each block rather than held: in registers ptxas kept it
 # twice, once more in the register pairs of _key_zero_terms' operands (32 registers in all).
 QF_BYTES = 4 * 32 * 16
 
 
-def _stage(ops, lane_id, arrays, block, valid, stage):
-    """Issues the copies of block `block` (an index over every head's blocks) into `stage` (a
-    shared-memory address): 16 bytes a lane at a time, reading nothing where not `valid`.
-    arrays: the cache arrays' addresses. Each copy's address is the array's plus a 32-bit index
-    of 16-byte units (MAX_UNITS), computed each block: from a 64-bit base per array and head,
-    ptxas kept 6 register pairs across the loop (12 registers)."""
+def _stage(ops, lane_id, slabs, block, valid, stage):
+    """Issues the copies of block `block` (a token block index) into `stage` (a shared-memory
+    address): 16 bytes a lane at a time, reading nothing where not `valid`."""
     size = ops.select(valid, ops.c(16), ops.c(0))
-    target = ops.add(stage, ops.mul(lane_id, 16))
+    t0 = ops.mul(block, BLOCK)
+    kg = ops.shr(t0, 5)
+    index = {"kc": t0, "vc": t0, "ks": kg, "kz": kg, "vs": t0, "vz": t0}
+    stride = {"kc": 32, "vc": 32, "ks": HEAD_DIM * 2, "kz": HEAD_DIM * 2, "vs": 8, "vz": 8}
+    lane_bytes = ops.mul(lane_id, 16)
+    target = ops.add(stage, lane_bytes)
     for name, (offset, nbytes) in _STAGE.items():
-        start = ops.at_wide(arrays[name], ops.add(ops.mul(block, nbytes // 16), lane_id), 16)
+        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), lane_bytes)
         for j in range(nbytes // 512):
             ops.copy_async(target, start, size, offset + 512 * j, 512 * j)
     ops.commit()
@@ -882,8 +882,12 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
     computes."""
     lengths, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, constants = refs
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
-    arrays = {"kc": k_codes, "ks": k_scale, "kz": k_zero, "vc": v_codes, "vs": v_scale,
-              "vz": v_zero}
+    slabs = {"kc": ops.at_wide(k_codes, bh, capacity * 32),
+             "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
+             "kz": ops.at_wide(k_zero, bh, capacity // GROUP * HEAD_DIM * 2),
+             "vc": ops.at_wide(v_codes, bh, capacity * 32),
+             "vs": ops.at_wide(v_scale, bh, capacity * 8),
+             "vz": ops.at_wide(v_zero, bh, capacity * 8)}
     q_regs = _query_words(ops, lane, q, bh)
     # q * 2^-p in f16 (see _key_operands) into shared memory (QF_BYTES): word j of field f,
     # channels 32 f + 8 l4 + 2 j + (0, 1), has channel parity j % 2
@@ -897,11 +901,10 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
     blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
     last = ops.umax(ops.umin(ops.add(first, per_split), blocks), first)
     final = ops.c(capacity // BLOCK - 1)
-    head_block = ops.mul(bh, capacity // BLOCK)  # the head's first block over all heads'
 
     def stage_block(i):  # block i into its stage, if it is one of this part's
         slot = ops.rem(ops.sub(i, first), stages)
-        _stage(ops, lane_id, arrays, ops.add(head_block, ops.umin(i, final)), ops.lt(i, last),
+        _stage(ops, lane_id, slabs, ops.umin(i, final), ops.lt(i, last),
                ops.add(shared, ops.mul(slot, STAGE_BYTES)))
 
     for j in range(stages - 1):
