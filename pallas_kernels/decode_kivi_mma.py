@@ -17,8 +17,9 @@ dimension and tokens or channels the 16 rows:
   rounding reached 1e-2 of the output. The key scales and zeros are converted in shared memory
   (times 2^-8, which keeps the products in f16's range). The 1024s cost no instruction per
   code: an MMA of the same scaled q with a constant -1024 operand gives each key group its
-  offset, which starts the accumulator together with q.zero, itself one more MMA per block
-  whose rows are the two key groups' zeros (_key_zero_terms).
+  offset, which starts the accumulator together with q.zero, itself a chain of 8 MMAs per
+  block whose rows are the two key groups' zeros, staged times 2^p so that the q * 2^-p
+  operand cancels it (_key_zero_terms).
 - Values (bf16): o^T [16 channels, 8] += codes^T [16 channels, 16 tokens] @ (p * scale)
   [16 tokens, 8]. A thread reads one packed word of each of its tokens; byte permutes pair two
   tokens per register. The 8 columns are the 4 queries times the 2 value groups a row tile
@@ -564,7 +565,9 @@ def _key_stats_to_f16(ops, lane_id, stage):
 
 
 def _code_factor_at(ops, half: _Half, channel_parity: int, field):
-    """_code_factor for a field index in a register: 2^p as an f32 register."""
+    """_code_factor for a field index (0-3) in a register: an f32 register. For halves whose
+    fields need at most one shift (_Half.field_at), as KEYS'."""
+    assert 8 + 2 * 3 < 2 * half.step, "fields past the second shift"
     position = ops.add(field, field) if channel_parity == 0 else ops.add(ops.add(field, field), 8)
     past = ops.lt(ops.c(half.step - 1), position)  # past the first shift: p = position - step
     p = ops.select(past, ops.sub(position, half.step), position)
@@ -666,8 +669,9 @@ def _key_scores(ops, qf_regs, words, neg_magic):
 def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
     """The online softmax of the scores of 16 tokens a tile from t0 on (tiles of accumulator
     registers, times `scale`), in base 2; a thread's columns e = 0, 1 hold queries q0 + e.
-    Tokens from `length` on get probability 0. Returns p (as the scores), the running maxima m and sums
-    l, and `tiles` (lists of registers whose index mod 2 is the column e) rescaled to m."""
+    Tokens from `length` on get probability 0. Returns p (as the scores), the running maxima
+    m and sums l, and `tiles` (lists of registers whose index mod 2 is the column e) rescaled
+    to m."""
     neg_inf = ops.cf(-np.inf)
 
     def mask(scores):  # tokens past the length

@@ -22,8 +22,9 @@ SPECS = {  # (key spec, value spec): KIVI 2/4-bit, MiniKV's G16, LeanKV's tiers
 }
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(2, 32, per_channel=True), QuantSpec(4, 16, per_channel=True),
-                                  QuantSpec(8, 16), QuantSpec(2, 64), QuantSpec(4, 8)],
+@pytest.mark.parametrize("spec", [QuantSpec(2, 32, per_channel=True),
+                                  QuantSpec(4, 16, per_channel=True), QuantSpec(8, 16),
+                                  QuantSpec(2, 64), QuantSpec(4, 8)],
                          ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_quantize_pack_kernel_matches_reference(rng, spec, dtype):
