@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute profiles on the GPU machine: the details page (speed of light, occupancy, warp
-# stalls, instruction mix) and the SASS with per-instruction execution counts, as CSV under $OUT
+# stalls, instruction mix) and the SASS with per-instruction execution counts (with the live
+# registers of its hottest loop, benchmarks/sass_liveness.py), as CSV under $OUT
 # (or ./profile), of one decode kernel (default kivi2 at B16 x 32K) or, with "prefill" as the
 # policy, of the prefill forward and key-score kernels at the length given (default 16K), or
 # with "hopper", of the Hopper key-score pass.
@@ -28,3 +29,4 @@ pkill -f "[b]enchmarks.profile_" || true  # a profiled process left behind would
 ncu -i /tmp/profile.ncu-rep --page details --csv > "$out/${policy}_details.csv"
 ncu -i /tmp/profile.ncu-rep --page source --csv --print-source sass > "$out/${policy}_sass.csv" \
     || echo "source page export failed"
+python -m benchmarks.sass_liveness "$out/${policy}_sass.csv" || true  # what holds the registers
