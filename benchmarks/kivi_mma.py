@@ -108,8 +108,9 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
 
 def breakdown(batch, capacity, heads=8, group=4):
     """Device time of each step of a KIVI 2-bit cache's attention op (cache.attend): the
-    kernel's inputs (q scaled, padded), the MMA kernel (quantized tokens and residual), the
-    merge; and the whole op."""
+    kernel's inputs (q padded to 4 queries a head, the MMA constants), the MMA kernel
+    (quantized tokens and residual), the merge; and the whole op. Each chained step also
+    carries the chaining's own small ops (benchmarks.common.chained_seconds)."""
     kq, kk, kv = jax.random.split(jax.random.key(3), 3)
     shape = (batch, heads, capacity, mma_kernel.HEAD_DIM)
     k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5

@@ -1020,6 +1020,9 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     B, Hq, _ = q.shape
     Hkv = lengths.shape[1]
     S, R = k_parts[0].shape[2], residual[0].shape[2]
+    if S % BLOCK or R % 16:  # the loops read whole blocks and tiles
+        raise ValueError(f"the MMA kernel needs a capacity that is a multiple of {BLOCK} (got "
+                         f"{S}) and a residual of whole 16-token tiles (got {R}): check fits()")
     num_splits = num_splits or default_splits(B, Hkv, S)
     parts = B * Hkv * (num_splits + 1)
     inputs = _inputs(q, k_parts, v_parts, lengths, residual)

@@ -179,6 +179,10 @@ def test_kivi_mma_kernel_lowers_for_the_gpu():
         shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
         num_splits=3).lower(lowering_platforms=("cuda",))
     assert "kvjax_decode_kivi_mma" in lowered.as_text()
+    torn = shape(B, Hkv, 40, 128), shape(B, Hkv, 40, 128), residual[2]  # not whole tiles
+    with pytest.raises(ValueError, match="whole 16-token tiles"):
+        decode_kivi_mma.decode_partials.trace(shape(B, 4 * Hkv, 128), k_parts, v_parts,
+                                              shape(B, Hkv, dtype=jnp.int32), torn)
 
 
 @pytest.mark.parametrize("case, takes", [
