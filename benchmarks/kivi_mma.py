@@ -1,7 +1,7 @@
 """The MMA decode kernel for KIVI 2-bit caches (pallas_kernels/decode_kivi_mma.py) on the GPU:
 its partials against the float32 reference on ragged lengths and GQA groups, then the kernel
-alone (2 shared-memory stages, the default; 3 and 4; other parts per launch with --sweep; an
-empty residual) against the Triton kernel at B16 x 32K and B1 x 128K; with --breakdown, the
+alone (2 shared-memory stages, the default, and 3; programs of 4 warps, the default, 2 and 1;
+other parts per launch with --sweep; an empty residual) against the Triton kernel at B16 x 32K and B1 x 128K; with --breakdown, the
 steps of the whole attention op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall").
 
     python -m benchmarks.kivi_mma        # on an H100/H200; writes results/kivi_mma.json
@@ -62,15 +62,16 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     residual = empty_residual(batch, heads)
     got = merge_partials([mma_kernel.decode_partials(q, k_parts, v_parts, lengths, residual,
                                                      num_splits=splits)], jnp.float32)
-    three_stages = merge_partials([mma_kernel.decode_partials(
-        q, k_parts, v_parts, lengths, residual, num_splits=splits, stages=3)], jnp.float32)
+    variants = {name: merge_partials([mma_kernel.decode_partials(
+        q, k_parts, v_parts, lengths, residual, num_splits=splits, **options)], jnp.float32)
+        for name, options in (("three_stages", {"stages": 3}), ("one_warp", {"warps": 1}))}
     want = reference(q, k_parts, v_parts, lengths)
     triton = merge_partials([triton_kernel.decode_partials(
         q, k_parts, v_parts, lengths, k_spec=K_SPEC, v_spec=V_SPEC)], jnp.float32)
     row = {"batch": batch, "heads": heads, "group": group, "capacity": capacity,
            "splits": splits, "lengths": np.asarray(lengths).ravel().tolist()[:16],
            "rel_error": rel_error(got, want),
-           "three_stages_rel_error": rel_error(three_stages, want),
+           **{f"{name}_rel_error": rel_error(x, want) for name, x in variants.items()},
            "triton_rel_error": rel_error(triton, want),
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
@@ -89,7 +90,9 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
 
     kernels = {"mma": mma,
                "mma_3_stages": functools.partial(mma, stages=3),
-               "mma_4_stages": functools.partial(mma, stages=4),
+               "mma_1_warp": functools.partial(mma, warps=1),
+               "mma_2_warps": functools.partial(mma, warps=2),
+               "mma_1_warp_3_stages": functools.partial(mma, warps=1, stages=3),
                "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
                                            v_spec=V_SPEC)}
     for parts in sweep:  # parts (warps) over the whole batch

@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.mosaic import gpu as mosaic_gpu
+from jax.interpreters import mlir as jax_mlir
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, gpu, llvm, scf
@@ -64,7 +65,7 @@ HEAD_DIM = 128
 GROUP = 32  # tokens per key group, channels per value group
 BLOCK = 64  # tokens per loop step: 4 row tiles of 16, 2 key groups
 QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
-WARPS = 4  # parts per program (one warpgroup): one per warp
+WARPS = 4  # parts per program: one per warp
 STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes (2, 3 and 4
 # took 0.153, 0.168 and 0.168 ms at B16 x 32K: results/kivi_mma_s18d.json)
 # log2 of how far probabilities may exceed 1 before the running maxima move: 8 skipped more
@@ -934,8 +935,8 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
     _epilogue(ops, lane, state, *outs)
 
 
-def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual):
-    """The GPU kernel: warp w of program i takes part 4 i + w."""
+def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual, warps):
+    """The GPU kernel: warp w of program i takes part warps * i + w."""
     del ctx
     *refs, shared = refs
     ops = _Mlir()
@@ -943,7 +944,7 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual):
     lane = _Lane(ops, tid)
     warp = ops.shr(tid, 5)
     program = arith.index_cast(ops.i32, gpu.block_id(gpu.Dimension.x))
-    part = ops.add(ops.mul(program, WARPS), warp)
+    part = ops.add(ops.mul(program, warps), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
     shared = ops.add(llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared)),
                      ops.mul(warp, stages * STAGE_BYTES + QF_BYTES))
@@ -1009,8 +1010,9 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     return max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
-def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages", "warps"))
+def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES,
+                    warps=WARPS):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
     KIVI 2-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPEC), and the first counts[b, h] tokens of its
@@ -1027,14 +1029,18 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     parts = B * Hkv * (num_splits + 1)
     inputs = _inputs(q, k_parts, v_parts, lengths, residual)
 
-    def body(*refs):
-        plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))(functools.partial(
-            _kernel, capacity=S, num_splits=num_splits, parts=parts, stages=stages,
-            residual=R))(*refs)
-
-    o, m, l = plgpu.kernel(
-        body, out_type=_out_shapes(B, Hkv, num_splits + 1), grid=(-(-parts // WARPS),),
-        scratch_types=[plgpu.SMEM((WARPS * (stages * STAGE_BYTES + QF_BYTES),), jnp.uint8)],
-        grid_names=("programs",), kernel_name="kvjax_decode_kivi_mma")(*inputs)
+    # Mosaic GPU's own launcher, not plgpu.kernel: that one launches whole warpgroups (128
+    # threads), and a program of fewer warps lets more of them share an SM's registers.
+    with jax_mlir.make_ir_context(), ir.Location.unknown():
+        kernel = mosaic_gpu.as_gpu_kernel(
+            functools.partial(_kernel, capacity=S, num_splits=num_splits, parts=parts,
+                              stages=stages, residual=R, warps=warps),
+            grid=(-(-parts // warps), 1, 1), block=(32 * warps, 1, 1),
+            in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
+            out_shape=_out_shapes(B, Hkv, num_splits + 1),
+            smem_scratch_shape=jax.ShapeDtypeStruct(
+                (warps * (stages * STAGE_BYTES + QF_BYTES),), jnp.uint8),
+            kernel_name="kvjax_decode_kivi_mma")
+    o, m, l = kernel(*inputs)
     g = Hq // Hkv
     return o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
