@@ -1,10 +1,10 @@
-"""The MMA decode kernel for KIVI 2-bit caches (pallas_kernels/decode_kivi_mma.py) on the GPU:
+"""The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on the GPU:
 its partials against the float32 reference on ragged lengths and GQA groups, then the kernel
 alone (2 shared-memory stages, the default, and 3; programs of 4 warps, the default, 2 and 1;
 other parts per launch with --sweep; an empty residual) against the Triton kernel at B16 x 32K and B1 x 128K; with --breakdown, the
 steps of the whole attention op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall").
 
-    python -m benchmarks.kivi_mma        # on an H100/H200; writes results/kivi_mma.json
+    python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
 
 import argparse
@@ -23,15 +23,13 @@ from pallas_kernels import decode_attention as triton_kernel
 from pallas_kernels import decode_kivi_mma as mma_kernel
 from pallas_kernels.quantize import quantize_pack
 
-K_SPEC, V_SPEC = mma_kernel.SPEC
-
-
-def random_cache(key, batch, heads, capacity):
+def random_cache(key, batch, heads, capacity, bits):
     kk, kv = jax.random.split(key)
     shape = (batch, heads, capacity, mma_kernel.HEAD_DIM)
     k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
     v = jax.random.normal(kv, shape, jnp.bfloat16)
-    return quantize_pack(k, K_SPEC), quantize_pack(v, V_SPEC)
+    k_spec, v_spec = mma_kernel.SPECS[bits]
+    return quantize_pack(k, k_spec), quantize_pack(v, v_spec)
 
 
 def empty_residual(batch, heads, tokens=128):
@@ -41,9 +39,10 @@ def empty_residual(batch, heads, tokens=128):
     return kv, kv, jnp.zeros((batch, heads), jnp.int32)
 
 
-def reference(q, k_parts, v_parts, lengths):
-    k = dequantize_tokens(*k_parts, K_SPEC, jnp.float32)
-    v = dequantize_tokens(*v_parts, V_SPEC, jnp.float32)
+def reference(q, k_parts, v_parts, lengths, bits):
+    k_spec, v_spec = mma_kernel.SPECS[bits]
+    k = dequantize_tokens(*k_parts, k_spec, jnp.float32)
+    v = dequantize_tokens(*v_parts, v_spec, jnp.float32)
     with jax.default_matmul_precision("highest"):
         return merge_partials([decode_partials(q.astype(jnp.float32), k, v, lengths)],
                               jnp.float32)
@@ -54,9 +53,9 @@ def rel_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def check(seed, batch, heads, group, capacity, lengths, splits):
+def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     key = jax.random.key(seed)
-    k_parts, v_parts = random_cache(key, batch, heads, capacity)
+    k_parts, v_parts = random_cache(key, batch, heads, capacity, bits)
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.asarray(lengths, jnp.int32).reshape(batch, heads)
     residual = empty_residual(batch, heads)
@@ -65,10 +64,11 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     variants = {name: merge_partials([mma_kernel.decode_partials(
         q, k_parts, v_parts, lengths, residual, num_splits=splits, **options)], jnp.float32)
         for name, options in (("three_stages", {"stages": 3}), ("one_warp", {"warps": 1}))}
-    want = reference(q, k_parts, v_parts, lengths)
+    want = reference(q, k_parts, v_parts, lengths, bits)
+    k_spec, v_spec = mma_kernel.SPECS[bits]
     triton = merge_partials([triton_kernel.decode_partials(
-        q, k_parts, v_parts, lengths, k_spec=K_SPEC, v_spec=V_SPEC)], jnp.float32)
-    row = {"batch": batch, "heads": heads, "group": group, "capacity": capacity,
+        q, k_parts, v_parts, lengths, k_spec=k_spec, v_spec=v_spec)], jnp.float32)
+    row = {"bits": bits, "batch": batch, "heads": heads, "group": group, "capacity": capacity,
            "splits": splits, "lengths": np.asarray(lengths).ravel().tolist()[:16],
            "rel_error": rel_error(got, want),
            **{f"{name}_rel_error": rel_error(x, want) for name, x in variants.items()},
@@ -78,8 +78,8 @@ def check(seed, batch, heads, group, capacity, lengths, splits):
     return row
 
 
-def timing(batch, capacity, heads=8, group=4, sweep=()):
-    k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity)
+def timing(batch, capacity, bits, heads=8, group=4, sweep=()):
+    k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity, bits)
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
     nbytes = q.nbytes + sum(x.nbytes for x in (*k_parts, *v_parts))
@@ -93,8 +93,9 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
                "mma_1_warp": functools.partial(mma, warps=1),
                "mma_2_warps": functools.partial(mma, warps=2),
                "mma_1_warp_3_stages": functools.partial(mma, warps=1, stages=3),
-               "triton": functools.partial(triton_kernel.decode_partials, k_spec=K_SPEC,
-                                           v_spec=V_SPEC)}
+               "triton": functools.partial(triton_kernel.decode_partials,
+                                           k_spec=mma_kernel.SPECS[bits][0],
+                                           v_spec=mma_kernel.SPECS[bits][1])}
     for parts in sweep:  # parts (warps) over the whole batch
         splits = max(1, parts // (batch * heads))
         kernels[f"mma_{parts}_parts"] = functools.partial(mma, num_splits=splits)
@@ -103,7 +104,7 @@ def timing(batch, capacity, heads=8, group=4, sweep=()):
         seconds = chained_seconds(fn, q, k_parts, v_parts, lengths)
         wall = median_seconds(functools.partial(jax.jit(fn), q, k_parts, v_parts, lengths),
                               reps=20, inner=10)
-        rows.append({"kernel": name, "batch": batch, "context": capacity, "ms": seconds * 1e3,
+        rows.append({"kernel": name, "bits": bits, "batch": batch, "context": capacity, "ms": seconds * 1e3,
                      "ms_wall": wall * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12})
         print(rows[-1], flush=True)
     return rows
@@ -150,16 +151,20 @@ def main():
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--sweep", default="", help="parts per launch to time, e.g. 2048,8192")
     parser.add_argument("--breakdown", action="store_true", help="time the attention op's steps")
+    parser.add_argument("--bits", default="2", help="code widths to check and time, e.g. 2,4")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sweep = [int(x) for x in args.sweep.split(",") if x]
-    checks = [] if args.skip_checks else [check(0, 1, 1, 4, 64, [64], 1),
-              check(1, 2, 2, 4, 256, [1, 63, 200, 256], 2),
-              check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 3),
-              check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 1),
-              check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8)]
-    rows = [] if args.skip_timing else (timing(16, 32768, sweep=sweep)
-                                           + timing(1, 131072, sweep=sweep))
+    checks, rows = [], []
+    for bits in (int(x) for x in args.bits.split(",")):
+        checks += [] if args.skip_checks else [
+            check(0, 1, 1, 4, 64, [64], 1, bits),
+            check(1, 2, 2, 4, 256, [1, 63, 200, 256], 2, bits),
+            check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 3, bits),
+            check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 1, bits),
+            check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
+        rows += [] if args.skip_timing else (timing(16, 32768, bits, sweep=sweep)
+                                             + timing(1, 131072, bits, sweep=sweep))
     steps = breakdown(16, 32768) if args.breakdown else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
     write_result(name, {**environment(), "checks": checks, "timing": rows, "breakdown": steps})

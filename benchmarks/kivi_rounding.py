@@ -20,7 +20,7 @@ from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens, quantize_tokens
 from pallas_kernels import decode_kivi_mma
 
-K_SPEC, V_SPEC = decode_kivi_mma.SPEC
+K_SPEC, V_SPEC = decode_kivi_mma.SPECS[2]
 B, H, S, D, G = 1, 2, 4096, 128, 4
 
 

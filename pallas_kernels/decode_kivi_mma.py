@@ -1,4 +1,4 @@
-"""Flash-decoding over a KIVI 2-bit cache with warp-level tensor-core MMAs (Pallas Mosaic GPU).
+"""Flash-decoding over a KIVI 2- or 4-bit cache with warp-level tensor-core MMAs (Mosaic GPU).
 
 Why a second packed-cache decode kernel beside the Triton one (decode_attention.py): Triton
 picks the register layouts of its dots, so every block of packed codes was unpacked, shuffled
@@ -10,9 +10,10 @@ the MMA reads. The query group (up to 4, padded to the MMA's 8 columns) is the n
 dimension and tokens or channels the 16 rows:
 
 - Keys (f16): scores^T [16 tokens, 8] = codes [16 tokens, 128 channels] @ (q * scale)^T. A
-  thread reads 8 packed bytes of each of its tokens; one byte permute and one `lop3` per two
-  codes put a code under the mantissa of 1024.0 in f16 (1024 + 2^p * code, exact): the channel
-  order of the contraction follows the packing (_key_combo, _Half.field_at), and the factor
+  thread reads a quarter of each of its tokens' packed bytes (8 at 2 bits, 16 at 4); one byte
+  permute and one `lop3` per two codes put a code under the mantissa of 1024.0 in f16 (1024 +
+  2^p * code, exact): the channel order of the contraction follows the packing (_Format,
+  _key_combo), and the factor
   2^-p rides on q. f16 rather than bf16 because q * scale rounds in the operand: in bf16 that
   rounding reached 1e-2 of the output. The key scales and zeros are converted in shared memory
   (times 2^-8, which keeps the products in f16's range). The 1024s cost no instruction per
@@ -21,8 +22,8 @@ dimension and tokens or channels the 16 rows:
   block whose rows are the two key groups' zeros, staged times 2^p so that the q * 2^-p
   operand cancels it (_key_zero_terms).
 - Values (bf16): o^T [16 channels, 8] += codes^T [16 channels, 16 tokens] @ (p * scale)
-  [16 tokens, 8]. A thread reads one packed word of each of its tokens; byte permutes pair two
-  tokens per register. The 8 columns are the 4 queries times the 2 value groups a row tile
+  [16 tokens, 8]. A thread reads one packed word of each of its tokens (two at 4 bits); byte
+  permutes pair two tokens per register. The 8 columns are the 4 queries times the 2 value groups a row tile
   spans. p comes from the scores' accumulator, is scaled and moved into the operand layout with
   `movmatrix`. The offset of 128 and the zeros are summed once per part (an MMA with -128 and a
   running sum), not per code.
@@ -39,8 +40,8 @@ It returns partials (o unnormalized, m, l) for kvjax.attention.merge_partials, l
 decode_attention.decode_partials. The jnp reference is kvjax.attention.decode_partials over the
 dequantized cache and the residual.
 
-It takes what KIVI's 2-bit policy stores: per-channel keys in groups of 32 tokens, per-token
-values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16 queries,
+It takes what KIVI's 2- and 4-bit policies store: per-channel keys in groups of 32 tokens,
+per-token values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16 queries,
 a capacity that is a multiple of 64 and a bf16 residual of whole 16-token tiles (`fits`);
 decode_attention.py takes the rest.
 """
@@ -72,7 +73,8 @@ STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes
 # rescales but raised the error against the float32 reference from 3.2e-3 to 5.2e-3
 # (benchmarks/kivi_rounding.py, emulated).
 RESCALE_AT = 2.0
-SPEC = QuantSpec(bits=2, group=GROUP, per_channel=True), QuantSpec(bits=2, group=GROUP)
+SPECS = {bits: (QuantSpec(bits, GROUP, per_channel=True), QuantSpec(bits, GROUP))
+         for bits in (2, 4)}  # KIVI's 2- and 4-bit caches, keys and values
 
 KEY_STATS_FACTOR = 2.0 ** -8  # key scales and zeros in f16 are this times their value
 
@@ -88,18 +90,6 @@ class _Half(NamedTuple):
     def neg_magic(self):  # -magic in both halves
         return self.magic | 0x80008000
 
-    @property
-    def step(self):
-        """Bits a word shifts right by to bring its next fields under the mantissa."""
-        return self.mantissa // 2 * 2
-
-    def field_at(self, x, f):
-        """(shift, bit position left) of the 2-bit field at half-word bit 8 x + 2 f (byte x of
-        the half, field f)."""
-        position = 8 * x + 2 * f
-        shift = position // self.step * self.step
-        return shift, position - shift
-
 
 # Keys convert to f16, whose 11 significant bits hold q times the key scales 8 times more
 # precisely than bf16 (the error of bf16 there reached 1e-2 of the output); values to bf16.
@@ -107,26 +97,61 @@ F16, BF16 = _Half("f16", 0x64006400, 10), _Half("bf16", 0x43004300, 7)
 KEYS, VALUES = F16, BF16
 
 
+class _Format(NamedTuple):
+    """Where a cache of `bits`-bit codes (2 or 4) keeps them: kvjax.quantization.pack's planar
+    layout, a token's channel c in byte c % row_bytes, field c // row_bytes. A lane holds, per
+    field f, `pairs` channel pairs j of a token: channels row_bytes f + 4 bits l4 + 2 j +
+    (0, 1) (the key MMAs' contraction order, _key_combo)."""
+    bits: int
+
+    fields = property(lambda self: 8 // self.bits)  # codes per byte
+    row_bytes = property(lambda self: HEAD_DIM * self.bits // 8)  # a token's packed codes
+    pairs = property(lambda self: 2 * self.bits)
+
+    def step(self, half: _Half):
+        """Bits a word shifts right by to bring its next fields under the half's mantissa."""
+        return half.mantissa // self.bits * self.bits
+
+    def field_at(self, half: _Half, x, f):
+        """(shift, bit position left) of the field at half-word bit 8 x + bits f (byte x of
+        the half, field f)."""
+        position = 8 * x + self.bits * f
+        step = self.step(half)
+        return position // step * step, position % step
+
+    @property
+    def stage(self):
+        """A block's bytes in a warp's shared-memory stage: {array: (offset, bytes)}."""
+        sizes = {"kc": BLOCK * self.row_bytes, "vc": BLOCK * self.row_bytes,
+                 "ks": 2 * HEAD_DIM * 2, "kz": 2 * HEAD_DIM * 2, "vs": BLOCK * 8, "vz": BLOCK * 8}
+        offsets = np.cumsum([0, *sizes.values()])
+        return {name: (int(offset), size) for (name, size), offset in zip(sizes.items(), offsets)}
+
+    @property
+    def stage_bytes(self):
+        return sum(size for _, size in self.stage.values())
+
+
 def fits(q, lengths, k_spec, v_spec, capacity: int, k_residual) -> bool:
     """Whether this kernel takes the cache (capacity quantized tokens, a residual like
-    k_residual [B, Hkv, R, D]): KIVI 2-bit (see the module docstring) on Hopper."""
-    return ((k_spec, v_spec) == SPEC and q.shape[-1] == HEAD_DIM and q.dtype == jnp.bfloat16
+    k_residual [B, Hkv, R, D]): KIVI 2- or 4-bit (see the module docstring) on Hopper."""
+    return ((k_spec, v_spec) in SPECS.values() and q.shape[-1] == HEAD_DIM and q.dtype == jnp.bfloat16
             and q.shape[1] <= QUERIES * lengths.shape[1] and capacity % BLOCK == 0
             and k_residual.shape[2] % 16 == 0 and k_residual.dtype == jnp.bfloat16
             and jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
 
 
-def _code_factor(half: _Half, channel_parity, field):
+def _code_factor(fmt: _Format, half: _Half, channel_parity, field):
     """2^p of the value magic + 2^p * code that a code at (byte parity, field) converts to."""
     x = np.asarray(channel_parity)
-    return 2.0 ** np.vectorize(lambda x, f: half.field_at(int(x), int(f))[1])(x, field)
+    return 2.0 ** np.vectorize(lambda x, f: fmt.field_at(half, int(x), int(f))[1])(x, field)
 
 
-def value_factor() -> np.ndarray:
+def value_factor(fmt: _Format) -> np.ndarray:
     """[128] 2^-p of each channel's value codes."""
     c = np.arange(HEAD_DIM)
-    return 1.0 / _code_factor(VALUES, c & 1, c >> 5)
+    return 1.0 / _code_factor(fmt, VALUES, c & 1, c // fmt.row_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,8 +227,8 @@ class _Mlir:
                                  constraints, has_side_effects=keep_order)
         return [llvm.extractvalue(ty, struct, [i]) for i in range(outs)]
 
-    def field(self, word, pos, half: _Half):
-        mask = (3 << pos) | (3 << (pos + 16))
+    def field(self, word, pos, bits, half: _Half):
+        mask = (2**bits - 1) * (1 << pos | 1 << (pos + 16))
         return self._asm(f"lop3.b32 $0, $1, {mask}, {half.magic}, 0xEA;", [word], "=r,r")
 
     def prmt(self, a, b, selector):
@@ -375,8 +400,9 @@ class _Numpy:
         return jax.tree.map(lambda new, old: np.where(pred, new, old), then(state), state)
     as_f32 = lambda self, x: np.asarray(x, np.uint32).view(np.float32)  # noqa: E731
 
-    def field(self, word, pos, half: _Half):
-        return (word & np.uint32((3 << pos) | (3 << (pos + 16)))) | np.uint32(half.magic)
+    def field(self, word, pos, bits, half: _Half):
+        mask = (2**bits - 1) * (1 << pos | 1 << (pos + 16))
+        return (word & np.uint32(mask)) | np.uint32(half.magic)
 
     def prmt(self, a, b, selector):
         source = np.stack([(a >> np.uint32(8 * i)) & 0xFF for i in range(4)]
@@ -494,52 +520,60 @@ class _Lane:
         self.b_query = ops.band(self.r, 3)  # query of B-operand column r (r >= 4: again)
 
 
-def _shifted(ops, word, half: _Half):
-    """word >> multiples of half.step: every 2-bit field of a half-word brought under the
-    mantissa in one of them (_Half.field_at)."""
-    return {s: word if s == 0 else ops.shr(word, s) for s in range(0, 16, half.step)}
+def _shifted(ops, fmt: _Format, word, half: _Half):
+    """word >> multiples of fmt.step(half): every field of a half-word brought under the
+    mantissa in one of them (_Format.field_at)."""
+    step = fmt.step(half)
+    return {s: word if s == 0 else ops.shr(word, s) for s in range(0, 16, step)}
 
 
-def _extract(ops, shifted, x, f, half: _Half):
-    shift, pos = half.field_at(x, f)
-    return ops.field(shifted[shift], pos, half)
+def _extract(ops, fmt: _Format, shifted, x, f, half: _Half):
+    shift, pos = fmt.field_at(half, x, f)
+    return ops.field(shifted[shift], pos, fmt.bits, half)
 
 
-def _key_combo(step, kh):
+def _key_combo(fmt: _Format, step, kh):
     """(word i, byte x, field f) of key MMA step `step`, k-half kh: the thread's channel pair
-    8 * l4 + 4 * i + 2 * x + 32 * f + (0, 1)."""
+    j = 2 i + x of field f (_Format)."""
     combo = 2 * step + kh
-    return combo // 8, (combo // 4) % 2, combo % 4
+    return combo // (2 * fmt.fields), (combo // fmt.fields) % 2, combo % fmt.fields
 
 
-# A block's bytes in a warp's shared-memory stage: (offset, bytes) of each array's part.
-_STAGE = {"kc": (0, BLOCK * 32), "vc": (2048, BLOCK * 32), "ks": (4096, 2 * HEAD_DIM * 2),
-          "kz": (4608, 2 * HEAD_DIM * 2), "vs": (5120, BLOCK * 8), "vz": (5632, BLOCK * 8)}
-STAGE_BYTES = 6144  # the above
 # After a warp's stages: its q * 2^-p (f16, the key MMAs' B operands before the scales), 16
 # words a lane, [f][lane][j]. Read each block rather than held: in registers ptxas kept it
 # twice, once more in the register pairs of _key_zero_terms' operands (32 registers in all).
 QF_BYTES = 4 * 32 * 16
 
 
-def _stage(ops, lane_id, slabs, block, valid, stage):
+def _qf_offset(fmt: _Format, f):
+    """Where field f's words of the lane's q * 2^-p start, from its first (qf_at)."""
+    return 128 * fmt.pairs * f
+
+
+def _words(load, address, words, offset):
+    """`words` consecutive words (load: ops.load or ops.load_shared), read 4 at a time."""
+    return [w for i in range(0, words, 4) for w in load(address, min(4, words - i), offset + 4 * i)]
+
+
+def _stage(ops, fmt: _Format, lane_id, slabs, block, valid, stage):
     """Issues the copies of block `block` (a token block index) into `stage` (a shared-memory
     address): 16 bytes a lane at a time, reading nothing where not `valid`."""
     size = ops.select(valid, ops.c(16), ops.c(0))
     t0 = ops.mul(block, BLOCK)
     kg = ops.shr(t0, 5)
     index = {"kc": t0, "vc": t0, "ks": kg, "kz": kg, "vs": t0, "vz": t0}
-    stride = {"kc": 32, "vc": 32, "ks": HEAD_DIM * 2, "kz": HEAD_DIM * 2, "vs": 8, "vz": 8}
+    stride = {"kc": fmt.row_bytes, "vc": fmt.row_bytes, "ks": HEAD_DIM * 2, "kz": HEAD_DIM * 2,
+              "vs": 8, "vz": 8}
     lane_bytes = ops.mul(lane_id, 16)
     target = ops.add(stage, lane_bytes)
-    for name, (offset, nbytes) in _STAGE.items():
+    for name, (offset, nbytes) in fmt.stage.items():
         start = ops.at(slabs[name], ops.mul(index[name], stride[name]), lane_bytes)
         for j in range(nbytes // 512):
             ops.copy_async(target, start, size, offset + 512 * j, 512 * j)
     ops.commit()
 
 
-def _key_stats_to_f16(ops, lane_id, stage):
+def _key_stats_to_f16(ops, fmt: _Format, lane_id, stage):
     """Rewrites a stage's key scales and zeros, bf16 as copied, as f16 times KEY_STATS_FACTOR
     (saturating): each lane 16 bytes of each. The factor keeps q times a scale inside f16's
     range up to |q * scale| = 2^24, where f16 would overflow at 65504; the scores undo it in
@@ -547,31 +581,37 @@ def _key_stats_to_f16(ops, lane_id, stage):
     as well, which the q * 2^-p they meet in _key_zero_terms cancels, and go in the order of
     its A operands (_Staged.key_zeros), so that each operand is one read."""
     lane_bytes = ops.mul(lane_id, 16)
-    # Lane i holds group g = i // 16's channels 32 f + 8 l4 + 2 j + (0, 1), f = i % 16 // 4,
-    # l4 = i % 4, j = 0..3 (its words): channel parity j % 2, field f.
-    g, f, l4 = ops.shr(lane_id, 4), ops.band(ops.shr(lane_id, 2), 3), ops.band(lane_id, 3)
-    factors = [ops.fmul(_code_factor_at(ops, KEYS, x, f), ops.cf(KEY_STATS_FACTOR))
+    # Lane i holds key group g = i // 16's channels 8 (i % 16) + [0, 8): channel pairs
+    # j0 + [0, 4) (channel parity j % 2) of field f, lane l4 (_Format).
+    g, within = ops.shr(lane_id, 4), ops.band(lane_id, 15)
+    lanes_a_field = fmt.row_bytes // 8  # of the 16
+    f = ops.div(within, lanes_a_field)
+    l4 = ops.div(ops.rem(within, lanes_a_field), fmt.bits // 2)
+    j0 = ops.mul(ops.rem(within, fmt.bits // 2), 4)
+    factors = [ops.fmul(_code_factor_at(ops, fmt, KEYS, x, f), ops.cf(KEY_STATS_FACTOR))
                for x in range(2)]
-    raw = {name: ops.load_shared(ops.add(stage, lane_bytes), 4, _STAGE[name][0])
+    raw = {name: ops.load_shared(ops.add(stage, lane_bytes), 4, fmt.stage[name][0])
            for name in ("ks", "kz")}
     scales = [_bf16_to_f16(ops, w, ops.cf(KEY_STATS_FACTOR)) for w in raw["ks"]]
     zeros = [_bf16_to_f16(ops, w, factors[j % 2]) for j, w in enumerate(raw["kz"])]
     ops.sync_warp()  # every lane's words read before any lane writes
-    ops.store_shared(ops.add(stage, lane_bytes), scales, _STAGE["ks"][0])
-    # word j: operand (f, j // 2), slot g + 2 (j % 2)
-    base = ops.add(stage, ops.add(ops.add(ops.mul(l4, 16), ops.mul(f, 128)), ops.mul(g, 4)))
+    ops.store_shared(ops.add(stage, lane_bytes), scales, fmt.stage["ks"][0])
+    # pair j0 + j: operand (f, (j0 + j) // 2), slot g + 2 (j % 2)
+    operand = ops.add(ops.mul(f, fmt.pairs // 2), ops.div(j0, 2))
+    base = ops.add(stage, ops.add(ops.add(ops.mul(l4, 16), ops.mul(operand, 64)), ops.mul(g, 4)))
     for j, word in enumerate(zeros):
-        ops.store_shared(base, [word], _STAGE["kz"][0] + 64 * (j // 2) + 8 * (j % 2))
+        ops.store_shared(base, [word], fmt.stage["kz"][0] + 64 * (j // 2) + 8 * (j % 2))
     ops.sync_warp()  # every lane's words written before any lane reads them
 
 
-def _code_factor_at(ops, half: _Half, channel_parity: int, field):
-    """_code_factor for a field index (0-3) in a register: an f32 register. For halves whose
-    fields need at most one shift (_Half.field_at), as KEYS'."""
-    assert 8 + 2 * 3 < 2 * half.step, "fields past the second shift"
-    position = ops.add(field, field) if channel_parity == 0 else ops.add(ops.add(field, field), 8)
-    past = ops.lt(ops.c(half.step - 1), position)  # past the first shift: p = position - step
-    p = ops.select(past, ops.sub(position, half.step), position)
+def _code_factor_at(ops, fmt: _Format, half: _Half, channel_parity: int, field):
+    """_code_factor for a field index in a register: an f32 register. For halves whose fields
+    need at most one shift (_Format.field_at), as KEYS'."""
+    step = fmt.step(half)
+    assert 8 + fmt.bits * (fmt.fields - 1) < 2 * step, "fields past the second shift"
+    position = ops.add(ops.mul(field, fmt.bits), 8 * channel_parity)
+    past = ops.lt(ops.c(step - 1), position)  # past the first shift: p = position - step
+    p = ops.select(past, ops.sub(position, step), position)
     return ops.as_f32(ops.shl(ops.add(p, 127), 23))
 
 
@@ -582,31 +622,35 @@ def _bf16_to_f16(ops, word, factor):
 
 
 class _Staged:
-    """A staged block's words (see _STAGE), each read where it is used (a read up front held
-    every word in registers for the whole block), by constant offsets."""
+    """A staged block's words (_Format.stage), each read where it is used (a read up front
+    held every word in registers for the whole block), by constant offsets."""
 
-    def __init__(self, ops, lane, stage):
-        at = lambda name, offset: ops.add(stage, ops.add(offset, _STAGE[name][0]))  # noqa: E731
-        self.ops = ops
-        self.kc_at = at("kc", ops.add(ops.mul(lane.r, 32), ops.mul(lane.l4, 8)))
-        self.vc_at = at("vc", ops.add(ops.mul(lane.l4, 64), ops.mul(lane.r, 4)))
-        self.key_stats_at = {name: at(name, ops.mul(lane.l4, 16)) for name in ("ks", "kz")}
+    def __init__(self, ops, fmt: _Format, lane, stage):
+        at = lambda name, offset: ops.add(stage, ops.add(offset, fmt.stage[name][0]))  # noqa: E731
+        self.ops, self.fmt = ops, fmt
+        rb = fmt.row_bytes
+        self.kc_at = at("kc", ops.add(ops.mul(lane.r, rb), ops.mul(lane.l4, 4 * fmt.bits)))
+        self.vc_at = at("vc", ops.add(ops.mul(lane.l4, 2 * rb), ops.mul(lane.r, 4)))
+        self.key_stats_at = {"ks": at("ks", ops.mul(lane.l4, 8 * fmt.bits)),
+                             "kz": at("kz", ops.mul(lane.l4, 16))}
         self.stats_at = {"vs": at("vs", ops.mul(lane.r, 8)), "vz": at("vz", ops.mul(lane.r, 8))}
 
     def key_scales(self, half):
-        """[f][j]: channels 32 f + 8 l4 + 2 j + (0, 1) of key group t0 / 32 + half's scales."""
-        return [self.ops.load_shared(self.key_stats_at["ks"], 4, HEAD_DIM * 2 * half + 64 * f)
-                for f in range(4)]
+        """[f][j]: the scales of key group t0 / 32 + half, channel pair j of field f."""
+        return [_words(self.ops.load_shared, self.key_stats_at["ks"], self.fmt.pairs,
+                            HEAD_DIM * 2 * half + 2 * self.fmt.row_bytes * f)
+                for f in range(self.fmt.fields)]
 
     def key_zeros(self, f, y):
-        """The A operand of _key_zero_terms' MMA (f, y): channels 32 f + 8 l4 + 2 j + (0, 1)
-        of both key groups' zeros times 2^p, [group 0 at j = 2 y, group 1 at 2 y, group 0 at
+        """The A operand of _key_zero_terms' MMA (f, y): channel pairs 2 y and 2 y + 1 of field
+        f of both key groups' zeros times 2^p, [group 0 at j = 2 y, group 1 at 2 y, group 0 at
         2 y + 1, group 1 at 2 y + 1] (as _key_stats_to_f16 stores them)."""
-        return self.ops.load_shared(self.key_stats_at["kz"], 4, 64 * (2 * f + y))
+        return self.ops.load_shared(self.key_stats_at["kz"], 4, 64 * (self.fmt.pairs // 2 * f + y))
 
     def kc(self, t):
-        """[rh]: bytes 8 l4 + [0, 8) of token row t0 + 16 t + 8 rh + r."""
-        return [self.ops.load_shared(self.kc_at, 2, 32 * (16 * t + 8 * rh)) for rh in range(2)]
+        """[rh][i]: the lane's words i of token row t0 + 16 t + 8 rh + r."""
+        rb = self.fmt.row_bytes
+        return [_words(self.ops.load_shared, self.kc_at, self.fmt.bits, rb * (16 * t + 8 * rh)) for rh in range(2)]
 
     def stats(self, name, t):
         """[rh]: the 4 value groups' scales ("vs") or zeros ("vz") of the same token rows."""
@@ -614,54 +658,57 @@ class _Staged:
                 for rh in range(2)]
 
     def vc(self, t):
-        """[kh][e]: word r (bytes 4 r + [0, 4)) of token t0 + 16 t + 8 kh + 2 l4 + e."""
-        return [[self.ops.load_shared(self.vc_at, 1, 32 * (16 * t + 8 * kh + e))[0]
-                 for e in range(2)] for kh in range(2)]
+        """[kh][e][w]: word r + 8 w (bytes 4 r + 32 w + [0, 4)) of token t0 + 16 t + 8 kh +
+        2 l4 + e, w < row_bytes / 32."""
+        rb = self.fmt.row_bytes
+        return [[[self.ops.load_shared(self.vc_at, 1, rb * (16 * t + 8 * kh + e) + 32 * w)[0]
+                  for w in range(rb // 32)] for e in range(2)] for kh in range(2)]
 
 
-def _key_operands(ops, qf_regs, scales):
+def _key_operands(ops, fmt: _Format, qf_regs, scales):
     """B operands of a key group's 8 MMA steps: (q * 2^-p * scale)^T, f16."""
     b = []
     for step in range(8):
         pair = []
         for kh in range(2):
-            i, x, f = _key_combo(step, kh)
+            i, x, f = _key_combo(fmt, step, kh)
             pair.append(ops.mul_x2(qf_regs[f][2 * i + x], scales[f][2 * i + x], KEYS))
         b.append(pair)
     return b
 
 
-def _key_zero_terms(ops, qf_regs, words):
+def _key_zero_terms(ops, fmt: _Format, qf_regs, words):
     """q.zero of the block's two key groups, for the accumulator registers: [group 0 at query
     columns q0, q0 + 1, group 1 at the same]. The MMAs do both groups at once: their rows r
     and r + 8 are the two groups' zeros times 2^p (every row of a group the same), their B
     operand the q * 2^-p of the key MMAs."""
     acc = [ops.cf(0.0)] * 4
-    for f in range(4):
-        for y in range(2):
+    for f in range(fmt.fields):
+        for y in range(fmt.pairs // 2):
             acc = ops.mma(words.key_zeros(f, y), qf_regs[f][2 * y:2 * y + 2], acc, KEYS)
     return acc
 
 
-def _key_scores(ops, qf_regs, words, neg_magic):
+def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
     """Scores of the block's 64 tokens times KEY_STATS_FACTOR, unscaled: 4 tiles of
     accumulator registers, token rows r and r + 8, query columns q0 and q0 + 1."""
-    zero_terms = _key_zero_terms(ops, qf_regs, words)
+    zero_terms = _key_zero_terms(ops, fmt, qf_regs, words)
     scores = []
     for g in range(2):  # key groups
-        b = _key_operands(ops, qf_regs, words.key_scales(g))
+        b = _key_operands(ops, fmt, qf_regs, words.key_scales(g))
         zb = zero_terms[2 * g:2 * g + 2]
         start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
         for step in range(8):
             start = ops.mma(neg_magic, b[step], start, KEYS)
         for tile in range(2):
-            # [rh][i]: bytes 8 l4 + 4 i + (0, 2, 1, 3) of token row + 8 rh, shifted
-            shifted = [[_shifted(ops, ops.prmt(x, x, 0x3120), KEYS) for x in w]
+            # [rh][i]: bytes 4 i + (0, 2, 1, 3) of the lane's of token row + 8 rh, shifted
+            shifted = [[_shifted(ops, fmt, ops.prmt(x, x, 0x3120), KEYS) for x in w]
                        for w in words.kc(2 * g + tile)]
             acc = start
             for step in range(8):
-                a = [_extract(ops, shifted[rh][i], x, f, KEYS)
-                     for i, x, f in (_key_combo(step, kh) for kh in range(2)) for rh in range(2)]
+                a = [_extract(ops, fmt, shifted[rh][i], x, f, KEYS)
+                     for i, x, f in (_key_combo(fmt, step, kh) for kh in range(2))
+                     for rh in range(2)]
                 acc = ops.mma(a, b[step], acc, KEYS)
             scores.append(acc)
     return scores
@@ -713,13 +760,13 @@ def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
     return p, m, l, tiles
 
 
-def _block(ops, lane, qf_at, neg_magic, length, t0, words, state):
+def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
     """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
     qf_at: the lane's q * 2^-p in shared memory (QF_BYTES); neg_magic: {KEYS, VALUES: 4
     registers of -magic pairs}, the A operands of the offset MMAs."""
     o, c_off, s_zero, m, l = state
-    qf_regs = [ops.load_shared(qf_at, 4, 512 * f) for f in range(4)]
-    scores = _key_scores(ops, qf_regs, words, neg_magic[KEYS])
+    qf_regs = [_words(ops.load_shared, qf_at, fmt.pairs, _qf_offset(fmt, f)) for f in range(fmt.fields)]
+    scores = _key_scores(ops, fmt, qf_regs, words, neg_magic[KEYS])
     # The scores are KEY_STATS_FACTOR times the true ones: the scale undoes it.
     scale = HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR
     p, m, l, tiles = _softmax(ops, lane, scores, length, t0, m, l, o + c_off + s_zero, scale)
@@ -741,23 +788,27 @@ def _block(ops, lane, qf_at, neg_magic, length, t0, words, state):
             for e in range(2):
                 s_zero[a][e] = ops.fma(p[t][e], stats[0][1][a],
                                        ops.fma(p[t][e + 2], stats[1][1][a], s_zero[a][e]))
-        # [kh] -> (bytes 0-1, bytes 2-3 of word r) of tokens 2 l4 + 8 kh + (0, 1), shifted
-        xs = [[_shifted(ops, ops.prmt(w0, w1, selector), VALUES) for selector in (0x5410, 0x7632)]
-              for w0, w1 in words.vc(t)]
+        # [kh][w]: (bytes 0-1, bytes 2-3 of word r + 8 w) of tokens 2 l4 + 8 kh + (0, 1),
+        # shifted
+        xs = [[[_shifted(ops, fmt, ops.prmt(w0, w1, selector), VALUES)
+                for selector in (0x5410, 0x7632)] for w0, w1 in zip(*pair)]
+              for pair in words.vc(t)]
+        words_a_row = fmt.row_bytes // 32  # value group G's codes: word r + 8 (G % this)
         for beta in range(4):
             for a in range(2):
-                regs = [_extract(ops, xs[kh][beta // 2], beta % 2, 2 * a + rh, VALUES)
+                regs = [_extract(ops, fmt, xs[kh][(2 * a + rh) % words_a_row][beta // 2],
+                                 beta % 2, (2 * a + rh) // words_a_row, VALUES)
                         for kh in range(2) for rh in range(2)]  # a0 a1 a2 a3
                 o[2 * beta + a] = ops.mma(regs, b_v[a], o[2 * beta + a], VALUES)
     return o, c_off, s_zero, m, l
 
 
-def _epilogue(ops, lane, state, o_base, m_base, l_base):
+def _epilogue(ops, fmt: _Format, lane, state, o_base, m_base, l_base):
     """Writes the part: o [4, 128] unnormalized, m and l [4] (m in natural-log units)."""
     o, c_off, s_zero, m, l = state
     l = _lane_sums(ops, l)
     s_zero = [_lane_sums(ops, row) for row in s_zero]
-    factor = value_factor()
+    factor = value_factor(fmt)
     for beta in range(4):
         for a in range(2):
             tile = o[2 * beta + a]
@@ -797,12 +848,16 @@ def _store_stats(ops, lane, m, l, m_base, l_base):
         ops.store_f32(ops.at(l_base, offset), l[e])
 
 
-def _query_words(ops, lane, q_ref, bh):
-    """[f][j]: the bf16 pair of channels 32 f + 8 l4 + 2 j + (0, 1) of head bh's query
+def _query_words(ops, fmt: _Format, lane, q_ref, bh):
+    """[f][j]: the bf16 pair of channel pair j of field f (_Format) of head bh's query
     b_query, in the layout of the key MMAs' B operands."""
     base = ops.at(ops.at_wide(q_ref, bh, QUERIES * HEAD_DIM * 2),
-                  ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 16))
-    return [ops.load(base, 4, 64 * f) for f in range(4)]
+                  ops.mul(lane.b_query, HEAD_DIM * 2), ops.mul(lane.l4, 8 * fmt.bits))
+    return [_words(ops.load, base, fmt.pairs, 2 * fmt.row_bytes * f) for f in range(fmt.fields)]
+
+
+# The residual part's MMAs contract channels in the 2-bit format's order, whatever the cache's.
+RESIDUAL_ORDER = _Format(2)
 
 
 def _residual_part(ops, lane, bh, refs, outs, *, residual):
@@ -816,7 +871,7 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
     (benchmarks/kivi_registers.py)."""
     q_ref, k_ref, v_ref, n_ref = refs
     length = ops.load(ops.at(n_ref, ops.mul(bh, 4)), 1)[0]
-    q_regs = _query_words(ops, lane, q_ref, bh)
+    q_regs = _query_words(ops, RESIDUAL_ORDER, lane, q_ref, bh)
     rows = {name: ops.at(ops.at_wide(ref, bh, residual * HEAD_DIM * 2),
                          ops.mul(lane.r, HEAD_DIM * 2), ops.mul(lane.l4, size))
             for name, ref, size in (("k", k_ref, 16), ("v", v_ref, 4))}  # row r of a block
@@ -854,15 +909,15 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
     _store_stats(ops, lane, m, _lane_sums(ops, l), m_base, l_base)
 
 
-def _part(ops, lane, lane_id, part, refs, shared, *, heads, capacity, num_splits, stages,
-          residual):
+def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, *, heads, capacity, num_splits,
+          stages, residual):
     """One warp's part: parts 0 to heads - 1 are the residuals of batch row and KV head
     bh = b * Hkv + h (split num_splits of bh), the rest the splits of the quantized tokens, in
     order. The residual parts come first: last, one started after the other parts and
     lengthened the kernel by its time (0.083 -> 0.102 ms at B1 x 128K). refs are the
     addresses of lengths, q, k codes, k scales, k zeros, v codes, v scales, v zeros, the
     residual's k, v and n, the MMA constants (_constants), o, m, l; shared the warp's shared
-    memory (stages, QF_BYTES)."""
+    memory (_warp_shared_bytes)."""
     is_residual = ops.lt(part, heads)
     quantized = ops.sub(part, heads)
     bh = ops.select(is_residual, part, ops.div(quantized, num_splits))
@@ -874,33 +929,34 @@ def _part(ops, lane, lane_id, part, refs, shared, *, heads, capacity, num_splits
     ops.branch(is_residual,
                lambda: _residual_part(ops, lane, bh, [refs[1], *refs[8:11]], outs,
                                       residual=residual),
-               lambda: _quantized_part(ops, lane, lane_id, bh, split, refs[:8] + refs[11:12],
-                                       outs, shared, capacity=capacity, num_splits=num_splits,
-                                       stages=stages))
+               lambda: _quantized_part(ops, fmt, lane, lane_id, bh, split,
+                                       refs[:8] + refs[11:12], outs, shared, capacity=capacity,
+                                       num_splits=num_splits, stages=stages))
 
 
-def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capacity,
-                    num_splits, stages):
+def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, shared, *,
+                    capacity, num_splits, stages):
     """A split of head bh's quantized tokens: refs are the addresses of lengths, q, k codes,
     k scales, k zeros, v codes, v scales, v zeros, the MMA constants; shared the warp's
     `stages` shared-memory stages, a ring the next blocks are copied into while one
     computes."""
     lengths, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, constants = refs
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
-    slabs = {"kc": ops.at_wide(k_codes, bh, capacity * 32),
+    slabs = {"kc": ops.at_wide(k_codes, bh, capacity * fmt.row_bytes),
              "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
              "kz": ops.at_wide(k_zero, bh, capacity // GROUP * HEAD_DIM * 2),
-             "vc": ops.at_wide(v_codes, bh, capacity * 32),
+             "vc": ops.at_wide(v_codes, bh, capacity * fmt.row_bytes),
              "vs": ops.at_wide(v_scale, bh, capacity * 8),
              "vz": ops.at_wide(v_zero, bh, capacity * 8)}
-    q_regs = _query_words(ops, lane, q, bh)
-    # q * 2^-p in f16 (see _key_operands) into shared memory (QF_BYTES): word j of field f,
-    # channels 32 f + 8 l4 + 2 j + (0, 1), has channel parity j % 2
-    qf_at = ops.add(shared, ops.add(ops.mul(lane_id, 16), stages * STAGE_BYTES))
+    q_regs = _query_words(ops, fmt, lane, q, bh)
+    # q * 2^-p in f16 (see _key_operands) into shared memory (QF_BYTES): channel pair j of
+    # field f has channel parity j % 2
+    qf_at = ops.add(shared, ops.add(ops.mul(lane_id, 4 * fmt.pairs), stages * fmt.stage_bytes))
     for f, words in enumerate(q_regs):
-        factors = [ops.cf(1 / float(_code_factor(KEYS, j % 2, f))) for j in range(4)]
-        ops.store_shared(qf_at, [_bf16_to_f16(ops, w, x) for w, x in zip(words, factors)],
-                         512 * f)
+        factors = [ops.cf(1 / float(_code_factor(fmt, KEYS, j % 2, f))) for j in range(fmt.pairs)]
+        qf = [_bf16_to_f16(ops, w, x) for w, x in zip(words, factors)]
+        for i in range(0, fmt.pairs, 4):
+            ops.store_shared(qf_at, qf[i:i + 4], _qf_offset(fmt, f) + 4 * i)
     per_split = -(-(capacity // BLOCK) // num_splits)
     first = ops.mul(split, per_split)
     blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
@@ -909,8 +965,8 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
 
     def stage_block(i):  # block i into its stage, if it is one of this part's
         slot = ops.rem(ops.sub(i, first), stages)
-        _stage(ops, lane_id, slabs, ops.umin(i, final), ops.lt(i, last),
-               ops.add(shared, ops.mul(slot, STAGE_BYTES)))
+        _stage(ops, fmt, lane_id, slabs, ops.umin(i, final), ops.lt(i, last),
+               ops.add(shared, ops.mul(slot, fmt.stage_bytes)))
 
     for j in range(stages - 1):
         stage_block(ops.add(first, j))
@@ -922,20 +978,25 @@ def _quantized_part(ops, lane, lane_id, bh, split, refs, outs, shared, *, capaci
         stage_block(ops.add(i, stages - 1))
         ops.wait(stages - 1)
         slot = ops.rem(ops.sub(i, first), stages)
-        stage = ops.add(shared, ops.mul(slot, STAGE_BYTES))
-        _key_stats_to_f16(ops, lane_id, stage)
-        return _block(ops, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK),
-                      _Staged(ops, lane, stage), state)
+        stage = ops.add(shared, ops.mul(slot, fmt.stage_bytes))
+        _key_stats_to_f16(ops, fmt, lane_id, stage)
+        return _block(ops, fmt, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK),
+                      _Staged(ops, fmt, lane, stage), state)
 
     zero = ops.cf(0.0)
     state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
              [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
     state = ops.loop(first, last, state, body)
     ops.wait(0)  # no copy is left writing when the warp leaves
-    _epilogue(ops, lane, state, *outs)
+    _epilogue(ops, fmt, lane, state, *outs)
 
 
-def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual, warps):
+def _warp_shared_bytes(fmt: _Format, stages):
+    """A warp's shared memory: its stages, then its q * 2^-p."""
+    return stages * fmt.stage_bytes + QF_BYTES
+
+
+def _kernel(ctx, *refs, bits, capacity, num_splits, parts, stages, residual, warps):
     """The GPU kernel: warp w of program i takes part warps * i + w."""
     del ctx
     *refs, shared = refs
@@ -947,9 +1008,9 @@ def _kernel(ctx, *refs, capacity, num_splits, parts, stages, residual, warps):
     part = ops.add(ops.mul(program, warps), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
     shared = ops.add(llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared)),
-                     ops.mul(warp, stages * STAGE_BYTES + QF_BYTES))
+                     ops.mul(warp, _warp_shared_bytes(_Format(bits), stages)))
     with mgpu_utils.when(ops.lt(part, parts)):
-        _part(ops, lane, ops.band(tid, 31), part, addresses, shared,
+        _part(ops, _Format(bits), lane, ops.band(tid, 31), part, addresses, shared,
               heads=parts // (num_splits + 1), capacity=capacity, num_splits=num_splits,
               stages=stages, residual=residual)
 
@@ -982,7 +1043,8 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     num_splits = num_splits or default_splits(B, Hkv, S)
     shapes = _out_shapes(B, Hkv, num_splits + 1)
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
-    arrays.append(np.zeros(stages * STAGE_BYTES + QF_BYTES, np.uint8))  # a warp's shared memory
+    fmt = _format(inputs[2])
+    arrays.append(np.zeros(_warp_shared_bytes(fmt, stages), np.uint8))  # a warp's shared memory
     offsets = np.cumsum([0] + [a.nbytes for a in arrays])
     memory = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
     ops = _Numpy(memory)
@@ -990,12 +1052,21 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
     lane_id = np.arange(32, dtype=np.uint32)
     for part in range(B * Hkv * (num_splits + 1)):
-        _part(ops, lane, lane_id, ops.c(part), refs, shared, heads=B * Hkv, capacity=S,
+        _part(ops, fmt, lane, lane_id, ops.c(part), refs, shared, heads=B * Hkv, capacity=S,
               num_splits=num_splits, stages=stages, residual=R)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
             for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
     g = q.shape[1] // Hkv
     return tuple(x[:, :, :, :g] for x in outs)
+
+
+def _format(k_codes) -> _Format:
+    """The format of packed key codes [B, Hkv, S, 128 * bits / 8]."""
+    bits = k_codes.shape[-1] * 8 // HEAD_DIM
+    if bits not in SPECS:
+        raise ValueError(f"the MMA kernel reads 2- or 4-bit codes of 128-channel heads, got "
+                         f"{k_codes.shape[-1]} bytes a token: check fits()")
+    return _Format(bits)
 
 
 def _out_shapes(B, Hkv, num_splits):
@@ -1014,8 +1085,8 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
 def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES,
                     warps=WARPS):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
-    KIVI 2-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
-    kvjax.quantization.quantize_tokens (SPEC), and the first counts[b, h] tokens of its
+    KIVI 2- or 4-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
+    kvjax.quantization.quantize_tokens (SPECS), and the first counts[b, h] tokens of its
     full-precision residual, residual = (k, v [B, Hkv, R, 128] bf16, counts [B, Hkv]). Returns
     o [B, Hkv, P, g, D] and m, l [B, Hkv, P, g] (float32): P - 1 parts per head over the
     quantized tokens, the last over the residual (decode_attention.decode_partials' layout)."""
@@ -1025,6 +1096,7 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     if S % BLOCK or R % 16:  # the loops read whole blocks and tiles
         raise ValueError(f"the MMA kernel needs a capacity that is a multiple of {BLOCK} (got "
                          f"{S}) and a residual of whole 16-token tiles (got {R}): check fits()")
+    fmt = _format(k_parts[0])
     num_splits = num_splits or default_splits(B, Hkv, S)
     parts = B * Hkv * (num_splits + 1)
     inputs = _inputs(q, k_parts, v_parts, lengths, residual)
@@ -1033,13 +1105,13 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     # threads), and a program of fewer warps lets more of them share an SM's registers.
     with jax_mlir.make_ir_context(), ir.Location.unknown():
         kernel = mosaic_gpu.as_gpu_kernel(
-            functools.partial(_kernel, capacity=S, num_splits=num_splits, parts=parts,
-                              stages=stages, residual=R, warps=warps),
+            functools.partial(_kernel, bits=fmt.bits, capacity=S, num_splits=num_splits,
+                              parts=parts, stages=stages, residual=R, warps=warps),
             grid=(-(-parts // warps), 1, 1), block=(32 * warps, 1, 1),
             in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
             out_shape=_out_shapes(B, Hkv, num_splits + 1),
             smem_scratch_shape=jax.ShapeDtypeStruct(
-                (warps * (stages * STAGE_BYTES + QF_BYTES),), jnp.uint8),
+                (warps * _warp_shared_bytes(fmt, stages),), jnp.uint8),
             kernel_name="kvjax_decode_kivi_mma")
     o, m, l = kernel(*inputs)
     g = Hq // Hkv

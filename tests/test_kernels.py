@@ -129,19 +129,20 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
     assert kernels_fit(head_dim, *specs) == fits
 
 
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("hq, hkv, capacity, num_splits, residual, rescale_at", [
     (4, 1, 64, 1, 64, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 2, 128, 0.0),
     (6, 3, 192, 3, 48, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 4, 128, 0.0)])
 def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, num_splits,
-                                           residual, rescale_at):
-    """The MMA kernel for KIVI 2-bit caches, its own code run lane by lane on the CPU
+                                           residual, rescale_at, bits):
+    """The MMA kernel for KIVI 2- and 4-bit caches, its own code run lane by lane on the CPU
     (decode_kivi_mma.emulate: interpret mode cannot run its PTX), vs the float32 reference:
     GQA groups of 4, 2 and 1, an empty head, lengths off the 64-token blocks, splits that
     leave some parts empty, residuals empty, partial and full; the running maxima moved only
     past RESCALE_AT (the kernel's default), or whenever they grow (0). The tolerance is the
     bf16 one (the products of q and the scales round)."""
     monkeypatch.setattr(decode_kivi_mma, "RESCALE_AT", rescale_at)
-    k_spec, v_spec = decode_kivi_mma.SPEC
+    k_spec, v_spec = decode_kivi_mma.SPECS[bits]
     B, D = 2, 128
     q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
     k = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32) * 2 + 0.5
@@ -165,15 +166,15 @@ def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, 
     assert not ours[0, :hq // hkv].any()  # the empty head attends to nothing
 
 
-def test_kivi_mma_kernel_lowers_for_the_gpu():
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
     """The GPU kernel's MLIR builds (lowered for CUDA here, without a GPU) for an odd number
-    of parts per program."""
-    k_spec, v_spec = decode_kivi_mma.SPEC
+    of parts per program; other code widths are refused."""
     B, Hkv, S = 1, 3, 192
     shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
-    k_parts = (shape(B, Hkv, S, 32, dtype=jnp.uint8), shape(B, Hkv, S // 32, 128),
-               shape(B, Hkv, S // 32, 128))
-    v_parts = (shape(B, Hkv, S, 32, dtype=jnp.uint8), shape(B, Hkv, S, 4), shape(B, Hkv, S, 4))
+    codes = shape(B, Hkv, S, 16 * bits, dtype=jnp.uint8)
+    k_parts = codes, shape(B, Hkv, S // 32, 128), shape(B, Hkv, S // 32, 128)
+    v_parts = codes, shape(B, Hkv, S, 4), shape(B, Hkv, S, 4)
     residual = shape(B, Hkv, 64, 128), shape(B, Hkv, 64, 128), shape(B, Hkv, dtype=jnp.int32)
     lowered = decode_kivi_mma.decode_partials.trace(
         shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
@@ -183,12 +184,17 @@ def test_kivi_mma_kernel_lowers_for_the_gpu():
     with pytest.raises(ValueError, match="whole 16-token tiles"):
         decode_kivi_mma.decode_partials.trace(shape(B, 4 * Hkv, 128), k_parts, v_parts,
                                               shape(B, Hkv, dtype=jnp.int32), torn)
+    eight_bit = (shape(B, Hkv, S, 128, dtype=jnp.uint8), *k_parts[1:])
+    with pytest.raises(ValueError, match="2- or 4-bit codes"):
+        decode_kivi_mma.decode_partials.trace(shape(B, 4 * Hkv, 128), eight_bit, v_parts,
+                                              shape(B, Hkv, dtype=jnp.int32), residual)
 
 
 @pytest.mark.parametrize("case, takes", [
     ({}, True),
     (dict(hq=8, hkv=2), True),  # GQA 4, as Llama-3-8B
     (dict(hq=16, hkv=2), False),  # GQA 8: more queries than the MMA's columns hold
+    (dict(specs=(QuantSpec(4, 32, per_channel=True), QuantSpec(4, 32))), True),  # KIVI 4-bit
     (dict(specs=SPECS["kivi4_g16"]), False),
     (dict(specs=(QuantSpec(2, 16, per_channel=True), QuantSpec(2, 16))), False),  # MiniKV's G16
     (dict(head_dim=64), False),
