@@ -110,8 +110,8 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=()):
     return rows
 
 
-def breakdown(batch, capacity, heads=8, group=4):
-    """Device time of each step of a KIVI 2-bit cache's attention op (cache.attend): the
+def breakdown(batch, capacity, bits, heads=8, group=4):
+    """Device time of each step of a KIVI cache's attention op (cache.attend): the
     kernel's inputs (q padded to 4 queries a head, the MMA constants), the MMA kernel
     (quantized tokens and residual), the merge; and the whole op. Each chained step also
     carries the chaining's own small ops (benchmarks.common.chained_seconds)."""
@@ -120,7 +120,7 @@ def breakdown(batch, capacity, heads=8, group=4):
     k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
     v = jax.random.normal(kv, shape, jnp.bfloat16)
     q = jax.random.normal(kq, (batch, heads * group, 128), jnp.bfloat16)
-    policy = policies.kivi(2)
+    policy = policies.kivi(bits)
     cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
     del k, v
     k_parts = cache.k_codes, cache.k_scale, cache.k_zero
@@ -136,7 +136,7 @@ def breakdown(batch, capacity, heads=8, group=4):
              "merge": lambda q: merge_partials(parts, q.dtype)}
     rows = []
     for name, fn in steps.items():
-        rows.append({"step": name, "batch": batch, "context": capacity,
+        rows.append({"step": name, "bits": bits, "batch": batch, "context": capacity,
                      "ms": chained_seconds(fn, q) * 1e3,
                      "ms_wall": median_seconds(functools.partial(jax.jit(fn), q), reps=20,
                                                inner=10) * 1e3})
@@ -155,7 +155,7 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sweep = [int(x) for x in args.sweep.split(",") if x]
-    checks, rows = [], []
+    checks, rows, steps = [], [], []
     for bits in (int(x) for x in args.bits.split(",")):
         checks += [] if args.skip_checks else [
             check(0, 1, 1, 4, 64, [64], 1, bits),
@@ -165,7 +165,7 @@ def main():
             check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
         rows += [] if args.skip_timing else (timing(16, 32768, bits, sweep=sweep)
                                              + timing(1, 131072, bits, sweep=sweep))
-    steps = breakdown(16, 32768) if args.breakdown else []
+        steps += breakdown(16, 32768, bits) if args.breakdown else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
     write_result(name, {**environment(), "checks": checks, "timing": rows, "breakdown": steps})
 
