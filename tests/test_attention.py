@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kvjax.attention import decode_attention, prefill_attention
+from kvjax.attention import decode_attention, decode_partials, merge_partials, prefill_attention
 from kvjax.cache import DenseLayerCache
 
 
@@ -39,6 +39,25 @@ def test_decode_attention_honours_per_head_lengths(rng, hq, hkv):
             k_poisoned[b, h, lengths[b, h]:] = 1e4  # beyond the length: must be ignored
     ours = np.asarray(decode_attention(q, k_poisoned, v, lengths))
     np.testing.assert_allclose(ours, decode_reference(q, k, v, lengths), rtol=1e-4, atol=1e-5)
+
+
+def test_merged_parts_match_attention_over_all_tokens(rng):
+    """Flash-decoding's merge: parts over splits of the tokens (one split empty for some heads,
+    a head empty everywhere), merged, vs float64 attention over all of them; an empty head
+    gives zeros."""
+    B, Hq, Hkv, S, K = 2, 6, 3, 37, 20
+    q = rng.standard_normal((B, Hq, K), np.float32)
+    k = rng.standard_normal((B, Hkv, S, K), np.float32) * 3
+    v = rng.standard_normal((B, Hkv, S, K), np.float32)
+    lengths = rng.integers(1, S + 1, (B, Hkv)).astype(np.int32)
+    lengths[0, 1], lengths[1, 2] = 0, 9  # no token; none past the first split
+    cuts = [0, 9, 10, 30, S]
+    parts = [decode_partials(q, k[:, :, a:b], v[:, :, a:b], np.clip(lengths - a, 0, b - a))
+             for a, b in zip(cuts, cuts[1:])]
+    ours = np.asarray(merge_partials(parts, np.float32))
+    want = decode_reference(q, k, v, np.maximum(lengths, 1))
+    want[0, 2:4] = 0.0  # KV head 1 of row 0 holds no token
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-5)
 
 
 def test_prefill_attention_is_causal_and_ignores_padding(rng):
