@@ -1,8 +1,9 @@
-"""The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on the GPU:
-its partials against the float32 reference on ragged lengths and GQA groups, then the kernel
-alone (2 shared-memory stages, the default, and 3; programs of 4 warps, the default, 2 and 1;
-other parts per launch with --sweep; an empty residual) against the Triton kernel at B16 x 32K and B1 x 128K; with --breakdown, the
-steps of the whole attention op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall").
+"""The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
+the GPU: its partials against the float32 reference on ragged lengths and GQA groups, then the
+kernel alone (2 shared-memory stages, the default, and 3; programs of 4 warps, the default, 2
+and 1; other parts per launch with --sweep; an empty residual) against the Triton kernel at
+B16 x 32K and B1 x 128K; with --breakdown, the steps of the whole attention op at B16 x 32K.
+Times as benchmarks.kernels ("ms", "ms_wall").
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
@@ -104,8 +105,9 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=()):
         seconds = chained_seconds(fn, q, k_parts, v_parts, lengths)
         wall = median_seconds(functools.partial(jax.jit(fn), q, k_parts, v_parts, lengths),
                               reps=20, inner=10)
-        rows.append({"kernel": name, "bits": bits, "batch": batch, "context": capacity, "ms": seconds * 1e3,
-                     "ms_wall": wall * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12})
+        rows.append({"kernel": name, "bits": bits, "batch": batch, "context": capacity,
+                     "ms": seconds * 1e3, "ms_wall": wall * 1e3, "bytes": nbytes,
+                     "TBps": nbytes / seconds / 1e12})
         print(rows[-1], flush=True)
     return rows
 

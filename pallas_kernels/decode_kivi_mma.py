@@ -13,20 +13,19 @@ dimension and tokens or channels the 16 rows:
   thread reads a quarter of each of its tokens' packed bytes (8 at 2 bits, 16 at 4); one byte
   permute and one `lop3` per two codes put a code under the mantissa of 1024.0 in f16 (1024 +
   2^p * code, exact): the channel order of the contraction follows the packing (_Format,
-  _key_combo), and the factor
-  2^-p rides on q. f16 rather than bf16 because q * scale rounds in the operand: in bf16 that
-  rounding reached 1e-2 of the output. The key scales and zeros are converted in shared memory
-  (times 2^-8, which keeps the products in f16's range). The 1024s cost no instruction per
-  code: an MMA of the same scaled q with a constant -1024 operand gives each key group its
-  offset, which starts the accumulator together with q.zero, itself a chain of 8 MMAs per
-  block whose rows are the two key groups' zeros, staged times 2^p so that the q * 2^-p
-  operand cancels it (_key_zero_terms).
+  _key_combo), and the factor 2^-p rides on q. f16 rather than bf16 because q * scale rounds
+  in the operand: in bf16 that rounding reached 1e-2 of the output. The key scales and zeros
+  are converted in shared memory (times 2^-8, which keeps the products in f16's range). The
+  1024s cost no instruction per code: an MMA of the same scaled q with a constant -1024
+  operand gives each key group its offset, which starts the accumulator together with q.zero,
+  itself a chain of 8 MMAs per block whose rows are the two key groups' zeros, staged times
+  2^p so that the q * 2^-p operand cancels it (_key_zero_terms).
 - Values (bf16): o^T [16 channels, 8] += codes^T [16 channels, 16 tokens] @ (p * scale)
   [16 tokens, 8]. A thread reads one packed word of each of its tokens (two at 4 bits); byte
-  permutes pair two tokens per register. The 8 columns are the 4 queries times the 2 value groups a row tile
-  spans. p comes from the scores' accumulator, is scaled and moved into the operand layout with
-  `movmatrix`. The offset of 128 and the zeros are summed once per part (an MMA with -128 and a
-  running sum), not per code.
+  permutes pair two tokens per register. The 8 columns are the 4 queries times the 2 value
+  groups a row tile spans. p comes from the scores' accumulator, is scaled and moved into the
+  operand layout with `movmatrix`. The offset of 128 and the zeros are summed once per part
+  (an MMA with -128 and a running sum), not per code.
 
 Every warp walks its split in blocks of 64 tokens (two key groups) with an online softmax in
 base 2 (_softmax): only the block holding a head's length masks, and the running maxima move
@@ -41,8 +40,8 @@ decode_attention.decode_partials. The jnp reference is kvjax.attention.decode_pa
 dequantized cache and the residual.
 
 It takes what KIVI's 2- and 4-bit policies store: per-channel keys in groups of 32 tokens,
-per-token values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16 queries,
-a capacity that is a multiple of 64 and a bf16 residual of whole 16-token tiles (`fits`);
+per-token values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16
+queries, a capacity that is a multiple of 64 and a bf16 residual of whole 16-token tiles (`fits`);
 decode_attention.py takes the rest.
 """
 
@@ -135,8 +134,9 @@ class _Format(NamedTuple):
 def fits(q, lengths, k_spec, v_spec, capacity: int, k_residual) -> bool:
     """Whether this kernel takes the cache (capacity quantized tokens, a residual like
     k_residual [B, Hkv, R, D]): KIVI 2- or 4-bit (see the module docstring) on Hopper."""
-    return ((k_spec, v_spec) in SPECS.values() and q.shape[-1] == HEAD_DIM and q.dtype == jnp.bfloat16
-            and q.shape[1] <= QUERIES * lengths.shape[1] and capacity % BLOCK == 0
+    return ((k_spec, v_spec) in SPECS.values() and q.shape[-1] == HEAD_DIM
+            and q.dtype == jnp.bfloat16 and q.shape[1] <= QUERIES * lengths.shape[1]
+            and capacity % BLOCK == 0
             and k_residual.shape[2] % 16 == 0 and k_residual.dtype == jnp.bfloat16
             and jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
@@ -638,19 +638,21 @@ class _Staged:
     def key_scales(self, half):
         """[f][j]: the scales of key group t0 / 32 + half, channel pair j of field f."""
         return [_words(self.ops.load_shared, self.key_stats_at["ks"], self.fmt.pairs,
-                            HEAD_DIM * 2 * half + 2 * self.fmt.row_bytes * f)
+                       HEAD_DIM * 2 * half + 2 * self.fmt.row_bytes * f)
                 for f in range(self.fmt.fields)]
 
     def key_zeros(self, f, y):
         """The A operand of _key_zero_terms' MMA (f, y): channel pairs 2 y and 2 y + 1 of field
         f of both key groups' zeros times 2^p, [group 0 at j = 2 y, group 1 at 2 y, group 0 at
         2 y + 1, group 1 at 2 y + 1] (as _key_stats_to_f16 stores them)."""
-        return self.ops.load_shared(self.key_stats_at["kz"], 4, 64 * (self.fmt.pairs // 2 * f + y))
+        offset = 64 * (self.fmt.pairs // 2 * f + y)
+        return self.ops.load_shared(self.key_stats_at["kz"], 4, offset)
 
     def kc(self, t):
         """[rh][i]: the lane's words i of token row t0 + 16 t + 8 rh + r."""
         rb = self.fmt.row_bytes
-        return [_words(self.ops.load_shared, self.kc_at, self.fmt.bits, rb * (16 * t + 8 * rh)) for rh in range(2)]
+        return [_words(self.ops.load_shared, self.kc_at, self.fmt.bits, rb * (16 * t + 8 * rh))
+                for rh in range(2)]
 
     def stats(self, name, t):
         """[rh]: the 4 value groups' scales ("vs") or zeros ("vz") of the same token rows."""
@@ -701,7 +703,7 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
         for step in range(8):
             start = ops.mma(neg_magic, b[step], start, KEYS)
         for tile in range(2):
-            # [rh][i]: bytes 4 i + (0, 2, 1, 3) of the lane's of token row + 8 rh, shifted
+            # [rh][i]: the lane's word i of token row + 8 rh, bytes as (0, 2, 1, 3), shifted
             shifted = [[_shifted(ops, fmt, ops.prmt(x, x, 0x3120), KEYS) for x in w]
                        for w in words.kc(2 * g + tile)]
             acc = start
@@ -765,7 +767,8 @@ def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
     qf_at: the lane's q * 2^-p in shared memory (QF_BYTES); neg_magic: {KEYS, VALUES: 4
     registers of -magic pairs}, the A operands of the offset MMAs."""
     o, c_off, s_zero, m, l = state
-    qf_regs = [_words(ops.load_shared, qf_at, fmt.pairs, _qf_offset(fmt, f)) for f in range(fmt.fields)]
+    qf_regs = [_words(ops.load_shared, qf_at, fmt.pairs, _qf_offset(fmt, f))
+               for f in range(fmt.fields)]
     scores = _key_scores(ops, fmt, qf_regs, words, neg_magic[KEYS])
     # The scores are KEY_STATS_FACTOR times the true ones: the scale undoes it.
     scale = HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR
@@ -1102,7 +1105,8 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     inputs = _inputs(q, k_parts, v_parts, lengths, residual)
 
     # Mosaic GPU's own launcher, not plgpu.kernel: that one launches whole warpgroups (128
-    # threads), and a program of fewer warps lets more of them share an SM's registers.
+    # threads), where programs of fewer warps let more of them share an SM's registers (11
+    # warps of 1 where 2 programs of 4 fit; no faster so far: benchmarks/RESULTS.md).
     with jax_mlir.make_ir_context(), ir.Location.unknown():
         kernel = mosaic_gpu.as_gpu_kernel(
             functools.partial(_kernel, bits=fmt.bits, capacity=S, num_splits=num_splits,
