@@ -1,4 +1,4 @@
-"""Registers per thread of the MMA decode kernel for KIVI 2-bit caches
+"""Registers per thread of the MMA decode kernel for KIVI 2- and 4-bit caches
 (pallas_kernels/decode_kivi_mma.py), as ptxas reports them when the kernel compiles: what caps
 its programs per SM (65,536 registers / 128 threads / registers). The whole kernel, then with
 pieces left out (each part kind alone, the staging copies, the key-statistics conversion, the
@@ -6,8 +6,10 @@ key zeros' MMAs), to find what holds them. Compiled at the benchmarks' B16 x 32K
 122ee54 ptxas allocated the quantized part 119 registers where a part had one block and 205
 where it had 16.
 
-    MOSAIC_GPU_DUMP_PTXAS=1 python -m benchmarks.kivi_registers | grep -E "^(kernel|ptxas)"
+    MOSAIC_GPU_DUMP_PTXAS=1 python -m benchmarks.kivi_registers [--bits 4] | grep -E "^(kernel|ptxas)"
 """
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +27,12 @@ LEFT_OUT = {  # name: {function of decode_kivi_mma: what replaces it}
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bits", type=int, default=2, choices=sorted(mma_kernel.SPECS))
+    bits = parser.parse_args().bits
     batch, heads, capacity, residual = 16, 8, 32768, 128
     shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
-    codes = shape(batch, heads, capacity, 32, dtype=jnp.uint8)
+    codes = shape(batch, heads, capacity, mma_kernel.HEAD_DIM * bits // 8, dtype=jnp.uint8)
     k_parts = codes, *[shape(batch, heads, capacity // 32, 128)] * 2
     v_parts = codes, *[shape(batch, heads, capacity, 4)] * 2
     rest = (shape(batch, heads, dtype=jnp.int32),
@@ -38,7 +43,7 @@ def main():
         for attr, fn in replaced.items():
             setattr(mma_kernel, attr, fn)
         jax.clear_caches()
-        print(f"kernel: {name}", flush=True)
+        print(f"kernel: {name} ({bits}-bit)", flush=True)
         mma_kernel.decode_partials.trace(shape(batch, 4 * heads, 128), k_parts, v_parts,
                                          *rest).lower().compile()
         for attr, fn in saved.items():
