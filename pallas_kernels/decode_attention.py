@@ -6,9 +6,9 @@ registers. A packed block is read once and dequantized in registers: each bit fi
 planar packing (see kvjax.quantization.pack) is a contiguous run of channels, so QK^T and PV are
 a few small dots per block, one per field. Blocks past a head's length are never loaded.
 
-KIVI's 2-bit format on Hopper GPUs goes to decode_kivi_mma.py instead, store and residual in
-one kernel (kvjax.cache.QuantizedLayerCache.attend), which writes its own MMAs and reads that
-format at twice this kernel's rate.
+KIVI's 2- and 4-bit formats on Hopper GPUs go to decode_kivi_mma.py instead, store and
+residual in one kernel (kvjax.cache.QuantizedLayerCache.attend), which writes its own MMAs and
+reads them at about twice this kernel's rate.
 
 The kernel returns partial results per split (o unnormalized, row maximum m, denominator l),
 merged by kvjax.attention.merge_partials with any other parts (the residual). The jnp

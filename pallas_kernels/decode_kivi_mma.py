@@ -1092,7 +1092,9 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     kvjax.quantization.quantize_tokens (SPECS), and the first counts[b, h] tokens of its
     full-precision residual, residual = (k, v [B, Hkv, R, 128] bf16, counts [B, Hkv]). Returns
     o [B, Hkv, P, g, D] and m, l [B, Hkv, P, g] (float32): P - 1 parts per head over the
-    quantized tokens, the last over the residual (decode_attention.decode_partials' layout)."""
+    quantized tokens, the last over the residual (decode_attention.decode_partials' layout).
+    num_splits, stages and warps (parts per program) default to the measured best settings
+    (default_splits, STAGES, WARPS)."""
     B, Hq, _ = q.shape
     Hkv = lengths.shape[1]
     S, R = k_parts[0].shape[2], residual[0].shape[2]

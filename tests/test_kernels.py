@@ -16,6 +16,7 @@ from pallas_kernels.quantize import quantize_pack
 
 SPECS = {  # (key spec, value spec): KIVI 2/4-bit, MiniKV's G16, LeanKV's tiers
     "kivi2": (QuantSpec(2, 32, per_channel=True), QuantSpec(2, 32)),
+    "kivi4": (QuantSpec(4, 32, per_channel=True), QuantSpec(4, 32)),
     "kivi4_g16": (QuantSpec(4, 16, per_channel=True), QuantSpec(4, 16)),
     "k8v4": (QuantSpec(8, 64), QuantSpec(4, 64)),
     "k4v2_g8": (QuantSpec(4, 8), QuantSpec(2, 8)),
@@ -194,7 +195,7 @@ def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
     ({}, True),
     (dict(hq=8, hkv=2), True),  # GQA 4, as Llama-3-8B
     (dict(hq=16, hkv=2), False),  # GQA 8: more queries than the MMA's columns hold
-    (dict(specs=(QuantSpec(4, 32, per_channel=True), QuantSpec(4, 32))), True),  # KIVI 4-bit
+    (dict(specs=SPECS["kivi4"]), True),
     (dict(specs=SPECS["kivi4_g16"]), False),
     (dict(specs=(QuantSpec(2, 16, per_channel=True), QuantSpec(2, 16))), False),  # MiniKV's G16
     (dict(head_dim=64), False),
