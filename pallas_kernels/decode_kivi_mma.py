@@ -262,6 +262,11 @@ class _Mlir:
     def shfl(self, x, distance):
         return mgpu_utils.shfl_bfly(x, distance)
 
+    def opaque(self, x):
+        """x, as a value the compilers cannot see through: what is computed from it stays in
+        the loop that computes it rather than being hoisted into registers held across it."""
+        return self._asm("mov.b32 $0, $1;", [x], "=r,r", keep_order=True)
+
     def at(self, base, *terms):
         """base (a 64-bit address) + byte offsets (i32 values or ints)."""
         for t in terms:
@@ -457,6 +462,9 @@ class _Numpy:
     def shfl(self, x, distance):
         return x[np.arange(32) ^ distance]
 
+    def opaque(self, x):
+        return x
+
     def at(self, base, *terms):  # 32-bit terms zero-extended, as on the GPU
         for t in terms:
             base = base + (np.int64(t % 2**32) if isinstance(t, int) else t.astype(np.int64))
@@ -543,6 +551,7 @@ def _key_combo(fmt: _Format, step, kh):
 # words a lane, [f][lane][j]. Read each block rather than held: in registers ptxas kept it
 # twice, once more in the register pairs of _key_zero_terms' operands (32 registers in all).
 QF_BYTES = 4 * 32 * 16
+MAGIC_BYTES = 32  # the offset MMAs' A operands, -magic pairs: 4 words for keys, 4 for values
 
 
 def _qf_offset(fmt: _Format, f):
@@ -555,19 +564,18 @@ def _words(load, address, words, offset):
     return [w for i in range(0, words, 4) for w in load(address, min(4, words - i), offset + 4 * i)]
 
 
-def _stage(ops, fmt: _Format, lane_id, slabs, block, valid, stage):
-    """Issues the copies of block `block` (a token block index) into `stage` (a shared-memory
-    address): 16 bytes a lane at a time, reading nothing where not `valid`."""
+def _stage(ops, fmt: _Format, lane_id, arrays, block, valid, stage):
+    """Issues the copies of token block `block` of the whole cache (row and head bh's block i
+    is bh * capacity / BLOCK + i) into `stage` (a shared-memory address): 16 bytes a lane at a
+    time, reading nothing where not `valid`. arrays: each staged array's address. Each copy's
+    address is computed here from the array's, not kept per head across the loop: 6 64-bit
+    bases held 12 registers, and 180 registers allow 2 programs per SM where 168 allow 3."""
     size = ops.select(valid, ops.c(16), ops.c(0))
-    t0 = ops.mul(block, BLOCK)
-    kg = ops.shr(t0, 5)
-    index = {"kc": t0, "vc": t0, "ks": kg, "kz": kg, "vs": t0, "vz": t0}
-    stride = {"kc": fmt.row_bytes, "vc": fmt.row_bytes, "ks": HEAD_DIM * 2, "kz": HEAD_DIM * 2,
-              "vs": 8, "vz": 8}
+    block = ops.opaque(block)
     lane_bytes = ops.mul(lane_id, 16)
     target = ops.add(stage, lane_bytes)
     for name, (offset, nbytes) in fmt.stage.items():
-        start = ops.at(slabs[name], ops.mul(index[name], stride[name]), lane_bytes)
+        start = ops.at(ops.at_wide(arrays[name], block, nbytes), lane_bytes)
         for j in range(nbytes // 512):
             ops.copy_async(target, start, size, offset + 512 * j, 512 * j)
     ops.commit()
@@ -700,8 +708,9 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
         b = _key_operands(ops, fmt, qf_regs, words.key_scales(g))
         zb = zero_terms[2 * g:2 * g + 2]
         start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
+        key_magic = neg_magic(KEYS)
         for step in range(8):
-            start = ops.mma(neg_magic, b[step], start, KEYS)
+            start = ops.mma(key_magic, b[step], start, KEYS)
         for tile in range(2):
             # [rh][i]: the lane's word i of token row + 8 rh, bytes as (0, 2, 1, 3), shifted
             shifted = [[_shifted(ops, fmt, ops.prmt(x, x, 0x3120), KEYS) for x in w]
@@ -764,12 +773,12 @@ def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
 
 def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
     """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
-    qf_at: the lane's q * 2^-p in shared memory (QF_BYTES); neg_magic: {KEYS, VALUES: 4
-    registers of -magic pairs}, the A operands of the offset MMAs."""
+    qf_at: the lane's q * 2^-p in shared memory (QF_BYTES); neg_magic(half): 4 registers of
+    -magic pairs, the A operands of the offset MMAs, read where called."""
     o, c_off, s_zero, m, l = state
     qf_regs = [_words(ops.load_shared, qf_at, fmt.pairs, _qf_offset(fmt, f))
                for f in range(fmt.fields)]
-    scores = _key_scores(ops, fmt, qf_regs, words, neg_magic[KEYS])
+    scores = _key_scores(ops, fmt, qf_regs, words, neg_magic)
     # The scores are KEY_STATS_FACTOR times the true ones: the scale undoes it.
     scale = HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR
     p, m, l, tiles = _softmax(ops, lane, scores, length, t0, m, l, o + c_off + s_zero, scale)
@@ -777,6 +786,7 @@ def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
     # Values: 16 tokens (one score tile) per MMA step.
     pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
     zero = ops.c(0)
+    value_magic = neg_magic(VALUES)
     for t in range(4):
         # [rh] -> (scales of value groups half, 2 + half), (zeros of the same)
         raw = {name: words.stats(name, t) for name in ("vs", "vz")}
@@ -787,7 +797,7 @@ def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
             rows = [ops.pack(ops.fmul(p[t][2 * rh + 1], stats[rh][0][a]),
                              ops.fmul(p[t][2 * rh], stats[rh][0][a]), VALUES) for rh in range(2)]
             b_v.append([ops.movmatrix(x) for x in rows])
-            c_off[a] = ops.mma(neg_magic[VALUES], b_v[a], c_off[a], VALUES)
+            c_off[a] = ops.mma(value_magic, b_v[a], c_off[a], VALUES)
             for e in range(2):
                 s_zero[a][e] = ops.fma(p[t][e], stats[0][1][a],
                                        ops.fma(p[t][e + 2], stats[1][1][a], s_zero[a][e]))
@@ -945,12 +955,9 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     computes."""
     lengths, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, constants = refs
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
-    slabs = {"kc": ops.at_wide(k_codes, bh, capacity * fmt.row_bytes),
-             "ks": ops.at_wide(k_scale, bh, capacity // GROUP * HEAD_DIM * 2),
-             "kz": ops.at_wide(k_zero, bh, capacity // GROUP * HEAD_DIM * 2),
-             "vc": ops.at_wide(v_codes, bh, capacity * fmt.row_bytes),
-             "vs": ops.at_wide(v_scale, bh, capacity * 8),
-             "vz": ops.at_wide(v_zero, bh, capacity * 8)}
+    arrays = {"kc": k_codes, "ks": k_scale, "kz": k_zero, "vc": v_codes, "vs": v_scale,
+              "vz": v_zero}
+    head_block = ops.mul(bh, capacity // BLOCK)  # the head's first block in the cache
     q_regs = _query_words(ops, fmt, lane, q, bh)
     # q * 2^-p in f16 (see _key_operands) into shared memory (QF_BYTES): channel pair j of
     # field f has channel parity j % 2
@@ -968,13 +975,20 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
 
     def stage_block(i):  # block i into its stage, if it is one of this part's
         slot = ops.rem(ops.sub(i, first), stages)
-        _stage(ops, fmt, lane_id, slabs, ops.umin(i, final), ops.lt(i, last),
-               ops.add(shared, ops.mul(slot, fmt.stage_bytes)))
+        _stage(ops, fmt, lane_id, arrays, ops.add(head_block, ops.umin(i, final)),
+               ops.lt(i, last), ops.add(shared, ops.mul(slot, fmt.stage_bytes)))
 
     for j in range(stages - 1):
         stage_block(ops.add(first, j))
 
-    neg_magic = dict(zip((KEYS, VALUES), (ops.load(constants, 4, 16 * i) for i in range(2))))
+    # The offset MMAs' operands (_constants) into shared memory after q * 2^-p, read where
+    # used: held across the loop, they took 8 registers.
+    magic_at = ops.add(shared, _warp_shared_bytes(fmt, stages) - MAGIC_BYTES)
+    for i in range(2):
+        ops.store_shared(magic_at, ops.load(constants, 4, 16 * i), 16 * i)
+
+    def neg_magic(half: _Half):  # 4 registers of -magic pairs
+        return ops.load_shared(magic_at, 4, 16 * (half is VALUES))
 
     def body(i, state):
         ops.sync_warp()  # every lane is done with the stage about to be refilled
@@ -995,8 +1009,8 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
 
 
 def _warp_shared_bytes(fmt: _Format, stages):
-    """A warp's shared memory: its stages, then its q * 2^-p."""
-    return stages * fmt.stage_bytes + QF_BYTES
+    """A warp's shared memory: its stages, its q * 2^-p, the offset MMAs' operands."""
+    return stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES
 
 
 def _kernel(ctx, *refs, bits, capacity, num_splits, parts, stages, residual, warps):
@@ -1107,8 +1121,10 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     inputs = _inputs(q, k_parts, v_parts, lengths, residual)
 
     # Mosaic GPU's own launcher, not plgpu.kernel: that one launches whole warpgroups (128
-    # threads), where programs of fewer warps let more of them share an SM's registers (11
-    # warps of 1 where 2 programs of 4 fit; no faster so far: benchmarks/RESULTS.md).
+    # threads). Registers are allocated per SM quarter (16,384 each), so the program size does
+    # not change how many warps they allow (3 a quarter at 168); programs of fewer warps can
+    # only pack shared memory more finely (4-bit: 10 warps of 1 where 2 programs of 4 fit).
+    # Neither was faster so far (benchmarks/RESULTS.md).
     with jax_mlir.make_ir_context(), ir.Location.unknown():
         kernel = mosaic_gpu.as_gpu_kernel(
             functools.partial(_kernel, bits=fmt.bits, capacity=S, num_splits=num_splits,
