@@ -29,21 +29,32 @@ def median_seconds(fn, *, warmup=2, reps=10, inner=1):
     return statistics.median(times)
 
 
-def chained_seconds(fn, first, *rest, iterations=20, reps=10):
-    """Device seconds per call of fn(first, *rest), run `iterations` times in one jitted
-    program (unrolled: no host round trip between calls). Each call's first input is perturbed
-    by a traced zero times an element of each of the last call's outputs, so XLA can neither
-    hoist, merge nor drop the calls. This is how an op runs inside a compiled decode step: no
-    host dispatch per op, which wall-clock timing of one jitted op charges when it is short."""
-    @jax.jit
-    def chained(first, zero, *rest):
-        for _ in range(iterations):
-            outs = jax.tree.leaves(fn(first, *rest))
-            tie = sum(out.reshape(-1)[0].astype(jnp.float32) for out in outs) * zero
-            first = first + tie.astype(first.dtype)
-        return first
-    zero = jnp.zeros((), jnp.float32)
-    return median_seconds(lambda: chained(first, zero, *rest), reps=reps) / iterations
+def chained_seconds(fn, first, *rest, iterations=(5, 25), reps=10):
+    """Device seconds per call of fn(first, *rest), from jitted programs of n unrolled calls
+    (no host round trip between calls), n in `iterations`: the slope (t(n2) - t(n1)) / (n2 -
+    n1) of their median wall times. Each call's first input is perturbed by a traced zero times
+    an element of each of the last call's outputs, so XLA can neither hoist, merge nor drop the
+    calls. This is how an op runs inside a compiled decode step.
+
+    The slope, because a program's launch and synchronization cost some 0.6 ms on the H200
+    whatever it runs: dividing one 20-call program's time by 20, as these benchmarks did
+    before, charged each call about 30 us of it, where the CUDA events that time PyTorch charge
+    none (the kivi2 op at B16 x 32K: 0.190 ms that way, 0.160 this way; results/kernels_s20a,
+    kernels_s20b). Even the slope is some 25 us a call above the kernels' own durations
+    (benchmarks/op_timeline.py), for cuDNN's op as for ours."""
+    def program(n):
+        @jax.jit
+        def chained(first, zero, *rest):
+            for _ in range(n):
+                outs = jax.tree.leaves(fn(first, *rest))
+                tie = sum(out.reshape(-1)[0].astype(jnp.float32) for out in outs) * zero
+                first = first + tie.astype(first.dtype)
+            return first
+        return lambda: chained(first, jnp.zeros((), jnp.float32), *rest)
+
+    short, long = iterations
+    seconds = [median_seconds(program(n), reps=reps) for n in (short, long)]
+    return (seconds[1] - seconds[0]) / (long - short)
 
 
 def read_bandwidth(gib=8):

@@ -6,8 +6,9 @@ jax.nn.dot_product_attention (cuDNN where it runs) and PyTorch's scaled_dot_prod
 bf16 baselines; our bf16 kernel; our 2-bit and 4-bit KIVI kernels (G32, 128-token residual,
 timed as the whole attention op: kernel, residual and merge) and LeanKV's K8V4 tier. Bytes
 moved count what each must read: packed codes, scales, zeros, residual and queries. JAX ops
-are timed on the device, chained in one program (benchmarks.common.chained_seconds: "ms"), and
-by the wall clock of separate jitted calls ("ms_wall"); PyTorch's with CUDA events.
+are timed on the device, chained in jitted programs of 5 and 25 calls, per call the slope
+between the two (benchmarks.common.chained_seconds: "ms"), and by the wall clock of separate
+jitted calls ("ms_wall"); PyTorch's with CUDA events.
 
     python -m benchmarks.kernels        # on the GPU; writes results/kernels.json
 """
@@ -54,8 +55,8 @@ def cudnn_seconds(q, k, v):
 
 
 def timed(fn, *args):
-    """(device seconds per call, chained in one program; wall seconds of one jitted call,
-    host dispatch included) of fn(*args): see benchmarks.common.chained_seconds."""
+    """(device seconds per call, chained; wall seconds of one jitted call, host dispatch
+    included) of fn(*args): see benchmarks.common.chained_seconds."""
     wall = median_seconds(functools.partial(jax.jit(fn), *args), reps=20, inner=10)
     return chained_seconds(fn, *args), wall
 

@@ -1,0 +1,106 @@
+"""Where the device time of a chained decode-attention op goes: each kernel's duration and the
+idle time before it, recorded with PyTorch's profiler (CUPTI records every kernel of the
+process, JAX's too). For the KIVI 2-bit op (cache.attend: the MMA kernel and the merge), the
+MMA kernel alone and cuDNN's bf16 attention at B16 x 32K, each run as
+benchmarks.common.chained_seconds runs it.
+
+Why: Nsight Compute timed the MMA kernel alone at 135 us where the benchmarks' chained timing
+gave 0.16 ms a call. The first runs (results/op_timeline_s20*.json, made with this script's
+earlier versions, which timed one 20-call program three times) found the kernels back to back
+(median idle time before each under 2 us) and 136 us of kernels a kivi2 op; their
+"device_us_a_call" also spans the pause between two of the programs, which this version
+leaves out.
+
+    python -m benchmarks.op_timeline [--tag T]  # on the GPU; writes results/op_timeline[_T].json
+"""
+
+import argparse
+import collections
+import functools
+import json
+import statistics
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import chained_seconds, environment, write_result
+from benchmarks.kernels import D, HKV, HQ, QUANTIZED, quantized_cache
+from pallas_kernels import decode_kivi_mma
+
+
+def ops(batch, context):
+    """{name: (fn of q, q)} of the ops timed."""
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (batch, HQ, D), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, HKV, context, D), jnp.bfloat16)
+    v = jax.random.normal(kv, (batch, HKV, context, D), jnp.bfloat16)
+    policy = QUANTIZED["kivi2"]
+    cache = quantized_cache(policy, k, v, policy.quantization.residual)
+    kernel = functools.partial(
+        decode_kivi_mma.decode_partials, k_parts=(cache.k_codes, cache.k_scale, cache.k_zero),
+        v_parts=(cache.v_codes, cache.v_scale, cache.v_zero), lengths=cache.num_quantized,
+        residual=(cache.k_residual, cache.v_residual, cache.num_residual))
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, Hkv, D]
+    cudnn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    return {"kivi2_attend": cache.attend, "kivi2_kernel": kernel,
+            "cudnn_bf16": lambda q: cudnn(q[:, None], kt, vt)}, q
+
+
+def kernel_events(trace_path):
+    """[(start us, duration us, name)] of the GPU kernels in a Chrome trace, in time order."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    return sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+
+
+def timeline(fn, q, calls=20):
+    """chained_seconds(fn, q) under the profiler, the last `calls` calls of its longer program
+    (after compilation and warm-up): the device time from one start of the op's longest kernel to the next, the
+    kernels' summed durations in it, and each kernel's count a call, median microseconds and
+    the median and mean idle time of the device before it starts."""
+    import torch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        seconds = chained_seconds(fn, q, iterations=(calls, 2 * calls), reps=1)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = kernel_events(f.name)
+    if not events:
+        return {"chained_ms": seconds * 1e3, "kernels": "none recorded"}
+    total = collections.Counter()
+    for _, dur, name in events:
+        total[name] += dur
+    main_kernel = total.most_common(1)[0][0]
+    starts = [ts for ts, _, name in events if name == main_kernel][-calls - 1:]
+    ends = {i: ts + dur for i, (ts, dur, _) in enumerate(events)}
+    window = [(dur, name, ts - ends[i - 1]) for i, (ts, dur, name) in enumerate(events)
+              if i and starts[0] <= ts < starts[-1]]
+    by_name, gaps = collections.defaultdict(list), collections.defaultdict(list)
+    for dur, name, gap in window:
+        by_name[name].append(dur)
+        gaps[name].append(gap)
+    return {"chained_ms": seconds * 1e3,
+            "device_us_a_call": (starts[-1] - starts[0]) / calls,
+            "kernel_us_a_call": sum(dur for dur, _, _ in window) / calls,
+            "kernels": {name[:80]: {"a_call": len(d) / calls, "median_us": statistics.median(d),
+                                    "median_gap_before_us": statistics.median(gaps[name]),
+                                    "mean_gap_before_us": statistics.mean(gaps[name])}
+                        for name, d in by_name.items()}}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="16x32768")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    batch, context = map(int, args.shape.split("x"))
+    fns, q = ops(batch, context)
+    rows = {name: timeline(fn, q) for name, fn in fns.items()}
+    for name, row in rows.items():
+        print(name, json.dumps(row, indent=1), flush=True)
+    name = f"op_timeline_{args.tag}" if args.tag else "op_timeline"
+    write_result(name, {**environment(), "shape": args.shape, "ops": rows})
+
+
+if __name__ == "__main__":
+    main()
