@@ -56,9 +56,9 @@ def kernel_events(trace_path):
 
 def timeline(fn, q, calls=20):
     """chained_seconds(fn, q) under the profiler, the last `calls` calls of its longer program
-    (after compilation and warm-up): the device time from one start of the op's longest kernel to the next, the
-    kernels' summed durations in it, and each kernel's count a call, median microseconds and
-    the median and mean idle time of the device before it starts."""
+    (after compilation and warm-up): the device time a call (between starts of the op's
+    longest kernel), the kernels' summed durations in it, and each kernel's count a call,
+    median microseconds and the median and mean idle time of the device before it starts."""
     import torch
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         seconds = chained_seconds(fn, q, iterations=(calls, 2 * calls), reps=1)

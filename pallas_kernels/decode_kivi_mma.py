@@ -574,6 +574,7 @@ def _stage(ops, fmt: _Format, lane_id, arrays, block, valid, stage):
     block = ops.opaque(block)
     lane_bytes = ops.mul(lane_id, 16)
     target = ops.add(stage, lane_bytes)
+    # A block's bytes of each array lie together: its stage size is its stride in the array.
     for name, (offset, nbytes) in fmt.stage.items():
         start = ops.at(ops.at_wide(arrays[name], block, nbytes), lane_bytes)
         for j in range(nbytes // 512):
