@@ -2,7 +2,9 @@
 
 1. A float64 model of the kernel's arithmetic on one head group of the GPU check's data (keys
    2 N(0, 1) + 0.5, values N(0, 1), 4096 tokens): the exact dequantized attention against the
-   same with q * key scale, or p * value scale, rounded to bf16 or f16 (the MMA operands).
+   same with q * key scale, or p * value scale, rounded to bf16 or f16 (the MMA operands);
+   "bf16 pairs": p rounded to bf16 first, then the product (what bf16x2 multiplies, one
+   instruction for two products, would give).
 2. The kernel itself (decode_kivi_mma.emulate) at several rescale thresholds (RESCALE_AT).
 
 Errors are max |ours - exact| / max |exact|, as in the benchmarks.
@@ -50,18 +52,24 @@ def rounding_model(q, k_parts, v_parts):
             "bf16": lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float64),
             "f16": lambda x: x.astype(np.float16).astype(np.float64)}
 
+    def value_operand(values, p):  # p * value scale as the value MMAs' B operand
+        if values == "bf16 pairs":
+            return cast["bf16"](cast["bf16"](p)[..., None] * v_scale[:, :, None])
+        return cast[values](p[..., None] * v_scale[:, :, None])
+
     def attention(keys, values):
         qs = cast[keys](qg[:, :, :, None, :] * k_scale[:, :, None])  # [B, H, G, S, D]
         s = (qs * k_codes[:, :, None]).sum(-1) + np.einsum("bhgd,bhsd->bhgs", qg, k_zero)
         p = np.exp((s - s.max(-1, keepdims=True)) / np.sqrt(D))
-        pv = cast[values](p[..., None] * v_scale[:, :, None])
+        pv = value_operand(values, p)
         o = (pv * v_codes[:, :, None]).sum(-2) + np.einsum("bhgs,bhsd->bhgd", p, v_zero)
         return o / p.sum(-1)[..., None]
 
     exact = attention("exact", "exact")
     return {f"keys {keys}, values {values}": rel_error(attention(keys, values), exact)
             for keys, values in (("bf16", "exact"), ("exact", "bf16"), ("bf16", "bf16"),
-                                 ("f16", "bf16"), ("f16", "f16"))}
+                                 ("f16", "bf16"), ("f16", "f16"), ("exact", "bf16 pairs"),
+                                 ("f16", "bf16 pairs"))}
 
 
 def emulated(q, k_parts, v_parts, thresholds=(8.0, 4.0, 2.0, 0.0)):
