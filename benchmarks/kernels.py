@@ -8,7 +8,8 @@ timed as the whole attention op: kernel, residual and merge) and LeanKV's K8V4 t
 moved count what each must read: packed codes, scales, zeros, residual and queries. JAX ops
 are timed on the device, chained in jitted programs of 5 and 25 calls, per call the slope
 between the two (benchmarks.common.chained_seconds: "ms"), and by the wall clock of separate
-jitted calls ("ms_wall"); PyTorch's with CUDA events.
+jitted calls ("ms_wall"); PyTorch's with CUDA events. The SM clock and power draw while each
+is timed come from nvidia-smi (common.gpu_clocks: "sm_mhz", ...).
 
     python -m benchmarks.kernels        # on the GPU; writes results/kernels.json
 """
@@ -21,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (chained_seconds, cuda_event_seconds, environment, median_seconds,
-                               read_bandwidth, write_result)
+from benchmarks.common import (chained_seconds, cuda_event_seconds, environment, gpu_clocks,
+                               median_seconds, read_bandwidth, write_result)
 from kvjax import policies
 from kvjax.attention import decode_attention, decode_partials, merge_partials
 from kvjax.cache import QuantizedLayerCache
@@ -56,9 +57,12 @@ def cudnn_seconds(q, k, v):
 
 def timed(fn, *args):
     """(device seconds per call, chained; wall seconds of one jitted call, host dispatch
-    included) of fn(*args): see benchmarks.common.chained_seconds."""
+    included; the SM clock and power while chained) of fn(*args): see
+    benchmarks.common.chained_seconds and gpu_clocks."""
     wall = median_seconds(functools.partial(jax.jit(fn), *args), reps=20, inner=10)
-    return chained_seconds(fn, *args), wall
+    with gpu_clocks() as clocks:
+        seconds = chained_seconds(fn, *args)
+    return seconds, wall, clocks
 
 
 def quantized_cache(policy, k, v, residual_tokens):
@@ -138,9 +142,9 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     rows = []
 
     def add(name, seconds, nbytes, err=None, **extra):
-        """seconds: device seconds (CUDA events), or (device, wall) seconds from timed()."""
-        seconds, wall = seconds if isinstance(seconds, tuple) else (seconds, None)
-        extra["ms_wall"] = None if wall is None else wall * 1e3
+        """seconds: device seconds (CUDA events), or timed()'s (device, wall, clocks)."""
+        seconds, wall, clocks = seconds if isinstance(seconds, tuple) else (seconds, None, {})
+        extra.update(ms_wall=None if wall is None else wall * 1e3, **clocks)
         row = {"kernel": name, "batch": batch, "context": context, "ms": seconds * 1e3,
                "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
                "of_ceiling": nbytes / seconds / bandwidth, "rel_error": err, **extra}
@@ -153,7 +157,9 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     add("xla_einsum_bf16", timed(decode_attention, q, k, v, lengths), dense_bytes)
     seconds, impl = cudnn_seconds(q, k, v)
     add(f"jax_dot_product_attention_{impl}_bf16", seconds, dense_bytes)
-    add("torch_sdpa_bf16", torch_sdpa_seconds(q, k, v), dense_bytes)
+    with gpu_clocks() as clocks:
+        seconds = torch_sdpa_seconds(q, k, v)
+    add("torch_sdpa_bf16", seconds, dense_bytes, **clocks)
 
     def ours(q, k, v, n):
         return merge_partials([kernel.decode_partials(q, (k,), (v,), n)], q.dtype)
@@ -199,12 +205,14 @@ def main():
     write_result(name, {**environment(), "read_bandwidth_Bps": bandwidth,
                              "heads": {"q": HQ, "kv": HKV, "dim": D}, "rows": rows})
     print(f"\nread ceiling {bandwidth / 1e12:.2f} TB/s ({time.time() - t0:.0f} s)")
-    print(f"{'kernel':<44} {'B x S':>10} {'ms':>8} {'TB/s':>6} {'ceil':>5} {'rel err':>8}")
+    print(f"{'kernel':<44} {'B x S':>10} {'ms':>8} {'TB/s':>6} {'ceil':>5} {'rel err':>8} "
+          f"{'SM MHz':>7}")
     for r in rows:
         if not r["kernel"].startswith("sweep"):
             err = "" if r["rel_error"] is None else f"{r['rel_error']:.1e}"
+            mhz = f"{r['sm_mhz']:.0f}" if "sm_mhz" in r else ""
             print(f"{r['kernel']:<44} {r['batch']:>3}x{r['context']:<6} {r['ms']:>8.3f} "
-                  f"{r['TBps']:>6.2f} {r['of_ceiling']:>5.0%} {err:>8}")
+                  f"{r['TBps']:>6.2f} {r['of_ceiling']:>5.0%} {err:>8} {mhz:>7}")
 
 
 if __name__ == "__main__":
