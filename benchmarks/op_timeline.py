@@ -54,7 +54,7 @@ def kernel_events(trace_path):
     return sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
 
 
-def timeline(fn, q, calls=20):
+def timeline(fn, q, calls=10):
     """chained_seconds(fn, q) under the profiler, the last `calls` calls of its longer program
     (after compilation and warm-up): the device time a call (between starts of the op's
     longest kernel), the kernels' summed durations in it, and each kernel's count a call,
