@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import chained_seconds, environment, median_seconds, write_result
-from benchmarks.kernels import quantized_cache
+from benchmarks.kernels import quantized_cache, timed
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
@@ -102,12 +102,10 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=()):
         kernels[f"mma_{parts}_parts"] = functools.partial(mma, num_splits=splits)
     rows = []
     for name, fn in kernels.items():
-        seconds = chained_seconds(fn, q, k_parts, v_parts, lengths)
-        wall = median_seconds(functools.partial(jax.jit(fn), q, k_parts, v_parts, lengths),
-                              reps=20, inner=10)
+        seconds, wall, clocks = timed(fn, q, k_parts, v_parts, lengths)
         rows.append({"kernel": name, "bits": bits, "batch": batch, "context": capacity,
                      "ms": seconds * 1e3, "ms_wall": wall * 1e3, "bytes": nbytes,
-                     "TBps": nbytes / seconds / 1e12})
+                     "TBps": nbytes / seconds / 1e12, **clocks})
         print(rows[-1], flush=True)
     return rows
 
