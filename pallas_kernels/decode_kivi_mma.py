@@ -1014,8 +1014,8 @@ def _warp_shared_bytes(fmt: _Format, stages):
     return stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES
 
 
-def _kernel(ctx, *refs, bits, capacity, num_splits, parts, stages, residual, warps):
-    """The GPU kernel: warp w of program i takes part warps * i + w."""
+def _kernel(ctx, *refs, fmt: _Format, capacity, num_splits, parts, stages, residual):
+    """The GPU kernel: warp w of program i takes part WARPS * i + w."""
     del ctx
     *refs, shared = refs
     ops = _Mlir()
@@ -1023,12 +1023,12 @@ def _kernel(ctx, *refs, bits, capacity, num_splits, parts, stages, residual, war
     lane = _Lane(ops, tid)
     warp = ops.shr(tid, 5)
     program = arith.index_cast(ops.i32, gpu.block_id(gpu.Dimension.x))
-    part = ops.add(ops.mul(program, warps), warp)
+    part = ops.add(ops.mul(program, WARPS), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
     shared = ops.add(llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared)),
-                     ops.mul(warp, _warp_shared_bytes(_Format(bits), stages)))
+                     ops.mul(warp, _warp_shared_bytes(fmt, stages)))
     with mgpu_utils.when(ops.lt(part, parts)):
-        _part(ops, _Format(bits), lane, ops.band(tid, 31), part, addresses, shared,
+        _part(ops, fmt, lane, ops.band(tid, 31), part, addresses, shared,
               heads=parts // (num_splits + 1), capacity=capacity, num_splits=num_splits,
               stages=stages, residual=residual)
 
@@ -1099,17 +1099,15 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     return max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "stages", "warps"))
-def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES,
-                    warps=WARPS):
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
+def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
     KIVI 2- or 4-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPECS), and the first counts[b, h] tokens of its
     full-precision residual, residual = (k, v [B, Hkv, R, 128] bf16, counts [B, Hkv]). Returns
     o [B, Hkv, P, g, D] and m, l [B, Hkv, P, g] (float32): P - 1 parts per head over the
     quantized tokens, the last over the residual (decode_attention.decode_partials' layout).
-    num_splits, stages and warps (parts per program) default to the measured best settings
-    (default_splits, STAGES, WARPS)."""
+    num_splits and stages default to the measured best settings (default_splits, STAGES)."""
     B, Hq, _ = q.shape
     Hkv = lengths.shape[1]
     S, R = k_parts[0].shape[2], residual[0].shape[2]
@@ -1121,20 +1119,18 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     parts = B * Hkv * (num_splits + 1)
     inputs = _inputs(q, k_parts, v_parts, lengths, residual)
 
-    # Mosaic GPU's own launcher, not plgpu.kernel: that one launches whole warpgroups (128
-    # threads). Registers are allocated per SM quarter (16,384 each), so the program size does
-    # not change how many warps they allow (3 a quarter at 168); programs of fewer warps can
-    # only pack shared memory more finely (4-bit: 10 warps of 1 where 2 programs of 4 fit).
-    # Neither was faster so far (benchmarks/RESULTS.md).
+    # Mosaic GPU's own launcher: the kernel is written in its MLIR, not in Pallas. (Programs of
+    # 1 and 2 warps were measured and were no faster: benchmarks/RESULTS.md, eighth and ninth
+    # passes.)
     with jax_mlir.make_ir_context(), ir.Location.unknown():
         kernel = mosaic_gpu.as_gpu_kernel(
-            functools.partial(_kernel, bits=fmt.bits, capacity=S, num_splits=num_splits,
-                              parts=parts, stages=stages, residual=R, warps=warps),
-            grid=(-(-parts // warps), 1, 1), block=(32 * warps, 1, 1),
+            functools.partial(_kernel, fmt=fmt, capacity=S, num_splits=num_splits,
+                              parts=parts, stages=stages, residual=R),
+            grid=(-(-parts // WARPS), 1, 1), block=(32 * WARPS, 1, 1),
             in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
             out_shape=_out_shapes(B, Hkv, num_splits + 1),
             smem_scratch_shape=jax.ShapeDtypeStruct(
-                (warps * _warp_shared_bytes(fmt, stages),), jnp.uint8),
+                (WARPS * _warp_shared_bytes(fmt, stages),), jnp.uint8),
             kernel_name="kvjax_decode_kivi_mma")
     o, m, l = kernel(*inputs)
     g = Hq // Hkv
