@@ -707,11 +707,15 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
     scores = []
     for g in range(2):  # key groups
         b = _key_operands(ops, fmt, qf_regs, words.key_scales(g))
-        zb = zero_terms[2 * g:2 * g + 2]
-        start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
+        # -1024 * sum(B), every row: a chain of its own, then q.zero added, so that neither
+        # chain of 8 MMAs waits on the other (in one chain, ptxas filled their latency with
+        # NOPs: results/profile_kivi2_mma_s20.json)
         key_magic = neg_magic(KEYS)
+        offset = [ops.cf(0.0)] * 4
         for step in range(8):
-            start = ops.mma(key_magic, b[step], start, KEYS)
+            offset = ops.mma(key_magic, b[step], offset, KEYS)
+        zb = zero_terms[2 * g:2 * g + 2]
+        start = [ops.fadd(x, zb[reg % 2]) for reg, x in enumerate(offset)]
         for tile in range(2):
             # [rh][i]: the lane's word i of token row + 8 rh, bytes as (0, 2, 1, 3), shifted
             shifted = [[_shifted(ops, fmt, ops.prmt(x, x, 0x3120), KEYS) for x in w]
