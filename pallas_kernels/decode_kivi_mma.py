@@ -978,10 +978,12 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     last = ops.umax(ops.umin(ops.add(first, per_split), blocks), first)
     final = ops.c(capacity // BLOCK - 1)
 
+    def stage_at(i):  # the shared-memory stage of block i
+        return ops.add(shared, ops.mul(ops.rem(ops.sub(i, first), stages), fmt.stage_bytes))
+
     def stage_block(i):  # block i into its stage, if it is one of this part's
-        slot = ops.rem(ops.sub(i, first), stages)
         _stage(ops, fmt, lane_id, arrays, ops.add(head_block, ops.umin(i, final)),
-               ops.lt(i, last), ops.add(shared, ops.mul(slot, fmt.stage_bytes)))
+               ops.lt(i, last), stage_at(i))
 
     for j in range(stages - 1):
         stage_block(ops.add(first, j))
@@ -995,15 +997,23 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     def neg_magic(half: _Half):  # 4 registers of -magic pairs
         return ops.load_shared(magic_at, 4, 16 * (half is VALUES))
 
+    def convert(i):  # once block i's copies are in, its key statistics (_key_stats_to_f16)
+        ops.wait(stages - 2)
+        _key_stats_to_f16(ops, fmt, lane_id, stage_at(i))
+
+    # Each block converts the next one's key statistics at its end, where that work can
+    # overlap its last MMAs; at the start of the next, it was a chain of shared-memory round
+    # trips that the block's first MMAs waited on (short_sb stalls:
+    # results/profile_kivi2_mma_s20.json).
+    convert(first)
+
     def body(i, state):
         ops.sync_warp()  # every lane is done with the stage about to be refilled
         stage_block(ops.add(i, stages - 1))
-        ops.wait(stages - 1)
-        slot = ops.rem(ops.sub(i, first), stages)
-        stage = ops.add(shared, ops.mul(slot, fmt.stage_bytes))
-        _key_stats_to_f16(ops, fmt, lane_id, stage)
-        return _block(ops, fmt, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK),
-                      _Staged(ops, fmt, lane, stage), state)
+        state = _block(ops, fmt, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK),
+                       _Staged(ops, fmt, lane, stage_at(i)), state)
+        convert(ops.add(i, 1))
+        return state
 
     zero = ops.cf(0.0)
     state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
