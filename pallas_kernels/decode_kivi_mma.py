@@ -10,10 +10,10 @@ the MMA reads. The query group (up to 4, padded to the MMA's 8 columns) is the n
 dimension and tokens or channels the 16 rows:
 
 - Keys (f16): scores^T [16 tokens, 8] = codes [16 tokens, 128 channels] @ (q * scale)^T. A
-  thread reads a quarter of each of its tokens' packed bytes (8 at 2 bits, 16 at 4); one byte
-  permute and one `lop3` per two codes put a code under the mantissa of 1024.0 in f16 (1024 +
-  2^p * code, exact): the channel order of the contraction follows the packing (_Format,
-  _key_combo), and the factor 2^-p rides on q. f16 rather than bf16 because q * scale rounds
+  thread reads a quarter of each of its tokens' packed bytes (8 at 2 bits, 16 at 4); one
+  `lop3` per two codes puts a code under the mantissa of 1024.0 in f16 (1024 + 2^p * code,
+  exact): the channel order of the contraction follows the packing (_Format, _key_combo), and
+  the factor 2^-p rides on q. f16 rather than bf16 because q * scale rounds
   in the operand: in bf16 that rounding reached 1e-2 of the output. The key scales and zeros
   are converted in shared memory (times 2^-8, which keeps the products in f16's range). The
   1024s cost no instruction per code: an MMA of the same scaled q with a constant -1024
@@ -99,8 +99,9 @@ KEYS, VALUES = F16, BF16
 class _Format(NamedTuple):
     """Where a cache of `bits`-bit codes (2 or 4) keeps them: kvjax.quantization.pack's planar
     layout, a token's channel c in byte c % row_bytes, field c // row_bytes. A lane holds, per
-    field f, `pairs` channel pairs j of a token: channels row_bytes f + 4 bits l4 + 2 j +
-    (0, 1) (the key MMAs' contraction order, _key_combo)."""
+    field f, `pairs` channel pairs j of a token: channels row_bytes f + 4 bits l4 + 4 (j // 2)
+    + j % 2 + (0, 2), the same byte of a word's two half-words (the key MMAs' contraction
+    order, _key_combo; _spread)."""
     bits: int
 
     fields = property(lambda self: 8 // self.bits)  # codes per byte
@@ -591,7 +592,7 @@ def _key_stats_to_f16(ops, fmt: _Format, lane_id, stage):
     its A operands (_Staged.key_zeros), so that each operand is one read."""
     lane_bytes = ops.mul(lane_id, 16)
     # Lane i holds key group g = i // 16's channels 8 (i % 16) + [0, 8): channel pairs
-    # j0 + [0, 4) (channel parity j % 2) of field f, lane l4 (_Format).
+    # j0 + [0, 4) (byte j % 2 of their half-words) of field f, lane l4 (_Format).
     g, within = ops.shr(lane_id, 4), ops.band(lane_id, 15)
     lanes_a_field = fmt.row_bytes // 8  # of the 16
     f = ops.div(within, lanes_a_field)
@@ -601,8 +602,8 @@ def _key_stats_to_f16(ops, fmt: _Format, lane_id, stage):
                for x in range(2)]
     raw = {name: ops.load_shared(ops.add(stage, lane_bytes), 4, fmt.stage[name][0])
            for name in ("ks", "kz")}
-    scales = [_bf16_to_f16(ops, w, ops.cf(KEY_STATS_FACTOR)) for w in raw["ks"]]
-    zeros = [_bf16_to_f16(ops, w, factors[j % 2]) for j, w in enumerate(raw["kz"])]
+    scales = _spread(ops, raw["ks"], [ops.cf(KEY_STATS_FACTOR)] * 4)
+    zeros = _spread(ops, raw["kz"], [factors[j % 2] for j in range(4)])
     ops.sync_warp()  # every lane's words read before any lane writes
     ops.store_shared(ops.add(stage, lane_bytes), scales, fmt.stage["ks"][0])
     # pair j0 + j: operand (f, (j0 + j) // 2), slot g + 2 (j % 2)
@@ -624,10 +625,15 @@ def _code_factor_at(ops, fmt: _Format, half: _Half, channel_parity: int, field):
     return ops.as_f32(ops.shl(ops.add(p, 127), 23))
 
 
-def _bf16_to_f16(ops, word, factor):
-    """A bf16 pair times `factor` (an f32 register) as an f16 pair (saturating)."""
-    return ops.pack(ops.fmul(ops.as_f32(ops.band(word, 0xFFFF0000)), factor),
-                    ops.fmul(ops.as_f32(ops.shl(word, 16)), factor), F16)
+def _spread(ops, words, factors):
+    """bf16 words of consecutive channel pairs (c, c + 1), 2 j and 2 j + 1 of each run of 4
+    channels, as f16 words of the pairs (c, c + 2) the key MMAs take (_Format), pair j times
+    factors[j] (f32 registers), saturating."""
+    values = [v for w in words for v in (ops.as_f32(ops.shl(w, 16)),
+                                         ops.as_f32(ops.band(w, 0xFFFF0000)))]
+    lows = [4 * (j // 2) + j % 2 for j in range(len(words))]
+    return [ops.pack(ops.fmul(values[c + 2], x), ops.fmul(values[c], x), F16)
+            for c, x in zip(lows, factors)]
 
 
 class _Staged:
@@ -717,9 +723,8 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
         zb = zero_terms[2 * g:2 * g + 2]
         start = [ops.fadd(x, zb[reg % 2]) for reg, x in enumerate(offset)]
         for tile in range(2):
-            # [rh][i]: the lane's word i of token row + 8 rh, bytes as (0, 2, 1, 3), shifted
-            shifted = [[_shifted(ops, fmt, ops.prmt(x, x, 0x3120), KEYS) for x in w]
-                       for w in words.kc(2 * g + tile)]
+            # [rh][i]: the lane's word i of token row + 8 rh, shifted
+            shifted = [[_shifted(ops, fmt, x, KEYS) for x in w] for w in words.kc(2 * g + tile)]
             acc = start
             for step in range(8):
                 a = [_extract(ops, fmt, shifted[rh][i], x, f, KEYS)
@@ -969,11 +974,11 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     head_block = ops.mul(bh, capacity // BLOCK)  # the head's first block in the cache
     q_regs = _query_words(ops, fmt, lane, q, bh)
     # q * 2^-p in f16 (see _key_operands) into shared memory (QF_BYTES): channel pair j of
-    # field f has channel parity j % 2
+    # field f is in byte j % 2 of its half-words
     qf_at = ops.add(shared, ops.add(ops.mul(lane_id, 4 * fmt.pairs), stages * fmt.stage_bytes))
     for f, words in enumerate(q_regs):
         factors = [ops.cf(1 / float(_code_factor(fmt, KEYS, j % 2, f))) for j in range(fmt.pairs)]
-        qf = [_bf16_to_f16(ops, w, x) for w, x in zip(words, factors)]
+        qf = _spread(ops, words, factors)
         for i in range(0, fmt.pairs, 4):
             ops.store_shared(qf_at, qf[i:i + 4], _qf_offset(fmt, f) + 4 * i)
     per_split = -(-(capacity // BLOCK) // num_splits)
