@@ -713,15 +713,11 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
     scores = []
     for g in range(2):  # key groups
         b = _key_operands(ops, fmt, qf_regs, words.key_scales(g))
-        # -1024 * sum(B), every row: a chain of its own, then q.zero added, so that neither
-        # chain of 8 MMAs waits on the other (in one chain, ptxas filled their latency with
-        # NOPs: results/profile_kivi2_mma_s20.json)
-        key_magic = neg_magic(KEYS)
-        offset = [ops.cf(0.0)] * 4
-        for step in range(8):
-            offset = ops.mma(key_magic, b[step], offset, KEYS)
         zb = zero_terms[2 * g:2 * g + 2]
-        start = [ops.fadd(x, zb[reg % 2]) for reg, x in enumerate(offset)]
+        start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
+        key_magic = neg_magic(KEYS)
+        for step in range(8):
+            start = ops.mma(key_magic, b[step], start, KEYS)
         for tile in range(2):
             # [rh][i]: the lane's word i of token row + 8 rh, shifted
             shifted = [[_shifted(ops, fmt, x, KEYS) for x in w] for w in words.kc(2 * g + tile)]
@@ -795,26 +791,22 @@ def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
     o, c_off, s_zero = tiles[:8], tiles[8:10], tiles[10:]
     # Values: 16 tokens (one score tile) per MMA step.
     pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
-    pair = ops.select(lane.is_high, ops.c(0x3232), ops.c(0x1010))  # bf16 half -> both halves
     zero = ops.c(0)
     value_magic = neg_magic(VALUES)
     for t in range(4):
-        # [rh][a]: the scales (as pairs) and zeros (f32) of value group 2 a + half
+        # [rh] -> (scales of value groups half, 2 + half), (zeros of the same)
         raw = {name: words.stats(name, t) for name in ("vs", "vz")}
-        scales = [[ops.prmt(w, zero, pair) for w in raw["vs"][rh]] for rh in range(2)]
-        zeros = [[ops.as_f32(ops.prmt(w, zero, pick)) for w in raw["vz"][rh]] for rh in range(2)]
-        # [rh]: p of queries q0, q0 + 1 as a bf16 pair; times a scale pair, one instruction
-        # makes two products (rounded twice, p then the product: 3.70e-3 against 3.69e-3 in
-        # benchmarks/kivi_rounding.py, "bf16 pairs")
-        p_pairs = [ops.pack(p[t][2 * rh + 1], p[t][2 * rh], VALUES) for rh in range(2)]
+        stats = [[[ops.as_f32(ops.prmt(w, zero, pick)) for w in raw[name][rh]]
+                  for name in ("vs", "vz")] for rh in range(2)]
         b_v = []  # [a]: B operands (p * scale) of value groups 2 a + (0, 1)
         for a in range(2):
-            rows = [ops.mul_x2(p_pairs[rh], scales[rh][a], VALUES) for rh in range(2)]
+            rows = [ops.pack(ops.fmul(p[t][2 * rh + 1], stats[rh][0][a]),
+                             ops.fmul(p[t][2 * rh], stats[rh][0][a]), VALUES) for rh in range(2)]
             b_v.append([ops.movmatrix(x) for x in rows])
             c_off[a] = ops.mma(value_magic, b_v[a], c_off[a], VALUES)
             for e in range(2):
-                s_zero[a][e] = ops.fma(p[t][e], zeros[0][a],
-                                       ops.fma(p[t][e + 2], zeros[1][a], s_zero[a][e]))
+                s_zero[a][e] = ops.fma(p[t][e], stats[0][1][a],
+                                       ops.fma(p[t][e + 2], stats[1][1][a], s_zero[a][e]))
         # [kh][w]: (bytes 0-1, bytes 2-3 of word r + 8 w) of tokens 2 l4 + 8 kh + (0, 1),
         # shifted
         xs = [[[_shifted(ops, fmt, ops.prmt(w0, w1, selector), VALUES)
