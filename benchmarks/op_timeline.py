@@ -9,7 +9,11 @@ gave 0.16 ms a call. The first runs (results/op_timeline_s20*.json, made with th
 earlier versions, which timed one 20-call program three times) found the kernels back to back
 (median idle time before each under 2 us) and 136 us of kernels a kivi2 op; their
 "device_us_a_call" also spans the pause between two of the programs, which this version
-leaves out.
+leaves out. In results/op_timeline_s21.json the device time a call of the steady state equals
+the kernels' (135 us for the kivi2 op, 465 us for cuDNN's), with no idle time, while
+chained_seconds' slope is some 25 us a call higher; "runs" (program_runs) accounts for each
+program run as a whole, device span and busy time and the host's CUDA calls before it, to find
+where those 25 us go.
 
     python -m benchmarks.op_timeline [--tag T]  # on the GPU; writes results/op_timeline[_T].json
 """
@@ -27,6 +31,9 @@ import jax.numpy as jnp
 from benchmarks.common import chained_seconds, environment, write_result
 from benchmarks.kernels import D, HKV, HQ, QUANTIZED, quantized_cache
 from pallas_kernels import decode_kivi_mma
+
+GPU_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CALLS = ("cuda_runtime", "cuda_driver")
 
 
 def ops(batch, context):
@@ -47,11 +54,39 @@ def ops(batch, context):
             "cudnn_bf16": lambda q: cudnn(q[:, None], kt, vt)}, q
 
 
-def kernel_events(trace_path):
-    """[(start us, duration us, name)] of the GPU kernels in a Chrome trace, in time order."""
+def trace_events(trace_path):
+    """[(start us, duration us, name, category)] of a Chrome trace's GPU activities (kernels,
+    copies, memsets) and CUDA runtime and driver calls, in time order."""
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
-    return sorted((e["ts"], e["dur"], e["name"]) for e in events if e.get("cat") == "kernel")
+    return sorted((e["ts"], e["dur"], e["name"], e["cat"]) for e in events
+                  if e.get("cat") in GPU_ACTIVITIES + HOST_CALLS)
+
+
+def program_runs(events, pause_us=50.0):
+    """Each run of a program in the trace (GPU activities separated by more than pause_us of
+    idle device, the host's synchronization between runs): its GPU activities' count, span
+    and busy time, and the host's CUDA calls since the previous run's end, by name, with the
+    time from the first of them to the run's first GPU activity. Where a chained program's
+    time goes before its first kernel starts: the steady state of `timeline` shows none of
+    it."""
+    gpu = [e for e in events if e[3] in GPU_ACTIVITIES]
+    starts = [0] + [i for i in range(1, len(gpu))
+                    if gpu[i][0] - (gpu[i - 1][0] + gpu[i - 1][1]) > pause_us] + [len(gpu)]
+    runs, previous_end = [], float("-inf")
+    for a, b in zip(starts, starts[1:]):
+        first, end = gpu[a][0], max(ts + dur for ts, dur, _, _ in gpu[a:b])
+        calls = [e for e in events if e[3] in HOST_CALLS and previous_end <= e[0] < end]
+        by_name = collections.defaultdict(lambda: [0, 0.0])
+        for _, dur, name, _ in calls:
+            by_name[name][0] += 1
+            by_name[name][1] += dur
+        runs.append({"activities": b - a, "span_us": end - first,
+                     "busy_us": sum(dur for _, dur, _, _ in gpu[a:b]),
+                     "host_lead_us": first - calls[0][0] if calls else None,
+                     "host_calls": {name: [n, round(us, 1)] for name, (n, us) in by_name.items()}})
+        previous_end = end
+    return runs
 
 
 def timeline(fn, q, calls=10):
@@ -64,7 +99,8 @@ def timeline(fn, q, calls=10):
         seconds = chained_seconds(fn, q, iterations=(calls, 2 * calls), reps=1)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = kernel_events(f.name)
+        everything = trace_events(f.name)
+    events = [(ts, dur, name) for ts, dur, name, cat in everything if cat == "kernel"]
     if not events:
         return {"chained_ms": seconds * 1e3, "kernels": "none recorded"}
     total = collections.Counter()
@@ -79,7 +115,7 @@ def timeline(fn, q, calls=10):
     for dur, name, gap in window:
         by_name[name].append(dur)
         gaps[name].append(gap)
-    return {"chained_ms": seconds * 1e3,
+    return {"chained_ms": seconds * 1e3, "runs": program_runs(everything),
             "device_us_a_call": (starts[-1] - starts[0]) / calls,
             "kernel_us_a_call": sum(dur for dur, _, _ in window) / calls,
             "kernels": {name[:80]: {"a_call": len(d) / calls, "median_us": statistics.median(d),
