@@ -1,11 +1,13 @@
 """Shared pieces of the GPU benchmarks: timing, the bandwidth ceiling, the JSON record."""
 
+import collections
 import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,32 +33,86 @@ def median_seconds(fn, *, warmup=2, reps=10, inner=1):
     return statistics.median(times)
 
 
+def chained_program(fn, first, *rest, calls):
+    """A thunk that runs `calls` calls of fn(first, *rest) in one jitted program (no host
+    round trip between calls). Each call's first input is perturbed by a traced zero times an
+    element of each of the last call's outputs, so XLA can neither hoist, merge nor drop the
+    calls. This is how an op runs inside a compiled decode step."""
+    @jax.jit
+    def chained(first, zero, *rest):
+        for _ in range(calls):
+            outs = jax.tree.leaves(fn(first, *rest))
+            tie = sum(out.reshape(-1)[0].astype(jnp.float32) for out in outs) * zero
+            first = first + tie.astype(first.dtype)
+        return first
+    return lambda: chained(first, jnp.zeros((), jnp.float32), *rest)
+
+
 def chained_seconds(fn, first, *rest, iterations=(5, 25), reps=10):
-    """Device seconds per call of fn(first, *rest), from jitted programs of n unrolled calls
-    (no host round trip between calls), n in `iterations`: the slope (t(n2) - t(n1)) / (n2 -
-    n1) of their median wall times. Each call's first input is perturbed by a traced zero times
-    an element of each of the last call's outputs, so XLA can neither hoist, merge nor drop the
-    calls. This is how an op runs inside a compiled decode step.
+    """Seconds per call of fn(first, *rest), from chained programs (chained_program) of n
+    calls, n in `iterations`: the slope (t(n2) - t(n1)) / (n2 - n1) of their median wall
+    times.
 
     The slope, because a program's launch and synchronization cost some 0.6 ms on the H200
     whatever it runs: dividing one 20-call program's time by 20, as these benchmarks did
     before, charged each call about 30 us of it, where the CUDA events that time PyTorch charge
     none (the kivi2 op at B16 x 32K: 0.190 ms that way, 0.160 this way; results/kernels_s20a,
-    kernels_s20b). Even the slope is some 25 us a call above the kernels' own durations
-    (benchmarks/op_timeline.py), for cuDNN's op as for ours."""
-    def program(n):
-        @jax.jit
-        def chained(first, zero, *rest):
-            for _ in range(n):
-                outs = jax.tree.leaves(fn(first, *rest))
-                tie = sum(out.reshape(-1)[0].astype(jnp.float32) for out in outs) * zero
-                first = first + tie.astype(first.dtype)
-            return first
-        return lambda: chained(first, jnp.zeros((), jnp.float32), *rest)
-
+    kernels_s20b). Even the slope is some 25 us a call above the device's time a call
+    (device_seconds; benchmarks/op_timeline.py), for cuDNN's op as for ours."""
     short, long = iterations
-    seconds = [median_seconds(program(n), reps=reps) for n in (short, long)]
+    seconds = [median_seconds(chained_program(fn, first, *rest, calls=n), reps=reps)
+               for n in (short, long)]
     return (seconds[1] - seconds[0]) / (long - short)
+
+
+def profiled_events(run):
+    """run() under PyTorch's profiler, whose CUPTI records every GPU activity of the process,
+    JAX's too: [(start us, duration us, name, category)] of the trace's GPU activities
+    (category "kernel", "gpu_memcpy" or "gpu_memset") and CUDA runtime and driver calls
+    ("cuda_runtime", "cuda_driver"), in time order."""
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUPTI timing needs torch with CUDA on a CUDA GPU")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as trace:
+            events = json.load(trace)["traceEvents"]
+    return sorted((e["ts"], e["dur"], e["name"], e["cat"]) for e in events
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime",
+                                      "cuda_driver"))
+
+
+def last_call_starts(kernels, calls, total_calls):
+    """(name, starts) of the op's main kernel (the most time in all) over the last `calls`
+    of total_calls calls in kernels [(start us, duration us, name)]: calls + 1 start times
+    `calls` calls apart."""
+    time_in = collections.Counter()
+    for _, dur, name in kernels:
+        time_in[name] += dur
+    if not time_in:
+        raise ValueError("no GPU kernel recorded in the trace")
+    main = time_in.most_common(1)[0][0]
+    starts = [ts for ts, _, name in kernels if name == main]
+    if len(starts) % total_calls:
+        raise ValueError(f"{main} ran {len(starts)} times in {total_calls} calls")
+    per_call = len(starts) // total_calls
+    return main, starts[-calls * per_call - 1::per_call]
+
+
+def device_seconds(run, total_calls, calls):
+    """The device's seconds a call in the steady state, from CUPTI (profiled_events): run()
+    makes total_calls chained calls of an op and waits for them; the time between the starts of
+    the op's main kernel `calls` calls apart, over the last of them. It counts the device's idle
+    time between calls and not the host's work before the first: the same measure for a JAX
+    op (a chained_program) and a PyTorch one (a loop of calls), which chained_seconds and CUDA
+    events are not."""
+    run()  # compiled and warm
+    events = profiled_events(run)
+    kernels = [(ts, dur, name) for ts, dur, name, cat in events if cat == "kernel"]
+    _, starts = last_call_starts(kernels, calls, total_calls)
+    return (starts[-1] - starts[0]) / calls / 1e6
 
 
 @contextlib.contextmanager

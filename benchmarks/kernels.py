@@ -8,7 +8,10 @@ timed as the whole attention op: kernel, residual and merge) and LeanKV's K8V4 t
 moved count what each must read: packed codes, scales, zeros, residual and queries. JAX ops
 are timed on the device, chained in jitted programs of 5 and 25 calls, per call the slope
 between the two (benchmarks.common.chained_seconds: "ms"), and by the wall clock of separate
-jitted calls ("ms_wall"); PyTorch's with CUDA events. The SM clock and power draw while each
+jitted calls ("ms_wall"); PyTorch's with CUDA events. Every op, JAX's and PyTorch's, also by
+the device's time a call in the steady state of 20 chained calls, from CUPTI
+(common.device_seconds: "device_ms", "of_ceiling_device"): the slope stays some 25 us a call
+above it for JAX's ops, cuDNN's as ours (benchmarks/op_timeline.py). The SM clock and power draw while each
 is timed come from nvidia-smi (common.gpu_clocks: "sm_mhz", ...).
 
     python -m benchmarks.kernels        # on the GPU; writes results/kernels.json
@@ -22,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (chained_seconds, cuda_event_seconds, environment, gpu_clocks,
-                               median_seconds, read_bandwidth, write_result)
+from benchmarks.common import (chained_program, chained_seconds, cuda_event_seconds,
+                               device_seconds, environment, gpu_clocks, median_seconds,
+                               read_bandwidth, write_result)
 from kvjax import policies
 from kvjax.attention import decode_attention, decode_partials, merge_partials
 from kvjax.cache import QuantizedLayerCache
@@ -32,15 +36,25 @@ from pallas_kernels import decode_attention as kernel
 from pallas_kernels.quantize import quantize_pack
 
 HQ, HKV, D = 32, 8, 128
+DEVICE_CALLS = 10  # calls a device_seconds figure averages, after as many
 QUANTIZED = {"kivi2": policies.kivi(2), "kivi4": policies.kivi(4), "k8v4": policies.hetero(8, 4)}
 
 
 def torch_sdpa_seconds(q, k, v):
-    """PyTorch's SDPA (bf16, enable_gqa) on the same arrays, timed with CUDA events."""
+    """PyTorch's SDPA (bf16, enable_gqa) on the same arrays: (seconds a call with CUDA events,
+    {"device_ms": the device's time a call, common.device_seconds})."""
     import torch
     tq, tk, tv = (torch.from_dlpack(x) for x in (q[:, :, None], k, v))  # [B, H, 1|S, D]
-    return cuda_event_seconds(functools.partial(
-        torch.nn.functional.scaled_dot_product_attention, tq, tk, tv, enable_gqa=True))
+    call = functools.partial(torch.nn.functional.scaled_dot_product_attention, tq, tk, tv,
+                             enable_gqa=True)
+
+    def run():  # chained as JAX's ops are: launches queue without a host round trip
+        for _ in range(2 * DEVICE_CALLS):
+            call()
+        torch.cuda.synchronize()
+
+    device = device_seconds(run, 2 * DEVICE_CALLS, DEVICE_CALLS)
+    return cuda_event_seconds(call), {"device_ms": device * 1e3}
 
 
 def cudnn_seconds(q, k, v):
@@ -56,13 +70,17 @@ def cudnn_seconds(q, k, v):
 
 
 def timed(fn, *args):
-    """(device seconds per call, chained; wall seconds of one jitted call, host dispatch
-    included; the SM clock and power while chained) of fn(*args): see
-    benchmarks.common.chained_seconds and gpu_clocks."""
+    """(seconds per call, chained: common.chained_seconds; {"ms_wall": one jitted call's wall
+    time, host dispatch included, "device_ms": the device's time a call in a chained program,
+    common.device_seconds, and the SM clock and power while chained, common.gpu_clocks}) of
+    fn(*args)."""
     wall = median_seconds(functools.partial(jax.jit(fn), *args), reps=20, inner=10)
     with gpu_clocks() as clocks:
         seconds = chained_seconds(fn, *args)
-    return seconds, wall, clocks
+    program = chained_program(fn, *args, calls=2 * DEVICE_CALLS)
+    device = device_seconds(lambda: jax.block_until_ready(program()), 2 * DEVICE_CALLS,
+                            DEVICE_CALLS)
+    return seconds, {"ms_wall": wall * 1e3, "device_ms": device * 1e3, **clocks}
 
 
 def quantized_cache(policy, k, v, residual_tokens):
@@ -142,12 +160,14 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     rows = []
 
     def add(name, seconds, nbytes, err=None, **extra):
-        """seconds: device seconds (CUDA events), or timed()'s (device, wall, clocks)."""
-        seconds, wall, clocks = seconds if isinstance(seconds, tuple) else (seconds, None, {})
-        extra.update(ms_wall=None if wall is None else wall * 1e3, **clocks)
+        """seconds: seconds a call, or (seconds, {more figures}) as timed() gives them."""
+        seconds, figures = seconds if isinstance(seconds, tuple) else (seconds, {})
+        extra.update(figures)
+        device = extra.get("device_ms", float("nan")) / 1e3
         row = {"kernel": name, "batch": batch, "context": context, "ms": seconds * 1e3,
                "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
-               "of_ceiling": nbytes / seconds / bandwidth, "rel_error": err, **extra}
+               "of_ceiling": nbytes / seconds / bandwidth,
+               "of_ceiling_device": nbytes / device / bandwidth, "rel_error": err, **extra}
         rows.append(row)
         print({k_: (round(x, 4) if isinstance(x, float) else x) for k_, x in row.items()}, flush=True)
 
@@ -158,8 +178,8 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     seconds, impl = cudnn_seconds(q, k, v)
     add(f"jax_dot_product_attention_{impl}_bf16", seconds, dense_bytes)
     with gpu_clocks() as clocks:
-        seconds = torch_sdpa_seconds(q, k, v)
-    add("torch_sdpa_bf16", seconds, dense_bytes, **clocks)
+        seconds, figures = torch_sdpa_seconds(q, k, v)
+    add("torch_sdpa_bf16", (seconds, {**figures, **clocks}), dense_bytes)
 
     def ours(q, k, v, n):
         return merge_partials([kernel.decode_partials(q, (k,), (v,), n)], q.dtype)
@@ -205,14 +225,15 @@ def main():
     write_result(name, {**environment(), "read_bandwidth_Bps": bandwidth,
                              "heads": {"q": HQ, "kv": HKV, "dim": D}, "rows": rows})
     print(f"\nread ceiling {bandwidth / 1e12:.2f} TB/s ({time.time() - t0:.0f} s)")
-    print(f"{'kernel':<44} {'B x S':>10} {'ms':>8} {'TB/s':>6} {'ceil':>5} {'rel err':>8} "
-          f"{'SM MHz':>7}")
+    print(f"{'kernel':<44} {'B x S':>10} {'ms':>8} {'TB/s':>6} {'ceil':>5} {'dev ms':>7} "
+          f"{'ceil':>5} {'rel err':>8} {'SM MHz':>7}")
     for r in rows:
         if not r["kernel"].startswith("sweep"):
             err = "" if r["rel_error"] is None else f"{r['rel_error']:.1e}"
             mhz = f"{r['sm_mhz']:.0f}" if "sm_mhz" in r else ""
             print(f"{r['kernel']:<44} {r['batch']:>3}x{r['context']:<6} {r['ms']:>8.3f} "
-                  f"{r['TBps']:>6.2f} {r['of_ceiling']:>5.0%} {err:>8} {mhz:>7}")
+                  f"{r['TBps']:>6.2f} {r['of_ceiling']:>5.0%} {r.get('device_ms', np.nan):>7.3f} "
+                  f"{r['of_ceiling_device']:>5.0%} {err:>8} {mhz:>7}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Where the device time of a chained decode-attention op goes: each kernel's duration and the
 idle time before it, recorded with PyTorch's profiler (CUPTI records every kernel of the
 process, JAX's too). For the KIVI 2-bit op (cache.attend: the MMA kernel and the merge), the
-MMA kernel alone and cuDNN's bf16 attention at B16 x 32K, each run as
-benchmarks.common.chained_seconds runs it.
+MMA kernel alone and cuDNN's bf16 attention at B16 x 32K, each in chained programs
+(benchmarks.common.chained_program) as chained_seconds and device_seconds run it.
 
 Why: Nsight Compute timed the MMA kernel alone at 135 us where the benchmarks' chained timing
 gave 0.16 ms a call. The first runs (results/op_timeline_s20*.json, made with this script's
@@ -23,17 +23,17 @@ import collections
 import functools
 import json
 import statistics
-import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import chained_seconds, environment, write_result
+from benchmarks.common import (chained_program, environment, last_call_starts, profiled_events,
+                               write_result)
 from benchmarks.kernels import D, HKV, HQ, QUANTIZED, quantized_cache
 from pallas_kernels import decode_kivi_mma
 
 GPU_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
-HOST_CALLS = ("cuda_runtime", "cuda_driver")
 
 
 def ops(batch, context):
@@ -54,60 +54,52 @@ def ops(batch, context):
             "cudnn_bf16": lambda q: cudnn(q[:, None], kt, vt)}, q
 
 
-def trace_events(trace_path):
-    """[(start us, duration us, name, category)] of a Chrome trace's GPU activities (kernels,
-    copies, memsets) and CUDA runtime and driver calls, in time order."""
-    with open(trace_path) as f:
-        events = json.load(f)["traceEvents"]
-    return sorted((e["ts"], e["dur"], e["name"], e["cat"]) for e in events
-                  if e.get("cat") in GPU_ACTIVITIES + HOST_CALLS)
-
-
 def program_runs(events, pause_us=50.0):
     """Each run of a program in the trace (GPU activities separated by more than pause_us of
     idle device, the host's synchronization between runs): its GPU activities' count, span
-    and busy time, and the host's CUDA calls since the previous run's end, by name, with the
-    time from the first of them to the run's first GPU activity. Where a chained program's
-    time goes before its first kernel starts: the steady state of `timeline` shows none of
-    it."""
+    and busy time, the device's idle time since the previous run, and the host's CUDA calls in
+    that time and during the run, by name (count, microseconds). Where a chained program's time
+    goes outside its steady state, which `timeline` finds free of idle time."""
     gpu = [e for e in events if e[3] in GPU_ACTIVITIES]
     starts = [0] + [i for i in range(1, len(gpu))
                     if gpu[i][0] - (gpu[i - 1][0] + gpu[i - 1][1]) > pause_us] + [len(gpu)]
     runs, previous_end = [], float("-inf")
     for a, b in zip(starts, starts[1:]):
         first, end = gpu[a][0], max(ts + dur for ts, dur, _, _ in gpu[a:b])
-        calls = [e for e in events if e[3] in HOST_CALLS and previous_end <= e[0] < end]
+        calls = [e for e in events if e[3] not in GPU_ACTIVITIES and previous_end <= e[0] < end]
         by_name = collections.defaultdict(lambda: [0, 0.0])
         for _, dur, name, _ in calls:
             by_name[name][0] += 1
             by_name[name][1] += dur
         runs.append({"activities": b - a, "span_us": end - first,
                      "busy_us": sum(dur for _, dur, _, _ in gpu[a:b]),
-                     "host_lead_us": first - calls[0][0] if calls else None,
+                     "idle_before_us": first - previous_end if runs else None,
                      "host_calls": {name: [n, round(us, 1)] for name, (n, us) in by_name.items()}})
         previous_end = end
     return runs
 
 
 def timeline(fn, q, calls=10):
-    """chained_seconds(fn, q) under the profiler, the last `calls` calls of its longer program
-    (after compilation and warm-up): the device time a call (between starts of the op's
-    longest kernel), the kernels' summed durations in it, and each kernel's count a call,
-    median microseconds and the median and mean idle time of the device before it starts."""
-    import torch
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        seconds = chained_seconds(fn, q, iterations=(calls, 2 * calls), reps=1)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        everything = trace_events(f.name)
+    """Chained programs (common.chained_program) of `calls` and 2 `calls` calls of fn(q), run
+    once each under the profiler after warm-up. From the last `calls` calls: the device time a
+    call (between starts of the op's main kernel), the kernels' summed durations in it, and
+    each kernel's count a call, median microseconds and the median and mean idle time of the
+    device before it starts. Of the two programs: their wall times, the slope between them a
+    call (chained_seconds' measure) and program_runs' account of each."""
+    programs = [chained_program(fn, q, calls=n) for n in (calls, 2 * calls)]
+    for program in programs:
+        jax.block_until_ready(program())  # compiled and warm
+    walls = []
+
+    def run():
+        for program in programs:
+            start = time.perf_counter()
+            jax.block_until_ready(program())
+            walls.append(time.perf_counter() - start)
+
+    everything = profiled_events(run)
     events = [(ts, dur, name) for ts, dur, name, cat in everything if cat == "kernel"]
-    if not events:
-        return {"chained_ms": seconds * 1e3, "kernels": "none recorded"}
-    total = collections.Counter()
-    for _, dur, name in events:
-        total[name] += dur
-    main_kernel = total.most_common(1)[0][0]
-    starts = [ts for ts, _, name in events if name == main_kernel][-calls - 1:]
+    _, starts = last_call_starts(events, calls, 3 * calls)
     ends = {i: ts + dur for i, (ts, dur, _) in enumerate(events)}
     window = [(dur, name, ts - ends[i - 1]) for i, (ts, dur, name) in enumerate(events)
               if i and starts[0] <= ts < starts[-1]]
@@ -115,7 +107,9 @@ def timeline(fn, q, calls=10):
     for dur, name, gap in window:
         by_name[name].append(dur)
         gaps[name].append(gap)
-    return {"chained_ms": seconds * 1e3, "runs": program_runs(everything),
+    return {"wall_us": [w * 1e6 for w in walls],
+            "wall_slope_us_a_call": (walls[1] - walls[0]) / calls * 1e6,
+            "runs": program_runs(everything),
             "device_us_a_call": (starts[-1] - starts[0]) / calls,
             "kernel_us_a_call": sum(dur for dur, _, _ in window) / calls,
             "kernels": {name[:80]: {"a_call": len(d) / calls, "median_us": statistics.median(d),
