@@ -1,7 +1,7 @@
 """Shared pieces of the GPU benchmarks: timing, the bandwidth ceiling, the JSON record."""
 
-import collections
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -65,54 +65,56 @@ def chained_seconds(fn, first, *rest, iterations=(5, 25), reps=10):
     return (seconds[1] - seconds[0]) / (long - short)
 
 
-def profiled_events(run):
-    """run() under PyTorch's profiler, whose CUPTI records every GPU activity of the process,
-    JAX's too: [(start us, duration us, name, category)] of the trace's GPU activities
-    (category "kernel", "gpu_memcpy" or "gpu_memset") and CUDA runtime and driver calls
-    ("cuda_runtime", "cuda_driver"), in time order."""
+GPU_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")  # trace event categories
+HOST_CALLS = ("cuda_runtime", "cuda_driver")
+
+
+def profiled_runs(runs):
+    """Runs each thunk of `runs` ({label: thunk}, in order; a thunk waits for its work) in a
+    range of its own under PyTorch's profiler, whose CUPTI records every GPU activity of the
+    process, JAX's too. Returns {label: (start us, end us, events)}: the range's host times and
+    the events that start in it, [(start us, duration us, name, category)] of GPU activities
+    (GPU_ACTIVITIES) and CUDA calls (HOST_CALLS), in time order."""
     import torch
     if not torch.cuda.is_available():
         raise RuntimeError("CUPTI timing needs torch with CUDA on a CUDA GPU")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for label, thunk in runs.items():
+            with torch.profiler.record_function(f"run {label}"):
+                thunk()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         with open(f.name) as trace:
             events = json.load(trace)["traceEvents"]
-    return sorted((e["ts"], e["dur"], e["name"], e["cat"]) for e in events
-                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime",
-                                      "cuda_driver"))
+    ranges = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
+              if e.get("cat") == "user_annotation"}
+    recorded = sorted((e["ts"], e["dur"], e["name"], e["cat"]) for e in events
+                      if e.get("cat") in GPU_ACTIVITIES + HOST_CALLS)
+    in_range = lambda start, end: [e for e in recorded if start <= e[0] <= end]  # noqa: E731
+    return {label: (*ranges[f"run {label}"], in_range(*ranges[f"run {label}"]))
+            for label in runs}
 
 
-def last_call_starts(kernels, calls, total_calls):
-    """(name, starts) of the op's main kernel (the most time in all) over the last `calls`
-    of total_calls calls in kernels [(start us, duration us, name)]: calls + 1 start times
-    `calls` calls apart."""
-    time_in = collections.Counter()
-    for _, dur, name in kernels:
-        time_in[name] += dur
-    if not time_in:
-        raise ValueError("no GPU kernel recorded in the trace")
-    main = time_in.most_common(1)[0][0]
-    starts = [ts for ts, _, name in kernels if name == main]
-    if len(starts) % total_calls:
-        raise ValueError(f"{main} ran {len(starts)} times in {total_calls} calls")
-    per_call = len(starts) // total_calls
-    return main, starts[-calls * per_call - 1::per_call]
+def gpu_span(events):
+    """(first start, last end) in us of the GPU activities among events (profiled_runs')."""
+    gpu = [(ts, ts + dur) for ts, dur, _, cat in events if cat in GPU_ACTIVITIES]
+    if not gpu:
+        raise ValueError("no GPU activity recorded in the run")
+    return min(start for start, _ in gpu), max(end for _, end in gpu)
 
 
-def device_seconds(run, total_calls, calls):
-    """The device's seconds a call in the steady state, from CUPTI (profiled_events): run()
-    makes total_calls chained calls of an op and waits for them; the time between the starts of
-    the op's main kernel `calls` calls apart, over the last of them. It counts the device's idle
-    time between calls and not the host's work before the first: the same measure for a JAX
-    op (a chained_program) and a PyTorch one (a loop of calls), which chained_seconds and CUDA
-    events are not."""
-    run()  # compiled and warm
-    events = profiled_events(run)
-    kernels = [(ts, dur, name) for ts, dur, name, cat in events if cat == "kernel"]
-    _, starts = last_call_starts(kernels, calls, total_calls)
-    return (starts[-1] - starts[0]) / calls / 1e6
+def device_seconds(run, calls=(10, 20)):
+    """The device's seconds a call of an op: run(n) makes n chained calls of it and waits. The
+    slope, between the n in `calls`, of the device's span in each run (gpu_span, from CUPTI:
+    profiled_runs). It counts the device's idle time between calls, and not the host's work
+    before the first kernel: the same measure for a JAX op (chained_program) and a PyTorch one
+    (a loop of launches), which chained_seconds and CUDA events are not."""
+    for n in calls:
+        run(n)  # compiled and warm
+    runs = profiled_runs({n: functools.partial(run, n) for n in calls})
+    short, long = ((end - start) for start, end in (gpu_span(runs[n][2]) for n in calls))
+    return (long - short) / (calls[1] - calls[0]) / 1e6
 
 
 @contextlib.contextmanager

@@ -9,10 +9,11 @@ moved count what each must read: packed codes, scales, zeros, residual and queri
 are timed on the device, chained in jitted programs of 5 and 25 calls, per call the slope
 between the two (benchmarks.common.chained_seconds: "ms"), and by the wall clock of separate
 jitted calls ("ms_wall"); PyTorch's with CUDA events. Every op, JAX's and PyTorch's, also by
-the device's time a call in the steady state of 20 chained calls, from CUPTI
-(common.device_seconds: "device_ms", "of_ceiling_device"): the slope stays some 25 us a call
-above it for JAX's ops, cuDNN's as ours (benchmarks/op_timeline.py). The SM clock and power draw while each
-is timed come from nvidia-smi (common.gpu_clocks: "sm_mhz", ...).
+the device's time a call: the slope of the device's span between runs of 10 and 20 chained
+calls, from CUPTI (common.device_seconds: "device_ms", "of_ceiling_device"). The chained
+slope stays some 25 us a call above the device's time for JAX's ops, cuDNN's as ours
+(benchmarks/op_timeline.py). The SM clock and power draw while each is timed come from
+nvidia-smi (common.gpu_clocks: "sm_mhz", ...).
 
     python -m benchmarks.kernels        # on the GPU; writes results/kernels.json
 """
@@ -36,7 +37,6 @@ from pallas_kernels import decode_attention as kernel
 from pallas_kernels.quantize import quantize_pack
 
 HQ, HKV, D = 32, 8, 128
-DEVICE_CALLS = 10  # calls a device_seconds figure averages, after as many
 QUANTIZED = {"kivi2": policies.kivi(2), "kivi4": policies.kivi(4), "k8v4": policies.hetero(8, 4)}
 
 
@@ -48,12 +48,12 @@ def torch_sdpa_seconds(q, k, v):
     call = functools.partial(torch.nn.functional.scaled_dot_product_attention, tq, tk, tv,
                              enable_gqa=True)
 
-    def run():  # chained as JAX's ops are: launches queue without a host round trip
-        for _ in range(2 * DEVICE_CALLS):
+    def run(n):  # chained as JAX's ops are: launches queue without a host round trip
+        for _ in range(n):
             call()
         torch.cuda.synchronize()
 
-    device = device_seconds(run, 2 * DEVICE_CALLS, DEVICE_CALLS)
+    device = device_seconds(run)
     return cuda_event_seconds(call), {"device_ms": device * 1e3}
 
 
@@ -71,15 +71,20 @@ def cudnn_seconds(q, k, v):
 
 def timed(fn, *args):
     """(seconds per call, chained: common.chained_seconds; {"ms_wall": one jitted call's wall
-    time, host dispatch included, "device_ms": the device's time a call in a chained program,
+    time, host dispatch included, "device_ms": the device's time a call in chained programs,
     common.device_seconds, and the SM clock and power while chained, common.gpu_clocks}) of
     fn(*args)."""
     wall = median_seconds(functools.partial(jax.jit(fn), *args), reps=20, inner=10)
     with gpu_clocks() as clocks:
         seconds = chained_seconds(fn, *args)
-    program = chained_program(fn, *args, calls=2 * DEVICE_CALLS)
-    device = device_seconds(lambda: jax.block_until_ready(program()), 2 * DEVICE_CALLS,
-                            DEVICE_CALLS)
+    programs = {}
+
+    def run(n):
+        if n not in programs:
+            programs[n] = chained_program(fn, *args, calls=n)
+        jax.block_until_ready(programs[n]())
+
+    device = device_seconds(run)
     return seconds, {"ms_wall": wall * 1e3, "device_ms": device * 1e3, **clocks}
 
 

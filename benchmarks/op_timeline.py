@@ -11,9 +11,9 @@ earlier versions, which timed one 20-call program three times) found the kernels
 "device_us_a_call" also spans the pause between two of the programs, which this version
 leaves out. In results/op_timeline_s21.json the device time a call of the steady state equals
 the kernels' (135 us for the kivi2 op, 465 us for cuDNN's), with no idle time, while
-chained_seconds' slope is some 25 us a call higher; "runs" (program_runs) accounts for each
-program run as a whole, device span and busy time and the host's CUDA calls before it, to find
-where those 25 us go.
+chained_seconds' slope is some 25 us a call higher. So each program run is now accounted for
+whole (run_account: the host's range, the device's idle time before and after, its span),
+which says whether those 25 us are the device's or the host's.
 
     python -m benchmarks.op_timeline [--tag T]  # on the GPU; writes results/op_timeline[_T].json
 """
@@ -23,17 +23,14 @@ import collections
 import functools
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import (chained_program, environment, last_call_starts, profiled_events,
-                               write_result)
+from benchmarks.common import (GPU_ACTIVITIES, HOST_CALLS, chained_program, environment,
+                               gpu_span, profiled_runs, write_result)
 from benchmarks.kernels import D, HKV, HQ, QUANTIZED, quantized_cache
 from pallas_kernels import decode_kivi_mma
-
-GPU_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def ops(batch, context):
@@ -54,52 +51,56 @@ def ops(batch, context):
             "cudnn_bf16": lambda q: cudnn(q[:, None], kt, vt)}, q
 
 
-def program_runs(events, pause_us=50.0):
-    """Each run of a program in the trace (GPU activities separated by more than pause_us of
-    idle device, the host's synchronization between runs): its GPU activities' count, span
-    and busy time, the device's idle time since the previous run, and the host's CUDA calls in
-    that time and during the run, by name (count, microseconds). Where a chained program's time
-    goes outside its steady state, which `timeline` finds free of idle time."""
-    gpu = [e for e in events if e[3] in GPU_ACTIVITIES]
-    starts = [0] + [i for i in range(1, len(gpu))
-                    if gpu[i][0] - (gpu[i - 1][0] + gpu[i - 1][1]) > pause_us] + [len(gpu)]
-    runs, previous_end = [], float("-inf")
-    for a, b in zip(starts, starts[1:]):
-        first, end = gpu[a][0], max(ts + dur for ts, dur, _, _ in gpu[a:b])
-        calls = [e for e in events if e[3] not in GPU_ACTIVITIES and previous_end <= e[0] < end]
-        by_name = collections.defaultdict(lambda: [0, 0.0])
-        for _, dur, name, _ in calls:
-            by_name[name][0] += 1
-            by_name[name][1] += dur
-        runs.append({"activities": b - a, "span_us": end - first,
-                     "busy_us": sum(dur for _, dur, _, _ in gpu[a:b]),
-                     "idle_before_us": first - previous_end if runs else None,
-                     "host_calls": {name: [n, round(us, 1)] for name, (n, us) in by_name.items()}})
-        previous_end = end
-    return runs
+def last_call_starts(kernels, calls, total_calls):
+    """(name, starts) of the op's main kernel (the most time in all) over the last `calls`
+    of total_calls calls in kernels [(start us, duration us, name)]: calls + 1 start times
+    `calls` calls apart."""
+    time_in = collections.Counter()
+    for _, dur, name in kernels:
+        time_in[name] += dur
+    if not time_in:
+        raise ValueError("no GPU kernel recorded in the trace")
+    main = time_in.most_common(1)[0][0]
+    starts = [ts for ts, _, name in kernels if name == main]
+    if len(starts) % total_calls:
+        raise ValueError(f"{main} ran {len(starts)} times in {total_calls} calls")
+    per_call = len(starts) // total_calls
+    return main, starts[-calls * per_call - 1::per_call]
+
+
+def run_account(start, end, events):
+    """Where one program run's wall time goes (a profiled_runs entry): the host's range, the
+    device's idle time before its first GPU activity and after its last, their span and busy
+    time, and the host's CUDA calls in the range by name (count, microseconds)."""
+    first, last = gpu_span(events)
+    gpu = [dur for _, dur, _, cat in events if cat in GPU_ACTIVITIES]
+    calls = collections.defaultdict(lambda: [0, 0.0])
+    for _, dur, name, cat in events:
+        if cat in HOST_CALLS:
+            calls[name][0] += 1
+            calls[name][1] += dur
+    return {"wall_us": end - start, "idle_before_us": first - start, "span_us": last - first,
+            "idle_after_us": end - last, "busy_us": sum(gpu), "activities": len(gpu),
+            "host_calls": {name: [n, round(us, 1)] for name, (n, us) in calls.items()}}
 
 
 def timeline(fn, q, calls=10):
     """Chained programs (common.chained_program) of `calls` and 2 `calls` calls of fn(q), run
-    once each under the profiler after warm-up. From the last `calls` calls: the device time a
-    call (between starts of the op's main kernel), the kernels' summed durations in it, and
-    each kernel's count a call, median microseconds and the median and mean idle time of the
-    device before it starts. Of the two programs: their wall times, the slope between them a
-    call (chained_seconds' measure) and program_runs' account of each."""
-    programs = [chained_program(fn, q, calls=n) for n in (calls, 2 * calls)]
-    for program in programs:
+    once each under the profiler after warm-up. Each run's account (run_account), and the
+    slopes a call between them of the wall time (chained_seconds' measure) and of the device's
+    span (device_seconds'). From the last `calls` calls of the longer: the device time a call
+    (between starts of the op's main kernel), the kernels' summed durations in it, and each
+    kernel's count a call, median microseconds and the median and mean idle time of the
+    device before it starts."""
+    programs = {n: chained_program(fn, q, calls=n) for n in (calls, 2 * calls)}
+    for program in programs.values():
         jax.block_until_ready(program())  # compiled and warm
-    walls = []
-
-    def run():
-        for program in programs:
-            start = time.perf_counter()
-            jax.block_until_ready(program())
-            walls.append(time.perf_counter() - start)
-
-    everything = profiled_events(run)
-    events = [(ts, dur, name) for ts, dur, name, cat in everything if cat == "kernel"]
-    _, starts = last_call_starts(events, calls, 3 * calls)
+    runs = profiled_runs({n: functools.partial(lambda p: jax.block_until_ready(p()), program)
+                          for n, program in programs.items()})
+    accounts = {n: run_account(*run) for n, run in runs.items()}
+    short, long = accounts[calls], accounts[2 * calls]
+    events = [(ts, dur, name) for ts, dur, name, cat in runs[2 * calls][2] if cat == "kernel"]
+    _, starts = last_call_starts(events, calls, 2 * calls)
     ends = {i: ts + dur for i, (ts, dur, _) in enumerate(events)}
     window = [(dur, name, ts - ends[i - 1]) for i, (ts, dur, name) in enumerate(events)
               if i and starts[0] <= ts < starts[-1]]
@@ -107,9 +108,9 @@ def timeline(fn, q, calls=10):
     for dur, name, gap in window:
         by_name[name].append(dur)
         gaps[name].append(gap)
-    return {"wall_us": [w * 1e6 for w in walls],
-            "wall_slope_us_a_call": (walls[1] - walls[0]) / calls * 1e6,
-            "runs": program_runs(everything),
+    return {"runs": {str(n): account for n, account in accounts.items()},
+            "wall_slope_us_a_call": (long["wall_us"] - short["wall_us"]) / calls,
+            "span_slope_us_a_call": (long["span_us"] - short["span_us"]) / calls,
             "device_us_a_call": (starts[-1] - starts[0]) / calls,
             "kernel_us_a_call": sum(dur for dur, _, _ in window) / calls,
             "kernels": {name[:80]: {"a_call": len(d) / calls, "median_us": statistics.median(d),

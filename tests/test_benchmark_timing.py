@@ -1,11 +1,12 @@
-"""The trace arithmetic of the GPU benchmarks' CUPTI timing (benchmarks.common.last_call_starts,
-benchmarks.op_timeline.program_runs), on synthetic traces: the GPU runs are measured with it."""
+"""The trace arithmetic of the GPU benchmarks' CUPTI timing (benchmarks.common.gpu_span,
+benchmarks.op_timeline's last_call_starts and run_account), on synthetic traces: the GPU
+figures are computed with it."""
 
 import numpy as np
 import pytest
 
-from benchmarks.common import last_call_starts
-from benchmarks.op_timeline import program_runs
+from benchmarks.common import gpu_span
+from benchmarks.op_timeline import last_call_starts, run_account
 
 
 def synthetic_kernels(rng, calls, launches_per_call):
@@ -45,16 +46,24 @@ def test_last_call_starts_refuses_a_count_that_does_not_divide():
         last_call_starts([], calls=3, total_calls=6)
 
 
-def test_program_runs_splits_at_pauses_and_counts_host_calls():
-    events = [(0.0, 4.0, "cuGraphLaunch", "cuda_driver"),
-              (30.0, 100.0, "main", "kernel"), (131.0, 2.0, "tie", "kernel"),
-              (140.0, 1.0, "cudaStreamSynchronize", "cuda_runtime"),
-              (400.0, 3.0, "cuLaunchKernel", "cuda_driver"), (405.0, 3.0, "cuLaunchKernel",
-                                                              "cuda_driver"),
-              (420.0, 100.0, "main", "kernel"), (520.5, 1.5, "memset", "gpu_memset")]
-    first, second = program_runs(events, pause_us=50.0)
-    assert first == {"activities": 2, "span_us": 103.0, "busy_us": 102.0, "idle_before_us": None,
-                     "host_calls": {"cuGraphLaunch": [1, 4.0]}}
-    assert second["activities"] == 2 and second["span_us"] == 102.0
-    assert second["busy_us"] == 101.5 and second["idle_before_us"] == 287.0
-    assert second["host_calls"] == {"cudaStreamSynchronize": [1, 1.0], "cuLaunchKernel": [2, 6.0]}
+def test_gpu_span_and_run_account():
+    rng = np.random.default_rng(5)
+    kernels, _ = synthetic_kernels(rng, calls=4, launches_per_call=1)
+    t0 = kernels[0][0]
+    events = sorted([(ts + 40.0, dur, name, "kernel") for ts, dur, name in kernels]
+                    + [(t0 + 10.0, 4.0, "cuLaunchKernel", "cuda_driver"),
+                       (t0 + 20.0, 6.0, "cuLaunchKernel", "cuda_driver"),
+                       (kernels[-1][0] + 45.0, 3.0, "memset", "gpu_memset"),
+                       (t0 + 30.0, 1.5, "cudaStreamSynchronize", "cuda_runtime")])
+    first, last = gpu_span(events)
+    assert first == t0 + 40.0 and last == kernels[-1][0] + 48.0
+    account = run_account(t0, last + 7.0, events)
+    assert account["wall_us"] == pytest.approx(last + 7.0 - t0)
+    assert account["idle_before_us"] == 40.0 and account["idle_after_us"] == pytest.approx(7.0)
+    assert account["span_us"] == pytest.approx(last - first)
+    assert account["busy_us"] == pytest.approx(sum(d for _, d, _ in kernels) + 3.0)
+    assert account["activities"] == 9
+    assert account["host_calls"] == {"cuLaunchKernel": [2, 10.0],
+                                     "cudaStreamSynchronize": [1, 1.5]}
+    with pytest.raises(ValueError, match="no GPU activity"):
+        gpu_span([(0.0, 1.0, "cuLaunchKernel", "cuda_driver")])
