@@ -67,3 +67,28 @@ def test_gpu_span_and_run_account():
                                      "cudaStreamSynchronize": [1, 1.5]}
     with pytest.raises(ValueError, match="no GPU activity"):
         gpu_span([(0.0, 1.0, "cuLaunchKernel", "cuda_driver")])
+
+
+def test_device_seconds_is_the_slope_of_the_device_span(monkeypatch):
+    """Runs of 10 and 20 calls whose device work starts late (the host's lead) and idles
+    between calls: the span's slope counts the idle time between calls, not the lead."""
+    from benchmarks import common
+    rng = np.random.default_rng(11)
+    made = []
+
+    def fake_profiled_runs(runs):
+        out = {}
+        for n in runs:
+            start = rng.uniform(0, 1e6)
+            kernels, _ = synthetic_kernels(rng, calls=n, launches_per_call=1)
+            lead = rng.uniform(100, 900)
+            events = [(start + lead + ts, dur, name, "kernel") for ts, dur, name in kernels]
+            made.append(kernels[-1][0] + kernels[-1][1] - kernels[0][0])
+            out[n] = (start, start + lead + made[-1] + 50.0, events)
+        return out
+
+    monkeypatch.setattr(common, "profiled_runs", fake_profiled_runs)
+    calls_run = []
+    seconds = common.device_seconds(calls_run.append, calls=(10, 20))
+    assert calls_run == [10, 20]  # each warmed up once
+    assert seconds == pytest.approx((made[1] - made[0]) / 10 / 1e6)
