@@ -1,7 +1,8 @@
 """Decode-attention kernels against the bandwidth ceiling and the bf16 baselines.
 
 Shapes: Hq=32, Hkv=8, D=128 (Llama-3-8B's attention) at B16 x 4K, B16 x 32K and B1 x 128K,
-every head full. In one run: a read-only reduction for the ceiling; XLA einsum decode,
+every head full. In one run: a read-only reduction for the ceiling (or, where an op reads
+faster, that op's rate: ceiling_of); XLA einsum decode,
 jax.nn.dot_product_attention (cuDNN where it runs) and PyTorch's scaled_dot_product_attention as
 bf16 baselines; our bf16 kernel; our 2-bit and 4-bit KIVI kernels (G32, 128-token residual,
 timed as the whole attention op: kernel, residual and merge) and LeanKV's K8V4 tier. Bytes
@@ -155,7 +156,7 @@ def sweep_kernel(name, q, parts, lengths, k_spec, v_spec, add, configs):
             num_warps=warps, num_stages=stages, splits_per_16_rows=splits)
 
 
-def bench_shape(batch, context, bandwidth, sweep, names):
+def bench_shape(batch, context, sweep, names):
     """sweep: {kernel name ("bf16" or a QUANTIZED key): configurations to time it alone in}."""
     key = jax.random.key(batch * context)
     kq, kk, kv = jax.random.split(key, 3)
@@ -173,8 +174,7 @@ def bench_shape(batch, context, bandwidth, sweep, names):
         device = extra.get("device_ms", float("nan")) / 1e3
         row = {"kernel": name, "batch": batch, "context": context, "ms": seconds * 1e3,
                "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
-               "of_ceiling": nbytes / seconds / bandwidth,
-               "of_ceiling_device": nbytes / device / bandwidth, "rel_error": err, **extra}
+               "TBps_device": nbytes / device / 1e12, "rel_error": err, **extra}
         rows.append(row)
         print({k_: (round(x, 4) if isinstance(x, float) else x) for k_, x in row.items()}, flush=True)
 
@@ -212,6 +212,20 @@ def bench_shape(batch, context, bandwidth, sweep, names):
     return rows
 
 
+def ceiling_of(bandwidth, rows):
+    """(bytes/s, where from) of the ceiling the "of_ceiling" figures divide by: the faster of
+    the read-only reduction and the fastest read rate any op of the run achieved. Why: PyTorch's
+    SDPA read its 2.1 GB at 104-105% of the reduction's rate (results/kernels_s20b,
+    kernels_s21b), so the reduction alone was no ceiling."""
+    timed_rows = [r for r in rows if not r["kernel"].startswith("sweep")]
+    rate, row, how = max(((r[key] * 1e12, r, key) for r in timed_rows
+                          for key in ("TBps", "TBps_device") if np.isfinite(r[key])),
+                         key=lambda x: x[0], default=(0.0, None, None))
+    if rate <= bandwidth:
+        return bandwidth, "read-only reduction"
+    return rate, f"{row['kernel']} at {row['batch']}x{row['context']} ({how})"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="16x4096,16x32768,1x131072")
@@ -227,11 +241,17 @@ def main():
     for shape in args.shapes.split(","):
         batch, context = map(int, shape.split("x"))
         sweep = {name: parse_sweep(args.configs) for name in args.sweep.split(",") if name}
-        rows += bench_shape(batch, context, bandwidth, sweep, args.policies.split(","))
+        rows += bench_shape(batch, context, sweep, args.policies.split(","))
+    ceiling, source = ceiling_of(bandwidth, rows)
+    for r in rows:
+        r["of_ceiling"] = r["TBps"] * 1e12 / ceiling
+        r["of_ceiling_device"] = r["TBps_device"] * 1e12 / ceiling
     name = f"kernels_{args.tag}" if args.tag else "kernels"
-    write_result(name, {**environment(), "read_bandwidth_Bps": bandwidth,
-                             "heads": {"q": HQ, "kv": HKV, "dim": D}, "rows": rows})
-    print(f"\nread ceiling {bandwidth / 1e12:.2f} TB/s ({time.time() - t0:.0f} s)")
+    write_result(name, {**environment(), "read_bandwidth_Bps": bandwidth, "ceiling_Bps": ceiling,
+                        "ceiling_from": source, "heads": {"q": HQ, "kv": HKV, "dim": D},
+                        "rows": rows})
+    print(f"\nread ceiling {bandwidth / 1e12:.2f} TB/s, ceiling {ceiling / 1e12:.2f} TB/s "
+          f"({source}; {time.time() - t0:.0f} s)")
     print(f"{'kernel':<44} {'B x S':>10} {'ms':>8} {'TB/s':>6} {'ceil':>5} {'dev ms':>7} "
           f"{'ceil':>5} {'rel err':>8} {'SM MHz':>7}")
     for r in rows:

@@ -92,3 +92,18 @@ def test_device_seconds_is_the_slope_of_the_device_span(monkeypatch):
     seconds = common.device_seconds(calls_run.append, calls=(10, 20))
     assert calls_run == [10, 20]  # each warmed up once
     assert seconds == pytest.approx((made[1] - made[0]) / 10 / 1e6)
+
+
+def test_the_ceiling_is_the_fastest_read_rate_of_the_run():
+    from benchmarks.kernels import ceiling_of
+    rows = [{"kernel": "torch_sdpa_bf16", "batch": 16, "context": 32768, "TBps": 4.32,
+             "TBps_device": 4.30},
+            {"kernel": "kvjax_kivi2", "batch": 16, "context": 32768, "TBps": 2.45,
+             "TBps_device": 2.95},
+            {"kernel": "sweep_kivi2_kernel_only", "batch": 16, "context": 32768, "TBps": 9.0,
+             "TBps_device": float("nan")}]
+    assert ceiling_of(4.17e12, rows) == (pytest.approx(4.32e12),
+                                         "torch_sdpa_bf16 at 16x32768 (TBps)")
+    assert ceiling_of(4.5e12, rows) == (4.5e12, "read-only reduction")
+    rows[1]["TBps_device"] = 4.4
+    assert ceiling_of(4.17e12, rows)[1] == "kvjax_kivi2 at 16x32768 (TBps_device)"
