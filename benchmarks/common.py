@@ -33,25 +33,36 @@ def median_seconds(fn, *, warmup=2, reps=10, inner=1):
     return statistics.median(times)
 
 
-def chained_program(fn, first, *rest, calls):
-    """A thunk that runs `calls` calls of fn(first, *rest) in one jitted program (no host
-    round trip between calls). Each call's first input is perturbed by a traced zero times an
-    element of each of the last call's outputs, so XLA can neither hoist, merge nor drop the
-    calls. This is how an op runs inside a compiled decode step."""
-    @jax.jit
-    def chained(first, zero, *rest):
-        for _ in range(calls):
-            outs = jax.tree.leaves(fn(first, *rest))
-            tie = sum(out.reshape(-1)[0].astype(jnp.float32) for out in outs) * zero
-            first = first + tie.astype(first.dtype)
-        return first
-    return lambda: chained(first, jnp.zeros((), jnp.float32), *rest)
+CHAINS = (5, 25)  # calls in the two chained programs whose slope the timings take
 
 
-def chained_seconds(fn, first, *rest, iterations=(5, 25), reps=10):
-    """Seconds per call of fn(first, *rest), from chained programs (chained_program) of n
-    calls, n in `iterations`: the slope (t(n2) - t(n1)) / (n2 - n1) of their median wall
-    times.
+def chained_runs(fn, first, *rest):
+    """run(n): n calls of fn(first, *rest) in one jitted program (no host round trip between
+    calls), compiled once for each n, waited for. Each call's first input is perturbed by a
+    traced zero times an element of each of the last call's outputs, so XLA can neither hoist,
+    merge nor drop the calls. This is how an op runs inside a compiled decode step."""
+    def program(calls):
+        @jax.jit
+        def chained(first, zero, *rest):
+            for _ in range(calls):
+                outs = jax.tree.leaves(fn(first, *rest))
+                tie = sum(out.reshape(-1)[0].astype(jnp.float32) for out in outs) * zero
+                first = first + tie.astype(first.dtype)
+            return first
+        return chained
+
+    programs, zero = {}, jnp.zeros((), jnp.float32)
+
+    def run(n):
+        if n not in programs:
+            programs[n] = program(n)
+        return jax.block_until_ready(programs[n](first, zero, *rest))
+    return run
+
+
+def chained_seconds(run, iterations=CHAINS, reps=10):
+    """Seconds per call of an op, run(n) making n chained calls of it (chained_runs): the
+    slope (t(n2) - t(n1)) / (n2 - n1) of the median wall times of n in `iterations`.
 
     The slope, because a program's launch and synchronization cost some 0.6 ms on the H200
     whatever it runs: dividing one 20-call program's time by 20, as these benchmarks did
@@ -60,8 +71,7 @@ def chained_seconds(fn, first, *rest, iterations=(5, 25), reps=10):
     kernels_s20b). Even the slope is some 25 us a call above the device's time a call
     (device_seconds; benchmarks/op_timeline.py), for cuDNN's op as for ours."""
     short, long = iterations
-    seconds = [median_seconds(chained_program(fn, first, *rest, calls=n), reps=reps)
-               for n in (short, long)]
+    seconds = [median_seconds(functools.partial(run, n), reps=reps) for n in (short, long)]
     return (seconds[1] - seconds[0]) / (long - short)
 
 
@@ -104,11 +114,11 @@ def gpu_span(events):
     return min(start for start, _ in gpu), max(end for _, end in gpu)
 
 
-def device_seconds(run, calls=(10, 20)):
+def device_seconds(run, calls=CHAINS):
     """The device's seconds a call of an op: run(n) makes n chained calls of it and waits. The
     slope, between the n in `calls`, of the device's span in each run (gpu_span, from CUPTI:
     profiled_runs). It counts the device's idle time between calls, and not the host's work
-    before the first kernel: the same measure for a JAX op (chained_program) and a PyTorch one
+    before the first kernel: the same measure for a JAX op (chained_runs) and a PyTorch one
     (a loop of launches), which chained_seconds and CUDA events are not."""
     for n in calls:
         run(n)  # compiled and warm

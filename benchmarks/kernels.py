@@ -7,12 +7,12 @@ jax.nn.dot_product_attention (cuDNN where it runs) and PyTorch's scaled_dot_prod
 bf16 baselines; our bf16 kernel; our 2-bit and 4-bit KIVI kernels (G32, 128-token residual,
 timed as the whole attention op: kernel, residual and merge) and LeanKV's K8V4 tier. Bytes
 moved count what each must read: packed codes, scales, zeros, residual and queries. JAX ops
-are timed on the device, chained in jitted programs of 5 and 25 calls, per call the slope
-between the two (benchmarks.common.chained_seconds: "ms"), and by the wall clock of separate
-jitted calls ("ms_wall"); PyTorch's with CUDA events. Every op, JAX's and PyTorch's, also by
-the device's time a call: the slope of the device's span between runs of 10 and 20 chained
-calls, from CUPTI (common.device_seconds: "device_ms", "of_ceiling_device"). The chained
-slope stays some 25 us a call above the device's time for JAX's ops, cuDNN's as ours
+are timed on the device, chained in jitted programs of 5 and 25 calls (common.chained_runs),
+per call the slope between the two (common.chained_seconds: "ms"), and by the wall clock of
+separate jitted calls ("ms_wall"); PyTorch's with CUDA events. Every op, JAX's and PyTorch's,
+also by the device's time a call: the slope of the device's span between runs of 5 and 25
+chained calls, from CUPTI (common.device_seconds: "device_ms", "of_ceiling_device"). The
+chained slope stays some 25 us a call above the device's time for JAX's ops, cuDNN's as ours
 (benchmarks/op_timeline.py). The SM clock and power draw while each is timed come from
 nvidia-smi (common.gpu_clocks: "sm_mhz", ...).
 
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (chained_program, chained_seconds, cuda_event_seconds,
-                               device_seconds, environment, gpu_clocks, median_seconds,
-                               read_bandwidth, write_result)
+from benchmarks.common import (chained_runs, chained_seconds, cuda_event_seconds, device_seconds,
+                               environment, gpu_clocks, median_seconds, read_bandwidth,
+                               write_result)
 from kvjax import policies
 from kvjax.attention import decode_attention, decode_partials, merge_partials
 from kvjax.cache import QuantizedLayerCache
@@ -78,15 +78,9 @@ def timed(fn, *args):
     common.device_seconds, and the SM clock and power while chained, common.gpu_clocks}) of
     fn(*args)."""
     wall = median_seconds(functools.partial(jax.jit(fn), *args), reps=20, inner=10)
+    run = chained_runs(fn, *args)  # the same programs for both timings
     with gpu_clocks() as clocks:
-        seconds = chained_seconds(fn, *args)
-    programs = {}
-
-    def run(n):
-        if n not in programs:
-            programs[n] = chained_program(fn, *args, calls=n)
-        jax.block_until_ready(programs[n]())
-
+        seconds = chained_seconds(run)
     device = device_seconds(run)
     return seconds, {"ms_wall": wall * 1e3, "device_ms": device * 1e3, **clocks}
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import chained_seconds, environment, median_seconds, write_result
+from benchmarks.common import (chained_runs, chained_seconds, environment, median_seconds,
+                               write_result)
 from benchmarks.kernels import quantized_cache, timed
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
@@ -133,7 +134,7 @@ def breakdown(batch, capacity, bits, heads=8, group=4):
     rows = []
     for name, fn in steps.items():
         rows.append({"step": name, "bits": bits, "batch": batch, "context": capacity,
-                     "ms": chained_seconds(fn, q) * 1e3,
+                     "ms": chained_seconds(chained_runs(fn, q)) * 1e3,
                      "ms_wall": median_seconds(functools.partial(jax.jit(fn), q), reps=20,
                                                inner=10) * 1e3})
         print(rows[-1], flush=True)

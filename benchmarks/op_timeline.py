@@ -2,7 +2,7 @@
 idle time before it, recorded with PyTorch's profiler (CUPTI records every kernel of the
 process, JAX's too). For the KIVI 2-bit op (cache.attend: the MMA kernel and the merge), the
 MMA kernel alone and cuDNN's bf16 attention at B16 x 32K, each in chained programs
-(benchmarks.common.chained_program) as chained_seconds and device_seconds run it.
+(benchmarks.common.chained_runs) as chained_seconds and device_seconds run it.
 
 Why: Nsight Compute timed the MMA kernel alone at 135 us where the benchmarks' chained timing
 gave 0.16 ms a call. The first runs (results/op_timeline_s20*.json, made with this script's
@@ -27,8 +27,8 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import (GPU_ACTIVITIES, HOST_CALLS, chained_program, environment,
-                               gpu_span, profiled_runs, write_result)
+from benchmarks.common import (GPU_ACTIVITIES, HOST_CALLS, chained_runs, environment, gpu_span,
+                               profiled_runs, write_result)
 from benchmarks.kernels import D, HKV, HQ, QUANTIZED, quantized_cache
 from pallas_kernels import decode_kivi_mma
 
@@ -85,18 +85,17 @@ def run_account(start, end, events):
 
 
 def timeline(fn, q, calls=10):
-    """Chained programs (common.chained_program) of `calls` and 2 `calls` calls of fn(q), run
+    """Chained programs (common.chained_runs) of `calls` and 2 `calls` calls of fn(q), run
     once each under the profiler after warm-up. Each run's account (run_account), and the
     slopes a call between them of the wall time (chained_seconds' measure) and of the device's
     span (device_seconds'). From the last `calls` calls of the longer: the device time a call
     (between starts of the op's main kernel), the kernels' summed durations in it, and each
     kernel's count a call, median microseconds and the median and mean idle time of the
     device before it starts."""
-    programs = {n: chained_program(fn, q, calls=n) for n in (calls, 2 * calls)}
-    for program in programs.values():
-        jax.block_until_ready(program())  # compiled and warm
-    runs = profiled_runs({n: functools.partial(lambda p: jax.block_until_ready(p()), program)
-                          for n, program in programs.items()})
+    run = chained_runs(fn, q)
+    for n in (calls, 2 * calls):
+        run(n)  # compiled and warm
+    runs = profiled_runs({n: functools.partial(run, n) for n in (calls, 2 * calls)})
     accounts = {n: run_account(*run) for n, run in runs.items()}
     short, long = accounts[calls], accounts[2 * calls]
     events = [(ts, dur, name) for ts, dur, name, cat in runs[2 * calls][2] if cat == "kernel"]
