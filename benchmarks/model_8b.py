@@ -13,6 +13,7 @@ temporaries fit in the GPU's memory, computed from allocated bytes and then run.
 """
 
 import argparse
+import collections
 import functools
 import time
 
@@ -20,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, median_seconds, read_bandwidth, write_result
+from benchmarks.common import (GPU_ACTIVITIES, environment, gpu_span, median_seconds,
+                               profiled_runs, read_bandwidth, write_result)
 from kvjax import policies, sharing
 from kvjax.cache import DenseLayerCache, QuantizedLayerCache, cache_bytes
 from kvjax.config import Llama3RopeScaling, ModelConfig
@@ -80,9 +82,26 @@ def compile_decode(model, cache, steps):
     return _decode.lower(model, cache, logits, positions, jax.random.key(0), **kwargs).compile()
 
 
-def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3):
+def step_profile(run, steps, top=25):
+    """Where a decode step's device time goes: one run of `steps` steps under CUPTI
+    (common.profiled_runs). The device's span and busy time a step, and the `top` GPU
+    activities by time, each as (calls a step, us a step)."""
+    _, _, events = profiled_runs({"decode": lambda: jax.block_until_ready(run())})["decode"]
+    first, last = gpu_span(events)
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for _, dur, name, cat in events:
+        if cat in GPU_ACTIVITIES:
+            by_name[name[:80]][0] += 1
+            by_name[name[:80]][1] += dur
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])
+    return {"span_us_a_step": (last - first) / steps,
+            "busy_us_a_step": sum(us for _, us in by_name.values()) / steps,
+            "top": {name: [n / steps, us / steps] for name, (n, us) in ranked[:top]}}
+
+
+def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3, profile=False):
     cfg = model.config
-    appends = (reps + 2) * steps
+    appends = (reps + 2 + profile) * steps
     # Compile first: XLA's autotuner takes scratch memory that a full GPU does not have.
     decode = compile_decode(model, jax.eval_shape(
         lambda: policy.allocate(cfg, batch, context, appends, jnp.bfloat16)), steps)
@@ -97,6 +116,7 @@ def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3):
         return out
 
     seconds = median_seconds(run, warmup=1, reps=reps) / steps
+    profiled = {"profile": step_profile(run, steps)} if profile else {}
     weight_bytes = cache_bytes(model.weights) - model.weights["embed"].nbytes
     kv_bytes = cache_bytes(state["cache"])  # allocated
     slots = model.cache_slots  # every layer reads its slot's cache, shared or not
@@ -105,7 +125,7 @@ def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3):
     return {"policy": policy.name, "batch": batch, "context": context,
             "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds, "floor_ms": floor * 1e3,
             "x_floor": seconds / floor, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
-            "kv_bytes_read_per_step": kv_read}
+            "kv_bytes_read_per_step": kv_read, **profiled}
 
 
 def largest_batch(model, policy, context, steps):
@@ -181,6 +201,8 @@ def main():
     parser.add_argument("--prefill", default="",
                         help="POLICY:LENGTH prefills to time first, comma separated")
     parser.add_argument("--tag", default="decode", help="results/model_8b_<tag>.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record each decode run's kernels a step (CUPTI)")
     args = parser.parse_args()
     bandwidth = read_bandwidth()
     model = init_random(LLAMA3_8B, jax.random.key(0))
@@ -208,7 +230,7 @@ def main():
             print(f"{name}: largest batch {batch} {fit}", flush=True)
         try:
             row = bench_decode(run_model, policy, int(batch), args.context, args.steps,
-                               bandwidth, reps=1 if fit else 3)
+                               bandwidth, reps=1 if fit else 3, profile=args.profile)
         except Exception as e:  # noqa: BLE001 - an out-of-memory batch is a result too
             row = {"policy": policy.name, "batch": int(batch), "context": args.context,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -17,7 +17,7 @@ from flax import struct
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import QuantSpec, dequantize_tokens, quantize_tokens
 from pallas_kernels import decode_attention as decode_kernel
-from pallas_kernels import decode_kivi_mma
+from pallas_kernels import decode_kivi_mma, merge
 from pallas_kernels.quantize import quantize_pack
 
 
@@ -44,6 +44,14 @@ def _partials(q, k_parts, v_parts, lengths, k_spec=None, v_spec=None):
         k_parts = (dequantize_tokens(*k_parts, k_spec, q.dtype),)
         v_parts = (dequantize_tokens(*v_parts, v_spec, q.dtype),)
     return decode_partials(q, k_parts[0], v_parts[0], lengths)
+
+
+def _merged(partials, dtype):
+    """One kernel's parts (o, m, l) merged, by the merge kernel on the GPU (one launch where
+    XLA made three)."""
+    if use_kernels(partials[0].shape[-1]):
+        return merge.merge_partials(*partials, dtype=dtype)
+    return merge_partials([partials], dtype)
 
 
 def _quantize(x, spec: QuantSpec):
@@ -102,7 +110,7 @@ class DenseLayerCache:
 
     def attend(self, q):
         """q [B, Hq, K] over the cached tokens -> [B, Hq, K]."""
-        return merge_partials([_partials(q, (self.k,), (self.v,), self.lengths)], q.dtype)
+        return _merged(_partials(q, (self.k,), (self.v,), self.lengths), q.dtype)
 
 
 @struct.dataclass
@@ -238,11 +246,10 @@ class QuantizedLayerCache:
         if decode_kivi_mma.fits(q, self.num_quantized, self.k_spec, self.v_spec,
                                 self.k_codes.shape[2], self.k_residual):  # one kernel for both
             residual = self.k_residual, self.v_residual, self.num_residual
-            parts = [decode_kivi_mma.decode_partials(q, k_parts, v_parts, self.num_quantized,
-                                                     residual)]
-        else:
-            parts = [_partials(q, k_parts, v_parts, self.num_quantized, self.k_spec, self.v_spec),
-                     _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)]
+            return _merged(decode_kivi_mma.decode_partials(q, k_parts, v_parts,
+                                                           self.num_quantized, residual), q.dtype)
+        parts = [_partials(q, k_parts, v_parts, self.num_quantized, self.k_spec, self.v_spec),
+                 _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)]
         return merge_partials(parts, q.dtype)
 
 

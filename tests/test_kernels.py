@@ -6,11 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from kvjax.attention import EMPTY_MAX, merge_partials
 from kvjax.attention import decode_partials as reference_partials
-from kvjax.attention import merge_partials
 from kvjax.cache import kernels_fit
 from kvjax.quantization import QuantSpec, dequantize_tokens, quantize_tokens
-from pallas_kernels import decode_kivi_mma
+from pallas_kernels import decode_kivi_mma, merge
 from pallas_kernels.decode_attention import decode_partials, default_block
 from pallas_kernels.quantize import quantize_pack
 
@@ -217,3 +217,21 @@ def test_kivi_mma_kernel_takes_only_its_format_on_hopper(monkeypatch, case, take
     k_residual = jax.ShapeDtypeStruct((2, args["hkv"], args["residual"], args["head_dim"]),
                                       args["dtype"])
     assert decode_kivi_mma.fits(q, lengths, *args["specs"], args["capacity"], k_residual) is takes
+
+
+@pytest.mark.parametrize("parts, g, K", [(1, 1, 32), (33, 4, 128), (70, 3, 64)])
+def test_merge_kernel_matches_reference(rng, parts, g, K):
+    """The merge kernel (two chunks of parts at P = 70) against the jnp merge, with maxima far
+    apart (weights down to exp(-80)), empty parts (EMPTY_MAX, l = 0), and a head of no token
+    at all, which must give zeros."""
+    B, Hkv = 2, 3
+    o = rng.standard_normal((B, Hkv, parts, g, K)).astype(np.float32)
+    m = rng.uniform(-40, 40, (B, Hkv, parts, g)).astype(np.float32)
+    l = rng.uniform(0.5, 30, (B, Hkv, parts, g)).astype(np.float32)
+    empty = rng.random((B, Hkv, parts, g)) < 0.3
+    empty[0, 1] = True  # a head with no valid token
+    m[empty], l[empty], o[empty] = EMPTY_MAX, 0.0, 0.0
+    ours = merge.merge_partials(o, m, l, dtype=jnp.float32, interpret=True)
+    ref = merge_partials([(o, m, l)], jnp.float32)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    assert not np.asarray(ours)[0, g:2 * g].any()
