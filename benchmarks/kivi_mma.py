@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (chained_runs, chained_seconds, environment, median_seconds,
-                               write_result)
+from benchmarks.common import environment, write_result
 from benchmarks.kernels import quantized_cache, timed
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
 from pallas_kernels import decode_attention as triton_kernel
 from pallas_kernels import decode_kivi_mma as mma_kernel
+from pallas_kernels import merge
 from pallas_kernels.quantize import quantize_pack
 
 def random_cache(key, batch, heads, capacity, bits):
@@ -108,10 +108,11 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=()):
 
 
 def breakdown(batch, capacity, bits, heads=8, group=4):
-    """Device time of each step of a KIVI cache's attention op (cache.attend): the
+    """Times (as timed) of each step of a KIVI cache's attention op (cache.attend): the
     kernel's inputs (q padded to 4 queries a head, the MMA constants), the MMA kernel
-    (quantized tokens and residual), the merge; and the whole op. Each chained step also
-    carries the chaining's own small ops (benchmarks.common.chained_seconds)."""
+    (quantized tokens and residual), the merge (XLA's, and the merge kernel at each channel
+    block); and the whole op. Each chained step also carries the chaining's own small ops
+    (benchmarks.common.chained_runs)."""
     kq, kk, kv = jax.random.split(jax.random.key(3), 3)
     shape = (batch, heads, capacity, mma_kernel.HEAD_DIM)
     k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
@@ -125,18 +126,20 @@ def breakdown(batch, capacity, bits, heads=8, group=4):
     residual = cache.k_residual, cache.v_residual, cache.num_residual
     partials = functools.partial(mma_kernel.decode_partials, k_parts=k_parts, v_parts=v_parts,
                                  lengths=cache.num_quantized, residual=residual)
-    parts = [partials(q)]
+    parts = partials(q)
     steps = {"attend": lambda q: cache.attend(q),
              "kernel_inputs": lambda q: mma_kernel._inputs(q, k_parts, v_parts,
                                                            cache.num_quantized, residual),
              "mma_partials": partials,
-             "merge": lambda q: merge_partials(parts, q.dtype)}
+             "merge_xla": lambda q: merge_partials([parts], q.dtype)}
+    for channels in (128, 64, 32):
+        steps[f"merge_kernel_{channels}"] = functools.partial(
+            lambda q, c: merge.merge_partials(*parts, dtype=q.dtype, channels=c), c=channels)
     rows = []
     for name, fn in steps.items():
+        seconds, figures = timed(fn, q)
         rows.append({"step": name, "bits": bits, "batch": batch, "context": capacity,
-                     "ms": chained_seconds(chained_runs(fn, q)) * 1e3,
-                     "ms_wall": median_seconds(functools.partial(jax.jit(fn), q), reps=20,
-                                               inner=10) * 1e3})
+                     "ms": seconds * 1e3, **figures})
         print(rows[-1], flush=True)
     return rows
 

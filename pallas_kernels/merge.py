@@ -15,10 +15,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 CHUNK = 64  # parts a program loads at once: [CHUNK, 128] float32 is 64 registers a thread
+CHANNELS = 128  # output channels a program merges (more programs, each reading fewer bytes)
 
 
 def _kernel(o_ref, m_ref, l_ref, out_ref, *, parts, chunk):
-    """o_ref [P, K], m_ref and l_ref [P] (one row, head and query) -> out_ref [K]."""
+    """o_ref [P, C], m_ref and l_ref [P] (one row, head and query; C of its channels) ->
+    out_ref [C]."""
 
     def body(c, carry):
         top, num, den = carry  # running maximum, sum of weighted o [K], of weighted l
@@ -42,20 +44,21 @@ def _kernel(o_ref, m_ref, l_ref, out_ref, *, parts, chunk):
     out_ref[...] = jnp.where(den > 0, num / safe, 0.0).astype(out_ref.dtype)  # no token: zeros
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "interpret"))
-def merge_partials(o, m, l, *, dtype, interpret=False):
+@functools.partial(jax.jit, static_argnames=("dtype", "channels", "interpret"))
+def merge_partials(o, m, l, *, dtype, channels=CHANNELS, interpret=False):
     """One kernel's parts, o [B, Hkv, P, g, K] and m, l [B, Hkv, P, g] (float32), merged:
-    [B, Hkv * g, K] in dtype. kvjax.attention.merge_partials([(o, m, l)], dtype) is the
-    reference."""
+    [B, Hkv * g, K] in dtype, each program `channels` channels of one query.
+    kvjax.attention.merge_partials([(o, m, l)], dtype) is the reference."""
     B, Hkv, P, g, K = o.shape
     chunk = min(CHUNK, pl.next_power_of_2(P))
+    C = min(channels, K)
     out = pl.pallas_call(
         functools.partial(_kernel, parts=P, chunk=chunk),
-        grid=(B, Hkv, g),
-        in_specs=[pl.BlockSpec((None, None, P, None, K), lambda b, h, j: (b, h, 0, j, 0)),
-                  pl.BlockSpec((None, None, P, None), lambda b, h, j: (b, h, 0, j)),
-                  pl.BlockSpec((None, None, P, None), lambda b, h, j: (b, h, 0, j))],
-        out_specs=pl.BlockSpec((None, None, None, K), lambda b, h, j: (b, h, j, 0)),
+        grid=(B, Hkv, g, K // C),
+        in_specs=[pl.BlockSpec((None, None, P, None, C), lambda b, h, j, c: (b, h, 0, j, c)),
+                  pl.BlockSpec((None, None, P, None), lambda b, h, j, c: (b, h, 0, j)),
+                  pl.BlockSpec((None, None, P, None), lambda b, h, j, c: (b, h, 0, j))],
+        out_specs=pl.BlockSpec((None, None, None, C), lambda b, h, j, c: (b, h, j, c)),
         out_shape=jax.ShapeDtypeStruct((B, Hkv, g, K), dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,

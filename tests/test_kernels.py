@@ -219,8 +219,9 @@ def test_kivi_mma_kernel_takes_only_its_format_on_hopper(monkeypatch, case, take
     assert decode_kivi_mma.fits(q, lengths, *args["specs"], args["capacity"], k_residual) is takes
 
 
-@pytest.mark.parametrize("parts, g, K", [(1, 1, 32), (33, 4, 128), (70, 3, 64)])
-def test_merge_kernel_matches_reference(rng, parts, g, K):
+@pytest.mark.parametrize("parts, g, K, channels", [(1, 1, 32, 128), (33, 4, 128, 32),
+                                                   (70, 3, 64, 128)])
+def test_merge_kernel_matches_reference(rng, parts, g, K, channels):
     """The merge kernel (two chunks of parts at P = 70) against the jnp merge, with maxima far
     apart (weights down to exp(-80)), empty parts (EMPTY_MAX, l = 0), and a head of no token
     at all, which must give zeros."""
@@ -231,7 +232,7 @@ def test_merge_kernel_matches_reference(rng, parts, g, K):
     empty = rng.random((B, Hkv, parts, g)) < 0.3
     empty[0, 1] = True  # a head with no valid token
     m[empty], l[empty], o[empty] = EMPTY_MAX, 0.0, 0.0
-    ours = merge.merge_partials(o, m, l, dtype=jnp.float32, interpret=True)
+    ours = merge.merge_partials(o, m, l, dtype=jnp.float32, channels=channels, interpret=True)
     ref = merge_partials([(o, m, l)], jnp.float32)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
     assert not np.asarray(ours)[0, g:2 * g].any()
