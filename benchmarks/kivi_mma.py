@@ -108,11 +108,11 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=()):
 
 
 def breakdown(batch, capacity, bits, heads=8, group=4):
-    """Times (as timed) of each step of a KIVI cache's attention op (cache.attend): the
-    kernel's inputs (q padded to 4 queries a head, the MMA constants), the MMA kernel
-    (quantized tokens and residual), the merge (XLA's, and the merge kernel at each channel
-    block); and the whole op. Each chained step also carries the chaining's own small ops
-    (benchmarks.common.chained_runs)."""
+    """Times (as timed) of the steps of a KIVI cache's attention op (cache.attend): the MMA
+    kernel (quantized tokens and residual), the merge (XLA's, and the merge kernel at each
+    channel block); and the whole op. Each chained step also carries the chaining's own small
+    ops (benchmarks.common.chained_runs). (The kernel's inputs are not timed alone: chained,
+    XLA computes only the element of them that the chaining reads.)"""
     kq, kk, kv = jax.random.split(jax.random.key(3), 3)
     shape = (batch, heads, capacity, mma_kernel.HEAD_DIM)
     k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
@@ -126,18 +126,17 @@ def breakdown(batch, capacity, bits, heads=8, group=4):
     residual = cache.k_residual, cache.v_residual, cache.num_residual
     partials = functools.partial(mma_kernel.decode_partials, k_parts=k_parts, v_parts=v_parts,
                                  lengths=cache.num_quantized, residual=residual)
-    parts = partials(q)
-    steps = {"attend": lambda q: cache.attend(q),
-             "kernel_inputs": lambda q: mma_kernel._inputs(q, k_parts, v_parts,
-                                                           cache.num_quantized, residual),
-             "mma_partials": partials,
-             "merge_xla": lambda q: merge_partials([parts], q.dtype)}
+    parts = partials(q)  # the merges chain on these (an op's first input is perturbed)
+    steps = {"attend": (lambda q: cache.attend(q), q),
+             "mma_partials": (partials, q),
+             "merge_xla": (lambda *p: merge_partials([p], jnp.bfloat16), *parts)}
     for channels in (128, 64, 32):
-        steps[f"merge_kernel_{channels}"] = functools.partial(
-            lambda q, c: merge.merge_partials(*parts, dtype=q.dtype, channels=c), c=channels)
+        steps[f"merge_kernel_{channels}"] = (functools.partial(
+            lambda *p, c: merge.merge_partials(*p, dtype=jnp.bfloat16, channels=c),
+            c=channels), *parts)
     rows = []
-    for name, fn in steps.items():
-        seconds, figures = timed(fn, q)
+    for name, (fn, *args) in steps.items():
+        seconds, figures = timed(fn, *args)
         rows.append({"step": name, "bits": bits, "batch": batch, "context": capacity,
                      "ms": seconds * 1e3, **figures})
         print(rows[-1], flush=True)
