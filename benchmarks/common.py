@@ -68,8 +68,10 @@ def chained_seconds(run, iterations=CHAINS, reps=10):
     whatever it runs: dividing one 20-call program's time by 20, as these benchmarks did
     before, charged each call about 30 us of it, where the CUDA events that time PyTorch charge
     none (the kivi2 op at B16 x 32K: 0.190 ms that way, 0.160 this way; results/kernels_s20a,
-    kernels_s20b). Even the slope is some 25 us a call above the device's time a call
-    (device_seconds; benchmarks/op_timeline.py), for cuDNN's op as for ours."""
+    kernels_s20b). The slope still carries host time: the device waits 0.4-2.4 ms of host
+    work before each program, varying between runs (results/op_timeline_s22.json), which put
+    the slope some 25 us a call above the device's time a call (device_seconds), the figure
+    the benchmarks quote."""
     short, long = iterations
     seconds = [median_seconds(functools.partial(run, n), reps=reps) for n in (short, long)]
     return (seconds[1] - seconds[0]) / (long - short)

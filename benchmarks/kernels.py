@@ -11,9 +11,9 @@ are timed on the device, chained in jitted programs of 5 and 25 calls (common.ch
 per call the slope between the two (common.chained_seconds: "ms"), and by the wall clock of
 separate jitted calls ("ms_wall"); PyTorch's with CUDA events. Every op, JAX's and PyTorch's,
 also by the device's time a call: the slope of the device's span between runs of 5 and 25
-chained calls, from CUPTI (common.device_seconds: "device_ms", "of_ceiling_device"). The
-chained slope stays some 25 us a call above the device's time for JAX's ops, cuDNN's as ours
-(benchmarks/op_timeline.py). The SM clock and power draw while each is timed come from
+chained calls, from CUPTI (common.device_seconds: "device_ms", "of_ceiling_device"), the
+figure RESULTS.md quotes: the chained slope also carries the host's varying work before each
+program (benchmarks/op_timeline.py). The SM clock and power draw while each is timed come from
 nvidia-smi (common.gpu_clocks: "sm_mhz", ...).
 
     python -m benchmarks.kernels        # on the GPU; writes results/kernels.json

@@ -13,7 +13,9 @@ leaves out. In results/op_timeline_s21.json the device time a call of the steady
 the kernels' (135 us for the kivi2 op, 465 us for cuDNN's), with no idle time, while
 chained_seconds' slope is some 25 us a call higher. So each program run is now accounted for
 whole (run_account: the host's range, the device's idle time before and after, its span),
-which says whether those 25 us are the device's or the host's.
+which says whether those 25 us are the device's or the host's. They are the host's
+(results/op_timeline_s22.json): the device is busy over each run's whole span, and waits
+0.4-2.4 ms before it, varying from run to run.
 
     python -m benchmarks.op_timeline [--tag T]  # on the GPU; writes results/op_timeline[_T].json
 """

@@ -11,7 +11,8 @@ residual in one kernel (kvjax.cache.QuantizedLayerCache.attend), which writes it
 reads them at about twice this kernel's rate.
 
 The kernel returns partial results per split (o unnormalized, row maximum m, denominator l),
-merged by kvjax.attention.merge_partials with any other parts (the residual). The jnp
+merged by merge.merge_partials when they are all (a dense cache) or by
+kvjax.attention.merge_partials with any other parts (the residual). The jnp
 reference is kvjax.attention.decode_partials on the dequantized cache.
 """
 

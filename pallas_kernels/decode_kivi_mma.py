@@ -35,8 +35,8 @@ registers instead, they took the kernel to 247 registers and their latency was s
 (benchmarks/RESULTS.md). One more part per head attends over the full-precision residual
 (_residual_part), so the whole of KIVI's attention is this kernel and one merge.
 
-It returns partials (o unnormalized, m, l) for kvjax.attention.merge_partials, like
-decode_attention.decode_partials. The jnp reference is kvjax.attention.decode_partials over the
+It returns partials (o unnormalized, m, l) for merge.merge_partials (on the GPU) or
+kvjax.attention.merge_partials, like decode_attention.decode_partials. The jnp reference is kvjax.attention.decode_partials over the
 dequantized cache and the residual.
 
 It takes what KIVI's 2- and 4-bit policies store: per-channel keys in groups of 32 tokens,
