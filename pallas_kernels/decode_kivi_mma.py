@@ -36,8 +36,8 @@ registers instead, they took the kernel to 247 registers and their latency was s
 (_residual_part), so the whole of KIVI's attention is this kernel and one merge.
 
 It returns partials (o unnormalized, m, l) for merge.merge_partials (on the GPU) or
-kvjax.attention.merge_partials, like decode_attention.decode_partials. The jnp reference is kvjax.attention.decode_partials over the
-dequantized cache and the residual.
+kvjax.attention.merge_partials, like decode_attention.decode_partials. The jnp reference is
+kvjax.attention.decode_partials over the dequantized cache and the residual.
 
 It takes what KIVI's 2- and 4-bit policies store: per-channel keys in groups of 32 tokens,
 per-token values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16

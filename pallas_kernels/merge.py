@@ -4,7 +4,8 @@ The decode kernels return each part's unnormalized output o, maximum m and denom
 kvjax.attention.merge_partials (the jnp reference) combines them. XLA ran that merge as three
 kernels, 7.4 us of the KIVI 2-bit op's 133 us at B16 x 32K on an H200 (a maximum, the weighted
 sums, the division; results/op_timeline_s22.json). Here one program per (batch row, KV head,
-query) reads its parts once, in chunks of up to CHUNK, with a running maximum.
+query) reads its parts once, in chunks of up to CHUNK, with a running maximum: 4.1 us a call
+in the 8B model's decode step, and the op 128 us (benchmarks/RESULTS.md, eleventh pass).
 """
 
 import functools
@@ -15,7 +16,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 CHUNK = 64  # parts a program loads at once: [CHUNK, 128] float32 is 64 registers a thread
-CHANNELS = 128  # output channels a program merges (more programs, each reading fewer bytes)
+# Output channels a program merges: programs of 64 and 32 channels (more programs, each
+# reading fewer bytes) were slower (results/kivi_mma_s22_merge.json).
+CHANNELS = 128
 
 
 def _kernel(o_ref, m_ref, l_ref, out_ref, *, parts, chunk):
@@ -23,13 +26,13 @@ def _kernel(o_ref, m_ref, l_ref, out_ref, *, parts, chunk):
     out_ref [C]."""
 
     def body(c, carry):
-        top, num, den = carry  # running maximum, sum of weighted o [K], of weighted l
+        top, num, den = carry  # running maximum, sum of weighted o [C], of weighted l
         index = c * chunk + jnp.arange(chunk)
         valid = index < parts  # the last chunk reads past P: masked
         at = pl.ds(c * chunk, chunk)
         m = plgpu.load(m_ref.at[at], mask=valid, other=-jnp.inf)  # [chunk]
         l = plgpu.load(l_ref.at[at], mask=valid, other=0.0)
-        o = plgpu.load(o_ref.at[at, :], mask=valid[:, None], other=0.0)  # [chunk, K]
+        o = plgpu.load(o_ref.at[at, :], mask=valid[:, None], other=0.0)  # [chunk, C]
         new_top = jnp.maximum(top, jnp.max(m))  # finite: every chunk holds a part
         weight = jnp.exp(m - new_top)  # [chunk]; 0 where masked
         rescale = jnp.exp(top - new_top)  # 0 at the first chunk
@@ -37,8 +40,8 @@ def _kernel(o_ref, m_ref, l_ref, out_ref, *, parts, chunk):
         den = den * rescale + jnp.sum(weight * l)
         return new_top, num, den
 
-    K = out_ref.shape[-1]
-    init = (jnp.float32(-jnp.inf), jnp.zeros((K,), jnp.float32), jnp.float32(0.0))
+    C = out_ref.shape[-1]
+    init = (jnp.float32(-jnp.inf), jnp.zeros((C,), jnp.float32), jnp.float32(0.0))
     _, num, den = jax.lax.fori_loop(0, pl.cdiv(parts, chunk), body, init)
     safe = jnp.where(den > 0, den, 1.0)
     out_ref[...] = jnp.where(den > 0, num / safe, 0.0).astype(out_ref.dtype)  # no token: zeros
@@ -47,7 +50,7 @@ def _kernel(o_ref, m_ref, l_ref, out_ref, *, parts, chunk):
 @functools.partial(jax.jit, static_argnames=("dtype", "channels", "interpret"))
 def merge_partials(o, m, l, *, dtype, channels=CHANNELS, interpret=False):
     """One kernel's parts, o [B, Hkv, P, g, K] and m, l [B, Hkv, P, g] (float32), merged:
-    [B, Hkv * g, K] in dtype, each program `channels` channels of one query.
+    [B, Hkv * g, K] in dtype, each program `channels` channels (a power of two) of one query.
     kvjax.attention.merge_partials([(o, m, l)], dtype) is the reference."""
     B, Hkv, P, g, K = o.shape
     chunk = min(CHUNK, pl.next_power_of_2(P))
