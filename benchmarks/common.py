@@ -1,5 +1,6 @@
 """Shared pieces of the GPU benchmarks: timing, the bandwidth ceiling, the JSON record."""
 
+import collections
 import contextlib
 import functools
 import json
@@ -70,8 +71,8 @@ def chained_seconds(run, iterations=CHAINS, reps=10):
     none (the kivi2 op at B16 x 32K: 0.190 ms that way, 0.160 this way; results/kernels_s20a,
     kernels_s20b). The slope still carries host time: the device waits 0.4-2.4 ms of host
     work before each program, varying between runs (results/op_timeline_s22.json), which put
-    the slope some 25 us a call above the device's time a call (device_seconds), the figure
-    the benchmarks quote."""
+    the kivi2 op's slope 15-36 us a call above the device's time a call (device_seconds, the
+    figure the benchmarks quote; results/kernels_s22a-c)."""
     short, long = iterations
     seconds = [median_seconds(functools.partial(run, n), reps=reps) for n in (short, long)]
     return (seconds[1] - seconds[0]) / (long - short)
@@ -106,6 +107,16 @@ def profiled_runs(runs):
     in_range = lambda start, end: [e for e in recorded if start <= e[0] <= end]  # noqa: E731
     return {label: (*ranges[f"run {label}"], in_range(*ranges[f"run {label}"]))
             for label in runs}
+
+
+def time_by_name(events, categories):
+    """{name: [count, microseconds]} of the events (profiled_runs') in `categories`."""
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for _, dur, name, cat in events:
+        if cat in categories:
+            totals[name][0] += 1
+            totals[name][1] += dur
+    return dict(totals)
 
 
 def gpu_span(events):

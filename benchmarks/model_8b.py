@@ -13,7 +13,6 @@ temporaries fit in the GPU's memory, computed from allocated bytes and then run.
 """
 
 import argparse
-import collections
 import functools
 import time
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (GPU_ACTIVITIES, environment, gpu_span, median_seconds,
-                               profiled_runs, read_bandwidth, write_result)
+                               profiled_runs, read_bandwidth, time_by_name, write_result)
 from kvjax import policies, sharing
 from kvjax.cache import DenseLayerCache, QuantizedLayerCache, cache_bytes
 from kvjax.config import Llama3RopeScaling, ModelConfig
@@ -88,20 +87,16 @@ def step_profile(run, steps, top=25):
     activities by time, each as (calls a step, us a step)."""
     _, _, events = profiled_runs({"decode": lambda: jax.block_until_ready(run())})["decode"]
     first, last = gpu_span(events)
-    by_name = collections.defaultdict(lambda: [0, 0.0])
-    for _, dur, name, cat in events:
-        if cat in GPU_ACTIVITIES:
-            by_name[name[:80]][0] += 1
-            by_name[name[:80]][1] += dur
+    by_name = time_by_name(events, GPU_ACTIVITIES)
     ranked = sorted(by_name.items(), key=lambda item: -item[1][1])
     return {"span_us_a_step": (last - first) / steps,
             "busy_us_a_step": sum(us for _, us in by_name.values()) / steps,
-            "top": {name: [n / steps, us / steps] for name, (n, us) in ranked[:top]}}
+            "top": {name[:80]: [n / steps, us / steps] for name, (n, us) in ranked[:top]}}
 
 
 def bench_decode(model, policy, batch, context, steps, bandwidth, reps=3, profile=False):
     cfg = model.config
-    appends = (reps + 2 + profile) * steps
+    appends = (reps + 2 + int(profile)) * steps  # room for every run below, the profiled one too
     # Compile first: XLA's autotuner takes scratch memory that a full GPU does not have.
     decode = compile_decode(model, jax.eval_shape(
         lambda: policy.allocate(cfg, batch, context, appends, jnp.bfloat16)), steps)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import (GPU_ACTIVITIES, HOST_CALLS, chained_runs, environment, gpu_span,
-                               profiled_runs, write_result)
+                               profiled_runs, time_by_name, write_result)
 from benchmarks.kernels import D, HKV, HQ, QUANTIZED, quantized_cache
 from pallas_kernels import decode_kivi_mma
 
@@ -75,14 +75,11 @@ def run_account(start, end, events):
     device's idle time before its first GPU activity and after its last, their span and busy
     time, and the host's CUDA calls in the range by name (count, microseconds)."""
     first, last = gpu_span(events)
-    gpu = [dur for _, dur, _, cat in events if cat in GPU_ACTIVITIES]
-    calls = collections.defaultdict(lambda: [0, 0.0])
-    for _, dur, name, cat in events:
-        if cat in HOST_CALLS:
-            calls[name][0] += 1
-            calls[name][1] += dur
+    gpu = time_by_name(events, GPU_ACTIVITIES).values()
+    calls = time_by_name(events, HOST_CALLS)
     return {"wall_us": end - start, "idle_before_us": first - start, "span_us": last - first,
-            "idle_after_us": end - last, "busy_us": sum(gpu), "activities": len(gpu),
+            "idle_after_us": end - last, "busy_us": sum(us for _, us in gpu),
+            "activities": sum(n for n, _ in gpu),
             "host_calls": {name: [n, round(us, 1)] for name, (n, us) in calls.items()}}
 
 

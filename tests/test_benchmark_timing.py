@@ -107,3 +107,20 @@ def test_the_ceiling_is_the_fastest_read_rate_of_the_run():
     assert ceiling_of(4.5e12, rows) == (4.5e12, "read-only reduction")
     rows[1]["TBps_device"] = 4.4
     assert ceiling_of(4.17e12, rows)[1] == "kvjax_kivi2 at 16x32768 (TBps_device)"
+
+
+def test_step_profile_ranks_a_steps_activities(monkeypatch):
+    """model_8b's per-step account: span and busy time a step, activities ranked by time."""
+    from benchmarks import model_8b
+    rng = np.random.default_rng(3)
+    kernels, _ = synthetic_kernels(rng, calls=6, launches_per_call=2)
+    events = ([(ts, dur, name, "kernel") for ts, dur, name in kernels]
+              + [(kernels[-1][0] + 5.0, 1.0, "cudaLaunchKernel", "cuda_runtime")])
+    monkeypatch.setattr(model_8b, "profiled_runs",
+                        lambda runs: {label: (0.0, 1e9, events) for label in runs})
+    got = model_8b.step_profile(lambda: None, steps=3, top=1)
+    main = [d for _, d, name in kernels if name == "main"]
+    assert got["span_us_a_step"] == pytest.approx(
+        (kernels[-1][0] + kernels[-1][1] - kernels[0][0]) / 3)
+    assert got["busy_us_a_step"] == pytest.approx(sum(d for _, d, _ in kernels) / 3)
+    assert got["top"] == {"main": [pytest.approx(12 / 3), pytest.approx(sum(main) / 3)]}
