@@ -1,7 +1,8 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
 the GPU: its partials against the float32 reference on ragged lengths and GQA groups, then the
 kernel alone (2 shared-memory stages, the default, and 3; other parts per launch with --sweep;
-an empty residual) against the Triton kernel at B16 x 32K and B1 x 128K; with --breakdown, the
+an empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT) against the
+Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the
 steps of the whole attention op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall",
 "device_ms", the SM clock).
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from benchmarks.common import environment, write_result
 from benchmarks.kernels import quantized_cache, timed
+from benchmarks.kivi_registers import LEFT_OUT, leaving_out
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
@@ -79,7 +81,7 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     return row
 
 
-def timing(batch, capacity, bits, heads=8, group=4, sweep=()):
+def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
     k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity, bits)
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
@@ -97,6 +99,7 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=()):
     for parts in sweep:  # parts (warps) over the whole batch
         splits = max(1, parts // (batch * heads))
         kernels[f"mma_{parts}_parts"] = functools.partial(mma, num_splits=splits)
+    kernels = {k: fn for k, fn in kernels.items() if names is None or k in names}
     rows = []
     for name, fn in kernels.items():
         seconds, figures = timed(fn, q, k_parts, v_parts, lengths)
@@ -151,9 +154,16 @@ def main():
     parser.add_argument("--sweep", default="", help="parts per launch to time, e.g. 2048,8192")
     parser.add_argument("--breakdown", action="store_true", help="time the attention op's steps")
     parser.add_argument("--bits", default="2", help="code widths to check and time, e.g. 2,4")
+    parser.add_argument("--kernels", default="", help="only these timed kernels, e.g. mma,triton")
+    parser.add_argument("--shapes", default="16x32768,1x131072", help="BxS shapes to time")
+    parser.add_argument("--left-out", default="whole", choices=sorted(LEFT_OUT),
+                        help="time the kernel with these pieces left out (kivi_registers)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sweep = [int(x) for x in args.sweep.split(",") if x]
+    names = {*args.kernels.split(","), *(f"mma_{parts}_parts" for parts in sweep)} \
+        if args.kernels else None
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     checks, rows, steps = [], [], []
     for bits in (int(x) for x in args.bits.split(",")):
         checks += [] if args.skip_checks else [
@@ -162,8 +172,10 @@ def main():
             check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 3, bits),
             check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 1, bits),
             check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
-        rows += [] if args.skip_timing else (timing(16, 32768, bits, sweep=sweep)
-                                             + timing(1, 131072, bits, sweep=sweep))
+        with leaving_out(args.left_out):
+            rows += [] if args.skip_timing else [
+                {**row, "left_out": args.left_out} for batch, capacity in shapes
+                for row in timing(batch, capacity, bits, sweep=sweep, names=names)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
     write_result(name, {**environment(), "checks": checks, "timing": rows, "breakdown": steps})
