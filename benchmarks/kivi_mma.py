@@ -1,10 +1,10 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
 the GPU: its partials against the float32 reference on ragged lengths and GQA groups, then the
-kernel alone (5 shared-memory slots of half a block, the default, and 4; other parts per
-launch with --sweep; an empty residual; with --left-out, pieces of it left out,
-kivi_registers.LEFT_OUT) against the Triton kernel at B16 x 32K and B1 x 128K (--kernels,
---shapes: fewer); with --breakdown, the steps of the whole attention op at B16 x 32K. Times as
-benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
+kernel alone (2 shared-memory stages, the default, and 3; other parts per launch with --sweep;
+an empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT) against the
+Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the
+steps of the whole attention op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall",
+"device_ms", the SM clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
@@ -65,8 +65,8 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     residual = empty_residual(batch, heads)
     got = merge_partials([mma_kernel.decode_partials(q, k_parts, v_parts, lengths, residual,
                                                      num_splits=splits)], jnp.float32)
-    two_slots = merge_partials([mma_kernel.decode_partials(
-        q, k_parts, v_parts, lengths, residual, num_splits=splits, slots=2)], jnp.float32)
+    three_stages = merge_partials([mma_kernel.decode_partials(
+        q, k_parts, v_parts, lengths, residual, num_splits=splits, stages=3)], jnp.float32)
     want = reference(q, k_parts, v_parts, lengths, bits)
     k_spec, v_spec = mma_kernel.SPECS[bits]
     triton = merge_partials([triton_kernel.decode_partials(
@@ -74,7 +74,7 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     row = {"bits": bits, "batch": batch, "heads": heads, "group": group, "capacity": capacity,
            "splits": splits, "lengths": np.asarray(lengths).ravel().tolist()[:16],
            "rel_error": rel_error(got, want),
-           "two_slots_rel_error": rel_error(two_slots, want),
+           "three_stages_rel_error": rel_error(three_stages, want),
            "triton_rel_error": rel_error(triton, want),
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
@@ -92,7 +92,7 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
         return mma_kernel.decode_partials(q, k, v, n, residual, **options)
 
     kernels = {"mma": mma,
-               "mma_4_slots": functools.partial(mma, slots=4),
+               "mma_3_stages": functools.partial(mma, stages=3),
                "triton": functools.partial(triton_kernel.decode_partials,
                                            k_spec=mma_kernel.SPECS[bits][0],
                                            v_spec=mma_kernel.SPECS[bits][1])}

@@ -27,7 +27,7 @@ LEFT_OUT = {  # name: {attribute of decode_kivi_mma: what replaces it}
     # for timing (benchmarks.kivi_mma --left-out): the copies' pipeline without the arithmetic,
     # and the value side alone
     "copies only": {"_key_stats_to_f16": lambda *a, **k: None,
-                    "_block": lambda *a: (a[-1](), a[-2])[1]},  # values_ready(), state
+                    "_block": lambda *a: a[-1]},
     "no key scores": {"_key_scores": lambda ops, *a: [[ops.cf(0.0)] * 4 for _ in range(4)]},
 }
 

@@ -30,11 +30,9 @@ dimension and tokens or channels the 16 rows:
 Every warp walks its split in blocks of 64 tokens (two key groups) with an online softmax in
 base 2 (_softmax): only the block holding a head's length masks, and the running maxima move
 only when a block's exceeds them by RESCALE_AT, so most blocks skip the rescale. The next
-blocks are copied into a ring of shared-memory slots (`cp.async`) while one computes, half a
-block (its keys or its values) a slot, so that each half is refilled as soon as it is used:
-copying whole blocks, the copies alone, without the arithmetic, took 107 us at B16 x 32K, and
-their bytes in flight set that time (benchmarks/RESULTS.md, twelfth pass). Held in registers
-instead, the next blocks took the kernel to 247 registers and their latency was still exposed. One more part per head attends over the full-precision residual
+blocks are copied into a ring of shared-memory stages (`cp.async`) while one computes: held in
+registers instead, they took the kernel to 247 registers and their latency was still exposed
+(benchmarks/RESULTS.md). One more part per head attends over the full-precision residual
 (_residual_part), so the whole of KIVI's attention is this kernel and one merge.
 
 It returns partials (o unnormalized, m, l) for merge.merge_partials (on the GPU) or
@@ -68,9 +66,8 @@ GROUP = 32  # tokens per key group, channels per value group
 BLOCK = 64  # tokens per loop step: 4 row tiles of 16, 2 key groups
 QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
 WARPS = 4  # parts per program: one per warp
-# Shared-memory slots per warp, each half a block: SLOTS - 1 halves in flight while one
-# computes. 5 slots (15 KB at 2 bits) still allow 3 programs per SM.
-SLOTS = 5
+STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes (2, 3 and 4
+# took 0.153, 0.168 and 0.168 ms at B16 x 32K: results/kivi_mma_s18d.json)
 # log2 of how far probabilities may exceed 1 before the running maxima move: 8 skipped more
 # rescales but raised the error against the float32 reference from 3.2e-3 to 5.2e-3
 # (benchmarks/kivi_rounding.py, emulated).
@@ -123,21 +120,16 @@ class _Format(NamedTuple):
         return position // step * step, position % step
 
     @property
-    def halves(self):
-        """A block's keys and values, each in a shared-memory slot of its own:
-        [{array: (offset in the slot, bytes)}] for the keys, then the values (the same size)."""
-        sizes = [{"kc": BLOCK * self.row_bytes, "ks": 2 * HEAD_DIM * 2, "kz": 2 * HEAD_DIM * 2},
-                 {"vc": BLOCK * self.row_bytes, "vs": BLOCK * 8, "vz": BLOCK * 8}]
-        return [{name: (int(offset), size) for (name, size), offset
-                 in zip(half.items(), np.cumsum([0, *half.values()]))} for half in sizes]
+    def stage(self):
+        """A block's bytes in a warp's shared-memory stage: {array: (offset, bytes)}."""
+        sizes = {"kc": BLOCK * self.row_bytes, "vc": BLOCK * self.row_bytes,
+                 "ks": 2 * HEAD_DIM * 2, "kz": 2 * HEAD_DIM * 2, "vs": BLOCK * 8, "vz": BLOCK * 8}
+        offsets = np.cumsum([0, *sizes.values()])
+        return {name: (int(offset), size) for (name, size), offset in zip(sizes.items(), offsets)}
 
     @property
-    def slot_bytes(self):
-        return sum(size for _, size in self.halves[0].values())
-
-    def offset(self, name):
-        """Where array `name` lies in its half's slot."""
-        return next(half[name][0] for half in self.halves if name in half)
+    def stage_bytes(self):
+        return sum(size for _, size in self.stage.values())
 
 
 def fits(q, lengths, k_spec, v_spec, capacity: int, k_residual) -> bool:
@@ -556,7 +548,7 @@ def _key_combo(fmt: _Format, step, kh):
     return combo // (2 * fmt.fields), (combo // fmt.fields) % 2, combo % fmt.fields
 
 
-# After a warp's slots: its q * 2^-p (f16, the key MMAs' B operands before the scales), 16
+# After a warp's stages: its q * 2^-p (f16, the key MMAs' B operands before the scales), 16
 # words a lane, [f][lane][j]. Read each block rather than held: in registers ptxas kept it
 # twice, once more in the register pairs of _key_zero_terms' operands (32 registers in all).
 QF_BYTES = 4 * 32 * 16
@@ -573,27 +565,26 @@ def _words(load, address, words, offset):
     return [w for i in range(0, words, 4) for w in load(address, min(4, words - i), offset + 4 * i)]
 
 
-def _stage(ops, half, lane_id, arrays, block, valid, slot):
-    """Issues the copies of one half (_Format.halves) of token block `block` of the whole cache
-    (row and head bh's block i is bh * capacity / BLOCK + i) into `slot` (a shared-memory
-    address), as one cp.async group: 16 bytes a lane at a time, reading nothing where not
-    `valid`. arrays: each staged array's address. Each copy's
+def _stage(ops, fmt: _Format, lane_id, arrays, block, valid, stage):
+    """Issues the copies of token block `block` of the whole cache (row and head bh's block i
+    is bh * capacity / BLOCK + i) into `stage` (a shared-memory address): 16 bytes a lane at a
+    time, reading nothing where not `valid`. arrays: each staged array's address. Each copy's
     address is computed here from the array's, not kept per head across the loop: 6 64-bit
     bases held 12 registers, and 180 registers allow 2 programs per SM where 168 allow 3."""
     size = ops.select(valid, ops.c(16), ops.c(0))
     block = ops.opaque(block)
     lane_bytes = ops.mul(lane_id, 16)
-    target = ops.add(slot, lane_bytes)
-    # A block's bytes of each array lie together: its size in the slot is its stride.
-    for name, (offset, nbytes) in half.items():
+    target = ops.add(stage, lane_bytes)
+    # A block's bytes of each array lie together: its stage size is its stride in the array.
+    for name, (offset, nbytes) in fmt.stage.items():
         start = ops.at(ops.at_wide(arrays[name], block, nbytes), lane_bytes)
         for j in range(nbytes // 512):
             ops.copy_async(target, start, size, offset + 512 * j, 512 * j)
     ops.commit()
 
 
-def _key_stats_to_f16(ops, fmt: _Format, lane_id, slot):
-    """Rewrites a keys' slot's key scales and zeros, bf16 as copied, as f16 times KEY_STATS_FACTOR
+def _key_stats_to_f16(ops, fmt: _Format, lane_id, stage):
+    """Rewrites a stage's key scales and zeros, bf16 as copied, as f16 times KEY_STATS_FACTOR
     (saturating): each lane 16 bytes of each. The factor keeps q times a scale inside f16's
     range up to |q * scale| = 2^24, where f16 would overflow at 65504; the scores undo it in
     the softmax scale. The scales go back in place. The zeros are times 2^p of their channel
@@ -609,17 +600,17 @@ def _key_stats_to_f16(ops, fmt: _Format, lane_id, slot):
     j0 = ops.mul(ops.rem(within, fmt.bits // 2), 4)
     factors = [ops.fmul(_code_factor_at(ops, fmt, KEYS, x, f), ops.cf(KEY_STATS_FACTOR))
                for x in range(2)]
-    raw = {name: ops.load_shared(ops.add(slot, lane_bytes), 4, fmt.offset(name))
+    raw = {name: ops.load_shared(ops.add(stage, lane_bytes), 4, fmt.stage[name][0])
            for name in ("ks", "kz")}
     scales = _spread(ops, raw["ks"], [ops.cf(KEY_STATS_FACTOR)] * 4)
     zeros = _spread(ops, raw["kz"], [factors[j % 2] for j in range(4)])
     ops.sync_warp()  # every lane's words read before any lane writes
-    ops.store_shared(ops.add(slot, lane_bytes), scales, fmt.offset("ks"))
+    ops.store_shared(ops.add(stage, lane_bytes), scales, fmt.stage["ks"][0])
     # pair j0 + j: operand (f, (j0 + j) // 2), slot g + 2 (j % 2)
     operand = ops.add(ops.mul(f, fmt.pairs // 2), ops.div(j0, 2))
-    base = ops.add(slot, ops.add(ops.add(ops.mul(l4, 16), ops.mul(operand, 64)), ops.mul(g, 4)))
+    base = ops.add(stage, ops.add(ops.add(ops.mul(l4, 16), ops.mul(operand, 64)), ops.mul(g, 4)))
     for j, word in enumerate(zeros):
-        ops.store_shared(base, [word], fmt.offset("kz") + 64 * (j // 2) + 8 * (j % 2))
+        ops.store_shared(base, [word], fmt.stage["kz"][0] + 64 * (j // 2) + 8 * (j % 2))
     ops.sync_warp()  # every lane's words written before any lane reads them
 
 
@@ -646,13 +637,11 @@ def _spread(ops, words, factors):
 
 
 class _Staged:
-    """A staged block's words (_Format.halves: its keys' and its values' slots), each read
-    where it is used (a read up front held every word in registers for the whole block), by
-    constant offsets."""
+    """A staged block's words (_Format.stage), each read where it is used (a read up front
+    held every word in registers for the whole block), by constant offsets."""
 
-    def __init__(self, ops, fmt: _Format, lane, keys, values):
-        slots = {"k": keys, "v": values}
-        at = lambda name, offset: ops.add(slots[name[0]], ops.add(offset, fmt.offset(name)))  # noqa: E731
+    def __init__(self, ops, fmt: _Format, lane, stage):
+        at = lambda name, offset: ops.add(stage, ops.add(offset, fmt.stage[name][0]))  # noqa: E731
         self.ops, self.fmt = ops, fmt
         rb = fmt.row_bytes
         self.kc_at = at("kc", ops.add(ops.mul(lane.r, rb), ops.mul(lane.l4, 4 * fmt.bits)))
@@ -788,11 +777,10 @@ def _softmax(ops, lane, scores, length, t0, m, l, tiles, scale):
     return p, m, l, tiles
 
 
-def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state, values_ready):
+def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
     """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
     qf_at: the lane's q * 2^-p in shared memory (QF_BYTES); neg_magic(half): 4 registers of
-    -magic pairs, the A operands of the offset MMAs, read where called; values_ready(): waits
-    for the values' slot, once the keys are read."""
+    -magic pairs, the A operands of the offset MMAs, read where called."""
     o, c_off, s_zero, m, l = state
     qf_regs = [_words(ops.load_shared, qf_at, fmt.pairs, _qf_offset(fmt, f))
                for f in range(fmt.fields)]
@@ -801,7 +789,6 @@ def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state, 
     scale = HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR
     p, m, l, tiles = _softmax(ops, lane, scores, length, t0, m, l, o + c_off + s_zero, scale)
     o, c_off, s_zero = tiles[:8], tiles[8:10], tiles[10:]
-    values_ready()
     # Values: 16 tokens (one score tile) per MMA step.
     pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
     zero = ops.c(0)
@@ -942,7 +929,7 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
 
 
 def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, *, heads, capacity, num_splits,
-          slots, residual):
+          stages, residual):
     """One warp's part: parts 0 to heads - 1 are the residuals of batch row and KV head
     bh = b * Hkv + h (split num_splits of bh), the rest the splits of the quantized tokens, in
     order. The residual parts come first: last, one started after the other parts and
@@ -963,15 +950,15 @@ def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, *, heads, capaci
                                       residual=residual),
                lambda: _quantized_part(ops, fmt, lane, lane_id, bh, split,
                                        refs[:8] + refs[11:12], outs, shared, capacity=capacity,
-                                       num_splits=num_splits, slots=slots))
+                                       num_splits=num_splits, stages=stages))
 
 
 def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, shared, *,
-                    capacity, num_splits, slots):
+                    capacity, num_splits, stages):
     """A split of head bh's quantized tokens: refs are the addresses of lengths, q, k codes,
     k scales, k zeros, v codes, v scales, v zeros, the MMA constants; shared the warp's
-    `slots` shared-memory slots, a ring the next halves of blocks (keys, values, keys, ...;
-    _Format.halves) are copied into while one computes, each refilled once it is read."""
+    `stages` shared-memory stages, a ring the next blocks are copied into while one
+    computes."""
     lengths, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, constants = refs
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
     arrays = {"kc": k_codes, "ks": k_scale, "kz": k_zero, "vc": v_codes, "vs": v_scale,
@@ -980,7 +967,7 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     q_regs = _query_words(ops, fmt, lane, q, bh)
     # q * 2^-p in f16 (see _key_operands) into shared memory (QF_BYTES): channel pair j of
     # field f is in byte j % 2 of its half-words
-    qf_at = ops.add(shared, ops.add(ops.mul(lane_id, 4 * fmt.pairs), slots * fmt.slot_bytes))
+    qf_at = ops.add(shared, ops.add(ops.mul(lane_id, 4 * fmt.pairs), stages * fmt.stage_bytes))
     for f, words in enumerate(q_regs):
         factors = [ops.cf(1 / float(_code_factor(fmt, KEYS, j % 2, f))) for j in range(fmt.pairs)]
         qf = _spread(ops, words, factors)
@@ -992,35 +979,28 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     last = ops.umax(ops.umin(ops.add(first, per_split), blocks), first)
     final = ops.c(capacity // BLOCK - 1)
 
-    ahead = slots - 1  # halves in flight while one computes
+    def stage_at(i):  # the shared-memory stage of block i
+        return ops.add(shared, ops.mul(ops.rem(ops.sub(i, first), stages), fmt.stage_bytes))
 
-    def slot_at(i, side):  # the slot of block i's keys (side 0) or values (1)
-        half = ops.add(ops.mul(ops.sub(i, first), 2), side)  # halves since the part's first
-        return ops.add(shared, ops.mul(ops.rem(half, slots), fmt.slot_bytes))
+    def stage_block(i):  # block i into its stage, if it is one of this part's
+        _stage(ops, fmt, lane_id, arrays, ops.add(head_block, ops.umin(i, final)),
+               ops.lt(i, last), stage_at(i))
 
-    def copy_half(block, side):
-        """Block's keys (side 0) or values (1) into their slot, if it is one of this part's."""
-        _stage(ops, fmt.halves[side], lane_id, arrays, ops.add(head_block, ops.umin(block, final)),
-               ops.lt(block, last), slot_at(block, side))
-
-    for h in range(ahead):  # the first halves; the loop then refills each slot once it is read
-        copy_half(ops.add(first, h // 2), h % 2)
-
-    def stage_ahead(i, side):  # the half `ahead` past block i's `side`, into the slot just read
-        copy_half(ops.add(i, (side + ahead) // 2), (side + ahead) % 2)
+    for j in range(stages - 1):
+        stage_block(ops.add(first, j))
 
     # The offset MMAs' operands (_constants) into shared memory after q * 2^-p, read where
     # used: held across the loop, they took 8 registers.
-    magic_at = ops.add(shared, _warp_shared_bytes(fmt, slots) - MAGIC_BYTES)
+    magic_at = ops.add(shared, _warp_shared_bytes(fmt, stages) - MAGIC_BYTES)
     for i in range(2):
         ops.store_shared(magic_at, ops.load(constants, 4, 16 * i), 16 * i)
 
     def neg_magic(half: _Half):  # 4 registers of -magic pairs
         return ops.load_shared(magic_at, 4, 16 * (half is VALUES))
 
-    def convert(i):  # once block i's keys are in, its key statistics (_key_stats_to_f16)
-        ops.wait(ahead - 1)  # the halves issued after them may be in flight
-        _key_stats_to_f16(ops, fmt, lane_id, slot_at(i, 0))
+    def convert(i):  # once block i's copies are in, its key statistics (_key_stats_to_f16)
+        ops.wait(stages - 2)
+        _key_stats_to_f16(ops, fmt, lane_id, stage_at(i))
 
     # Each block converts the next one's key statistics at its end, where that work can
     # overlap its last MMAs; at the start of the next, it was a chain of shared-memory round
@@ -1028,17 +1008,11 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     # results/profile_kivi2_mma_s20.json).
     convert(first)
 
-    def values_ready(i):  # the keys' slot refilled, then block i's values waited for
-        ops.sync_warp()  # every lane is done with the keys
-        stage_ahead(i, 1)
-        ops.wait(ahead)
-
     def body(i, state):
-        ops.sync_warp()  # every lane is done with the last block's values
-        stage_ahead(i, 0)
-        words = _Staged(ops, fmt, lane, slot_at(i, 0), slot_at(i, 1))
-        state = _block(ops, fmt, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK), words,
-                       state, lambda: values_ready(i))
+        ops.sync_warp()  # every lane is done with the stage about to be refilled
+        stage_block(ops.add(i, stages - 1))
+        state = _block(ops, fmt, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK),
+                       _Staged(ops, fmt, lane, stage_at(i)), state)
         convert(ops.add(i, 1))
         return state
 
@@ -1050,12 +1024,12 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     _epilogue(ops, fmt, lane, state, *outs)
 
 
-def _warp_shared_bytes(fmt: _Format, slots):
-    """A warp's shared memory: its slots, its q * 2^-p, the offset MMAs' operands."""
-    return slots * fmt.slot_bytes + QF_BYTES + MAGIC_BYTES
+def _warp_shared_bytes(fmt: _Format, stages):
+    """A warp's shared memory: its stages, its q * 2^-p, the offset MMAs' operands."""
+    return stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES
 
 
-def _kernel(ctx, *refs, fmt: _Format, capacity, num_splits, parts, slots, residual):
+def _kernel(ctx, *refs, fmt: _Format, capacity, num_splits, parts, stages, residual):
     """The GPU kernel: warp w of program i takes part WARPS * i + w."""
     del ctx
     *refs, shared = refs
@@ -1067,11 +1041,11 @@ def _kernel(ctx, *refs, fmt: _Format, capacity, num_splits, parts, slots, residu
     part = ops.add(ops.mul(program, WARPS), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
     shared = ops.add(llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared)),
-                     ops.mul(warp, _warp_shared_bytes(fmt, slots)))
+                     ops.mul(warp, _warp_shared_bytes(fmt, stages)))
     with mgpu_utils.when(ops.lt(part, parts)):
         _part(ops, fmt, lane, ops.band(tid, 31), part, addresses, shared,
               heads=parts // (num_splits + 1), capacity=capacity, num_splits=num_splits,
-              slots=slots, residual=residual)
+              stages=stages, residual=residual)
 
 
 def _constants():
@@ -1093,7 +1067,7 @@ def _inputs(q, k_parts, v_parts, lengths, residual):
             counts.astype(jnp.int32), _constants())
 
 
-def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, slots=SLOTS):
+def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
     """The kernel's own code run on the CPU, warp by warp over numpy (see _Numpy): what the
     tests check against the reference, since interpret mode cannot run the kernel's PTX."""
     inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths, residual)]
@@ -1103,7 +1077,7 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, slots=SL
     shapes = _out_shapes(B, Hkv, num_splits + 1)
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
     fmt = _format(inputs[2])
-    arrays.append(np.zeros(_warp_shared_bytes(fmt, slots), np.uint8))  # a warp's shared memory
+    arrays.append(np.zeros(_warp_shared_bytes(fmt, stages), np.uint8))  # a warp's shared memory
     offsets = np.cumsum([0] + [a.nbytes for a in arrays])
     memory = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
     ops = _Numpy(memory)
@@ -1112,7 +1086,7 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, slots=SL
     lane_id = np.arange(32, dtype=np.uint32)
     for part in range(B * Hkv * (num_splits + 1)):
         _part(ops, fmt, lane, lane_id, ops.c(part), refs, shared, heads=B * Hkv, capacity=S,
-              num_splits=num_splits, slots=slots, residual=R)
+              num_splits=num_splits, stages=stages, residual=R)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
             for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
     g = q.shape[1] // Hkv
@@ -1140,15 +1114,15 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     return max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "slots"))
-def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, slots=SLOTS):
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
+def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
     KIVI 2- or 4-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPECS), and the first counts[b, h] tokens of its
     full-precision residual, residual = (k, v [B, Hkv, R, 128] bf16, counts [B, Hkv]). Returns
     o [B, Hkv, P, g, D] and m, l [B, Hkv, P, g] (float32): P - 1 parts per head over the
     quantized tokens, the last over the residual (decode_attention.decode_partials' layout).
-    num_splits and slots default to the measured best settings (default_splits, SLOTS)."""
+    num_splits and stages default to the measured best settings (default_splits, STAGES)."""
     B, Hq, _ = q.shape
     Hkv = lengths.shape[1]
     S, R = k_parts[0].shape[2], residual[0].shape[2]
@@ -1166,12 +1140,12 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     with jax_mlir.make_ir_context(), ir.Location.unknown():
         kernel = mosaic_gpu.as_gpu_kernel(
             functools.partial(_kernel, fmt=fmt, capacity=S, num_splits=num_splits,
-                              parts=parts, slots=slots, residual=R),
+                              parts=parts, stages=stages, residual=R),
             grid=(-(-parts // WARPS), 1, 1), block=(32 * WARPS, 1, 1),
             in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
             out_shape=_out_shapes(B, Hkv, num_splits + 1),
             smem_scratch_shape=jax.ShapeDtypeStruct(
-                (WARPS * _warp_shared_bytes(fmt, slots),), jnp.uint8),
+                (WARPS * _warp_shared_bytes(fmt, stages),), jnp.uint8),
             kernel_name="kvjax_decode_kivi_mma")
     o, m, l = kernel(*inputs)
     g = Hq // Hkv
