@@ -35,7 +35,6 @@ from kvjax.attention import decode_attention, decode_partials, merge_partials
 from kvjax.cache import DenseLayerCache, QuantizedLayerCache
 from kvjax.quantization import dequantize_tokens
 from pallas_kernels import decode_attention as kernel
-from pallas_kernels.quantize import quantize_pack
 
 HQ, HKV, D = 32, 8, 128
 QUANTIZED = {"kivi2": policies.kivi(2), "kivi4": policies.kivi(4), "k8v4": policies.hetero(8, 4)}
@@ -92,7 +91,7 @@ def quantized_cache(policy, k, v, residual_tokens):
     qz = policy.quantization
     cache = QuantizedLayerCache.allocate(B, H, S, D, k.dtype, qz.key.for_head_dim(D),
                                          qz.value.for_head_dim(D), qz.residual)
-    kp, vp = quantize_pack(k, cache.k_spec), quantize_pack(v, cache.v_spec)
+    kp, vp = cache.quantized("k", k), cache.quantized("v", v)
     counts = jnp.full((B, H), S, jnp.int32)
     return cache.replace(
         k_codes=kp[0], k_scale=kp[1], k_zero=kp[2], v_codes=vp[0], v_scale=vp[1], v_zero=vp[2],
@@ -105,8 +104,8 @@ def reference_attend(cache, q):
     dequantized and the residual, merged. A bf16 reference would add its own rounding of the
     dequantized keys to the error it measures."""
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    k = dequantize_tokens(cache.k_codes, cache.k_scale, cache.k_zero, cache.k_spec, jnp.float32)
-    v = dequantize_tokens(cache.v_codes, cache.v_scale, cache.v_zero, cache.v_spec, jnp.float32)
+    k = dequantize_tokens(*cache.parts("k"), cache.k_spec, jnp.float32)
+    v = dequantize_tokens(*cache.parts("v"), cache.v_spec, jnp.float32)
     return merge_partials([decode_partials(f32(q), k, v, cache.num_quantized),
                            decode_partials(f32(q), f32(cache.k_residual), f32(cache.v_residual),
                                            cache.num_residual)], jnp.float32)
@@ -199,8 +198,7 @@ def bench_shape(batch, context, sweep, names):
             err = rel_error(jax.jit(attend)(q, cache), jax.jit(reference_attend)(cache, q))
         add(f"kvjax_{name}", timed(attend, q, cache), nbytes, err)
         if name in sweep:
-            sweep_kernel(name, q, ((cache.k_codes, cache.k_scale, cache.k_zero),
-                                   (cache.v_codes, cache.v_scale, cache.v_zero)),
+            sweep_kernel(name, q, (cache.parts("k"), cache.parts("v")),
                          cache.num_quantized, cache.k_spec, cache.v_spec, add, sweep[name])
         del cache
     return rows

@@ -28,12 +28,18 @@ from pallas_kernels import merge
 from pallas_kernels.quantize import quantize_pack
 
 def random_cache(key, batch, heads, capacity, bits):
+    """(k_parts, v_parts) of random keys and values, in kvjax.quantization's layout."""
     kk, kv = jax.random.split(key)
     shape = (batch, heads, capacity, mma_kernel.HEAD_DIM)
     k = jax.random.normal(kk, shape, jnp.bfloat16) * 2 + 0.5
     v = jax.random.normal(kv, shape, jnp.bfloat16)
     k_spec, v_spec = mma_kernel.SPECS[bits]
     return quantize_pack(k, k_spec), quantize_pack(v, v_spec)
+
+
+def stored_keys(k_parts, bits):
+    """Key parts as a cache stores them for the MMA kernel (store_key_stats)."""
+    return k_parts[0], *mma_kernel.store_key_stats(*k_parts[1:], bits)
 
 
 def empty_residual(batch, heads, tokens=128):
@@ -63,10 +69,11 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.asarray(lengths, jnp.int32).reshape(batch, heads)
     residual = empty_residual(batch, heads)
-    got = merge_partials([mma_kernel.decode_partials(q, k_parts, v_parts, lengths, residual,
+    k_stored = stored_keys(k_parts, bits)
+    got = merge_partials([mma_kernel.decode_partials(q, k_stored, v_parts, lengths, residual,
                                                      num_splits=splits)], jnp.float32)
     three_stages = merge_partials([mma_kernel.decode_partials(
-        q, k_parts, v_parts, lengths, residual, num_splits=splits, stages=3)], jnp.float32)
+        q, k_stored, v_parts, lengths, residual, num_splits=splits, stages=3)], jnp.float32)
     want = reference(q, k_parts, v_parts, lengths, bits)
     k_spec, v_spec = mma_kernel.SPECS[bits]
     triton = merge_partials([triton_kernel.decode_partials(
@@ -91,18 +98,19 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
     def mma(q, k, v, n, **options):
         return mma_kernel.decode_partials(q, k, v, n, residual, **options)
 
-    kernels = {"mma": mma,
-               "mma_3_stages": functools.partial(mma, stages=3),
-               "triton": functools.partial(triton_kernel.decode_partials,
-                                           k_spec=mma_kernel.SPECS[bits][0],
-                                           v_spec=mma_kernel.SPECS[bits][1])}
+    k_stored = stored_keys(k_parts, bits)  # what the MMA kernel reads; Triton the plain layout
+    kernels = {"mma": (mma, k_stored),
+               "mma_3_stages": (functools.partial(mma, stages=3), k_stored),
+               "triton": (functools.partial(triton_kernel.decode_partials,
+                                            k_spec=mma_kernel.SPECS[bits][0],
+                                            v_spec=mma_kernel.SPECS[bits][1]), k_parts)}
     for parts in sweep:  # parts (warps) over the whole batch
         splits = max(1, parts // (batch * heads))
-        kernels[f"mma_{parts}_parts"] = functools.partial(mma, num_splits=splits)
+        kernels[f"mma_{parts}_parts"] = (functools.partial(mma, num_splits=splits), k_stored)
     kernels = {k: fn for k, fn in kernels.items() if names is None or k in names}
     rows = []
-    for name, fn in kernels.items():
-        seconds, figures = timed(fn, q, k_parts, v_parts, lengths)
+    for name, (fn, keys) in kernels.items():
+        seconds, figures = timed(fn, q, keys, v_parts, lengths)
         rows.append({"kernel": name, "bits": bits, "batch": batch, "context": capacity,
                      "ms": seconds * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
                      **figures})
@@ -124,10 +132,9 @@ def breakdown(batch, capacity, bits, heads=8, group=4):
     policy = policies.kivi(bits)
     cache = quantized_cache(policy, k, v, residual_tokens=policy.quantization.residual)
     del k, v
-    k_parts = cache.k_codes, cache.k_scale, cache.k_zero
-    v_parts = cache.v_codes, cache.v_scale, cache.v_zero
     residual = cache.k_residual, cache.v_residual, cache.num_residual
-    partials = functools.partial(mma_kernel.decode_partials, k_parts=k_parts, v_parts=v_parts,
+    partials = functools.partial(mma_kernel.decode_partials, k_parts=cache.stored("k"),
+                                 v_parts=cache.stored("v"),
                                  lengths=cache.num_quantized, residual=residual)
     parts = partials(q)  # the merges chain on these (an op's first input is perturbed)
     steps = {"attend": (lambda q: cache.attend(q), q),

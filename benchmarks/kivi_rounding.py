@@ -85,7 +85,8 @@ def emulated(q, k_parts, v_parts, thresholds=(8.0, 4.0, 2.0, 0.0)):
     try:
         for threshold in thresholds:
             decode_kivi_mma.RESCALE_AT = threshold
-            parts = decode_kivi_mma.emulate(q, k_parts, v_parts, lengths,
+            k_stored = k_parts[0], *decode_kivi_mma.store_key_stats(*k_parts[1:], K_SPEC.bits)
+            parts = decode_kivi_mma.emulate(q, k_stored, v_parts, lengths,
                                             (empty, empty, jnp.zeros((B, H), jnp.int32)),
                                             num_splits=2)
             errors[threshold] = rel_error(merge_partials([parts], jnp.float32), want)

@@ -44,8 +44,8 @@ def ops(batch, context):
     policy = QUANTIZED["kivi2"]
     cache = quantized_cache(policy, k, v, policy.quantization.residual)
     kernel = functools.partial(
-        decode_kivi_mma.decode_partials, k_parts=(cache.k_codes, cache.k_scale, cache.k_zero),
-        v_parts=(cache.v_codes, cache.v_scale, cache.v_zero), lengths=cache.num_quantized,
+        decode_kivi_mma.decode_partials, k_parts=cache.stored("k"),
+        v_parts=cache.stored("v"), lengths=cache.num_quantized,
         residual=(cache.k_residual, cache.v_residual, cache.num_residual))
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, Hkv, D]
     cudnn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")

@@ -34,8 +34,9 @@ def main():
         else:
             policy = QUANTIZED[name.removesuffix("_mma")]  # kivi2_mma: the MMA kernel
             cache = quantized_cache(policy, k, v, policy.quantization.residual)
-            parts = ((cache.k_codes, cache.k_scale, cache.k_zero),
-                     (cache.v_codes, cache.v_scale, cache.v_zero))
+            # the MMA kernel reads the cache as stored, the Triton kernel the plain layout
+            parts = ((cache.stored if name.endswith("_mma") else cache.parts)("k"),
+                     cache.stored("v"))
             specs = (cache.k_spec, cache.v_spec)
         for _ in range(args.calls):
             if name.endswith("_mma"):

@@ -118,7 +118,10 @@ class QuantizedLayerCache:
     """Low-bit K/V of one layer (KIVI, MiniKV, LeanKV's tiers) plus a full-precision residual.
 
     The quantized store holds packed codes and bfloat16 scales and zeros in the layout of
-    kvjax.quantization.quantize_tokens; nothing else of the quantized tokens is kept. New tokens
+    kvjax.quantization.quantize_tokens, except the key statistics of KIVI's 2- and 4-bit keys
+    of 128-channel heads: those are stored as the MMA decode kernel reads them (float16, in its
+    order: decode_kivi_mma.store_key_stats), converted once when written rather than at every
+    decode step. Nothing else of the quantized tokens is kept. New tokens
     go to the residual; when it is full it is quantized and flushed whole (it holds whole key
     groups), before the next token is written, so attention always sees the newest token at
     full precision. Per (batch, head), the tokens are the first num_quantized of the store
@@ -126,7 +129,7 @@ class QuantizedLayerCache:
     """
 
     k_codes: jax.Array  # [B, Hkv, S, K * k_bits // 8] uint8
-    k_scale: jax.Array  # [B, Hkv, *k_spec.stats_shape(S, K)] bf16
+    k_scale: jax.Array  # [B, Hkv, *k_spec.stats_shape(S, K)] bf16 (f16: _kernel_keys)
     k_zero: jax.Array
     v_codes: jax.Array  # [B, Hkv, S, K * v_bits // 8] uint8
     v_scale: jax.Array  # [B, Hkv, *v_spec.stats_shape(S, K)] bf16
@@ -157,7 +160,9 @@ class QuantizedLayerCache:
         lead = (batch, num_kv_heads)
 
         def quantized(spec):
-            stats = jnp.zeros((*lead, *spec.stats_shape(store, head_dim)), jnp.bfloat16)
+            kernel_keys = spec is k_spec and decode_kivi_mma.stores_key_stats(spec, head_dim)
+            stats = jnp.zeros((*lead, *spec.stats_shape(store, head_dim)),
+                              jnp.float16 if kernel_keys else jnp.bfloat16)
             codes = jnp.zeros((*lead, store, head_dim // spec.codes_per_byte), jnp.uint8)
             return codes, stats, stats.copy()
 
@@ -176,11 +181,29 @@ class QuantizedLayerCache:
     def lengths(self):
         return self.num_quantized + self.num_residual
 
-    def _k_parts(self):
-        return self.k_codes, self.k_scale, self.k_zero
+    @property
+    def _kernel_keys(self) -> bool:
+        """Whether the key statistics are stored in the MMA kernel's layout."""
+        return decode_kivi_mma.stores_key_stats(self.k_spec, self.k_residual.shape[-1])
 
-    def _v_parts(self):
-        return self.v_codes, self.v_scale, self.v_zero
+    def stored(self, name):
+        """The keys' (name "k") or values' ("v") codes, scales and zeros as stored."""
+        return tuple(getattr(self, f"{name}_{part}") for part in ("codes", "scale", "zero"))
+
+    def parts(self, name):
+        """The keys' (name "k") or values' ("v") codes, scales and zeros in
+        kvjax.quantization's layout."""
+        codes, scale, zero = self.stored(name)
+        if name == "k" and self._kernel_keys:
+            scale, zero = decode_kivi_mma.load_key_stats(scale, zero, self.k_spec.bits)
+        return codes, scale, zero
+
+    def quantized(self, name, x):
+        """x [B, Hkv, T, K] quantized as the cache stores its keys (name "k") or values ("v")."""
+        codes, scale, zero = _quantize(x, self.k_spec if name == "k" else self.v_spec)
+        if name == "k" and self._kernel_keys:
+            return codes, *decode_kivi_mma.store_key_stats(scale, zero, self.k_spec.bits)
+        return codes, scale, zero
 
     def write_prompt(self, k, v, lengths):
         """Stores a right-padded prompt's k, v [B, Hkv, T, K]; lengths: real tokens per row [B]
@@ -194,9 +217,9 @@ class QuantizedLayerCache:
         num_quantized = jnp.maximum(lengths - R + group - 1, 0) // group * group  # [B, Hkv]
         parts = []
         store = self.k_codes.shape[2]  # tokens past it are never quantized (allocate says why)
-        for x, spec, old in ((k, self.k_spec, self._k_parts()), (v, self.v_spec, self._v_parts())):
-            new = _quantize(_round_tokens(x, group)[:, :, :store], spec)
-            parts.append([o.at[:, :, :n.shape[2]].set(n) for o, n in zip(old, new)])
+        for name, x in (("k", k), ("v", v)):
+            new = self.quantized(name, _round_tokens(x, group)[:, :, :store])
+            parts.append([o.at[:, :, :n.shape[2]].set(n) for o, n in zip(self.stored(name), new)])
         take = jnp.minimum(num_quantized[..., None] + jnp.arange(R), T - 1)[..., None]  # [B, Hkv, R, 1]
 
         def tail(x):  # each head's tokens [num_quantized, num_quantized + R) -> [B, Hkv, R, K]
@@ -219,7 +242,7 @@ class QuantizedLayerCache:
         start = self.num_quantized
         updated = {}
         for name, x, spec in (("k", self.k_residual, self.k_spec), ("v", self.v_residual, self.v_spec)):
-            new = _quantize(x, spec)
+            new = self.quantized(name, x)
             stats_start = start // spec.group if spec.per_channel else start  # a row per group
             for part, n, row in zip(("codes", "scale", "zero"), new, (start, stats_start, stats_start)):
                 updated[f"{name}_{part}"] = _write_rows(getattr(self, f"{name}_{part}"), n, row, full)
@@ -242,13 +265,14 @@ class QuantizedLayerCache:
 
     def attend(self, q):
         """q [B, Hq, K] over the quantized tokens and the residual -> [B, Hq, K]."""
-        k_parts, v_parts = self._k_parts(), self._v_parts()
+        v_parts = self.stored("v")
         if decode_kivi_mma.fits(q, self.num_quantized, self.k_spec, self.v_spec,
                                 self.k_codes.shape[2], self.k_residual):  # one kernel for both
             residual = self.k_residual, self.v_residual, self.num_residual
-            return _merged(decode_kivi_mma.decode_partials(q, k_parts, v_parts,
+            return _merged(decode_kivi_mma.decode_partials(q, self.stored("k"), v_parts,
                                                            self.num_quantized, residual), q.dtype)
-        parts = [_partials(q, k_parts, v_parts, self.num_quantized, self.k_spec, self.v_spec),
+        parts = [_partials(q, self.parts("k"), v_parts, self.num_quantized, self.k_spec,
+                           self.v_spec),
                  _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)]
         return merge_partials(parts, q.dtype)
 

@@ -14,12 +14,15 @@ dimension and tokens or channels the 16 rows:
   `lop3` per two codes puts a code under the mantissa of 1024.0 in f16 (1024 + 2^p * code,
   exact): the channel order of the contraction follows the packing (_Format, _key_combo), and
   the factor 2^-p rides on q. f16 rather than bf16 because q * scale rounds
-  in the operand: in bf16 that rounding reached 1e-2 of the output. The key scales and zeros
-  are converted in shared memory (times 2^-8, which keeps the products in f16's range). The
-  1024s cost no instruction per code: an MMA of the same scaled q with a constant -1024
-  operand gives each key group its offset, which starts the accumulator together with q.zero,
-  itself a chain of 8 MMAs per block whose rows are the two key groups' zeros, staged times
-  2^p so that the q * 2^-p operand cancels it (_key_zero_terms).
+  in the operand: in bf16 that rounding reached 1e-2 of the output. The cache stores the key
+  scales and zeros as this kernel reads them (store_key_stats): f16 times 2^-8 (which keeps
+  the products in f16's range), in the order of the MMAs' operands. Converted here, once a
+  block, they had cost 3-4 us of the kernel's 121 at B16 x 32K (benchmarks/RESULTS.md, twelfth
+  pass), where the cache converts each key group once, when it is written. The 1024s cost no
+  instruction per code: an MMA of the same scaled q with a constant -1024 operand gives each
+  key group its offset, which starts the accumulator together with q.zero, itself a chain of
+  8 MMAs per block whose rows are the two key groups' zeros, stored times 2^p so that the
+  q * 2^-p operand cancels it (_key_zero_terms).
 - Values (bf16): o^T [16 channels, 8] += codes^T [16 channels, 16 tokens] @ (p * scale)
   [16 tokens, 8]. A thread reads one packed word of each of its tokens (two at 4 bits); byte
   permutes pair two tokens per register. The 8 columns are the 4 queries times the 2 value
@@ -41,8 +44,9 @@ kvjax.attention.decode_partials over the dequantized cache and the residual.
 
 It takes what KIVI's 2- and 4-bit policies store: per-channel keys in groups of 32 tokens,
 per-token values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16
-queries, a capacity that is a multiple of 64 and a bf16 residual of whole 16-token tiles (`fits`);
-decode_attention.py takes the rest.
+queries, a capacity that is a multiple of 64 and a bf16 residual of whole 16-token tiles (`fits`),
+with the key statistics in store_key_stats' layout (`stores_key_stats` says which caches keep
+it); decode_attention.py takes the rest.
 """
 
 import functools
@@ -59,7 +63,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, gpu, llvm, scf
 
 from kvjax.attention import EMPTY_MAX, LOG2_E
-from kvjax.quantization import QuantSpec
+from kvjax.quantization import STATS_DTYPE, QuantSpec
 
 HEAD_DIM = 128
 GROUP = 32  # tokens per key group, channels per value group
@@ -75,7 +79,9 @@ RESCALE_AT = 2.0
 SPECS = {bits: (QuantSpec(bits, GROUP, per_channel=True), QuantSpec(bits, GROUP))
          for bits in (2, 4)}  # KIVI's 2- and 4-bit caches, keys and values
 
-KEY_STATS_FACTOR = 2.0 ** -8  # key scales and zeros in f16 are this times their value
+# Key scales and zeros are stored in f16 as this times their value: it keeps q times a scale
+# inside f16's range up to |q * scale| = 2^24 (65504 unscaled); the softmax scale undoes it.
+KEY_STATS_FACTOR = 2.0 ** -8
 
 
 class _Half(NamedTuple):
@@ -153,6 +159,67 @@ def value_factor(fmt: _Format) -> np.ndarray:
     """[128] 2^-p of each channel's value codes."""
     c = np.arange(HEAD_DIM)
     return 1.0 / _code_factor(fmt, VALUES, c & 1, c // fmt.row_bytes)
+
+
+def stores_key_stats(k_spec: QuantSpec, head_dim: int) -> bool:
+    """Whether a cache of keys quantized as k_spec keeps its key statistics in
+    store_key_stats' layout: KIVI's 2- and 4-bit keys of 128-channel heads, those this kernel
+    reads (on whatever backend, so that a cache means the same everywhere)."""
+    return head_dim == HEAD_DIM and k_spec in (keys for keys, _ in SPECS.values())
+
+
+@functools.cache
+def _key_stats_order(bits: int):
+    """A key group's 128 stored slots (store_key_stats): the channel each holds, and the
+    factor its zero is stored times (2^p of the channel's codes, _code_factor).
+
+    The kernel reads run w of 8 channels (w < 16) in one lane: the scales as 4 pairs (c,
+    c + 2) of channels 8 w + [0, 1, 4, 5], in place; the zeros, the same pairs, where the
+    zero-term MMA (f, y) of the lane's field f finds its operand: 8 bytes at 32 operand +
+    8 l4, pairs of even then odd channels (_Staged.key_zeros)."""
+    fmt = _Format(bits)
+    lanes_a_field = fmt.row_bytes // 8  # runs of a field
+    scale_channel, zero_channel = np.zeros(HEAD_DIM, int), np.zeros(HEAD_DIM, int)
+    for w in range(HEAD_DIM // 8):
+        f, within = divmod(w, lanes_a_field)
+        l4, j0 = within // (bits // 2), 4 * (within % (bits // 2))
+        for j, low in enumerate((0, 1, 4, 5)):
+            operand = f * fmt.pairs // 2 + (j0 + j) // 2
+            for h in range(2):  # the word's low and high half
+                scale_channel[8 * w + 2 * j + h] = 8 * w + low + 2 * h
+                zero_channel[16 * operand + 4 * l4 + 2 * (j % 2) + h] = 8 * w + low + 2 * h
+    zero_factor = _code_factor(fmt, KEYS, zero_channel & 1, zero_channel // fmt.row_bytes)
+    return scale_channel, zero_channel, zero_factor
+
+
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+def store_key_stats(scale, zero, bits: int):
+    """KIVI's key scales and zeros [..., groups, 128] (per channel, kvjax.quantization's
+    layout) -> as the cache stores them for this kernel: f16 [..., groups, 128], times
+    KEY_STATS_FACTOR (the zeros times 2^p of their channel too), saturating, in the order the
+    kernel reads them (_key_stats_order). A bf16 statistic is exact there unless it is below
+    2^-6 (times 2^p; f16's subnormals) or above 2^24: the kernel's arithmetic is the same."""
+    scale_channel, zero_channel, zero_factor = _key_stats_order(bits)
+
+    def f16(x):
+        return jnp.clip(x, -F16_MAX, F16_MAX).astype(jnp.float16)
+
+    return (f16(scale.astype(jnp.float32)[..., scale_channel] * KEY_STATS_FACTOR),
+            f16(zero.astype(jnp.float32)[..., zero_channel]
+                * jnp.asarray(zero_factor * KEY_STATS_FACTOR, jnp.float32)))
+
+
+def load_key_stats(scale, zero, bits: int):
+    """The inverse of store_key_stats: -> scales and zeros [..., groups, 128] per channel, in
+    kvjax.quantization's layout and STATS_DTYPE."""
+    scale_channel, zero_channel, zero_factor = _key_stats_order(bits)
+    unscale = jnp.asarray(1 / (zero_factor * KEY_STATS_FACTOR), jnp.float32)
+    return ((scale.astype(jnp.float32) / KEY_STATS_FACTOR)[..., np.argsort(scale_channel)]
+            .astype(STATS_DTYPE),
+            (zero.astype(jnp.float32) * unscale)[..., np.argsort(zero_channel)]
+            .astype(STATS_DTYPE))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,48 +650,6 @@ def _stage(ops, fmt: _Format, lane_id, arrays, block, valid, stage):
     ops.commit()
 
 
-def _key_stats_to_f16(ops, fmt: _Format, lane_id, stage):
-    """Rewrites a stage's key scales and zeros, bf16 as copied, as f16 times KEY_STATS_FACTOR
-    (saturating): each lane 16 bytes of each. The factor keeps q times a scale inside f16's
-    range up to |q * scale| = 2^24, where f16 would overflow at 65504; the scores undo it in
-    the softmax scale. The scales go back in place. The zeros are times 2^p of their channel
-    as well, which the q * 2^-p they meet in _key_zero_terms cancels, and go in the order of
-    its A operands (_Staged.key_zeros), so that each operand is one read."""
-    lane_bytes = ops.mul(lane_id, 16)
-    # Lane i holds key group g = i // 16's channels 8 (i % 16) + [0, 8): channel pairs
-    # j0 + [0, 4) (byte j % 2 of their half-words) of field f, lane l4 (_Format).
-    g, within = ops.shr(lane_id, 4), ops.band(lane_id, 15)
-    lanes_a_field = fmt.row_bytes // 8  # of the 16
-    f = ops.div(within, lanes_a_field)
-    l4 = ops.div(ops.rem(within, lanes_a_field), fmt.bits // 2)
-    j0 = ops.mul(ops.rem(within, fmt.bits // 2), 4)
-    factors = [ops.fmul(_code_factor_at(ops, fmt, KEYS, x, f), ops.cf(KEY_STATS_FACTOR))
-               for x in range(2)]
-    raw = {name: ops.load_shared(ops.add(stage, lane_bytes), 4, fmt.stage[name][0])
-           for name in ("ks", "kz")}
-    scales = _spread(ops, raw["ks"], [ops.cf(KEY_STATS_FACTOR)] * 4)
-    zeros = _spread(ops, raw["kz"], [factors[j % 2] for j in range(4)])
-    ops.sync_warp()  # every lane's words read before any lane writes
-    ops.store_shared(ops.add(stage, lane_bytes), scales, fmt.stage["ks"][0])
-    # pair j0 + j: operand (f, (j0 + j) // 2), slot g + 2 (j % 2)
-    operand = ops.add(ops.mul(f, fmt.pairs // 2), ops.div(j0, 2))
-    base = ops.add(stage, ops.add(ops.add(ops.mul(l4, 16), ops.mul(operand, 64)), ops.mul(g, 4)))
-    for j, word in enumerate(zeros):
-        ops.store_shared(base, [word], fmt.stage["kz"][0] + 64 * (j // 2) + 8 * (j % 2))
-    ops.sync_warp()  # every lane's words written before any lane reads them
-
-
-def _code_factor_at(ops, fmt: _Format, half: _Half, channel_parity: int, field):
-    """_code_factor for a field index in a register: an f32 register. For halves whose fields
-    need at most one shift (_Format.field_at), as KEYS'."""
-    step = fmt.step(half)
-    assert 8 + fmt.bits * (fmt.fields - 1) < 2 * step, "fields past the second shift"
-    position = ops.add(ops.mul(field, fmt.bits), 8 * channel_parity)
-    past = ops.lt(ops.c(step - 1), position)  # past the first shift: p = position - step
-    p = ops.select(past, ops.sub(position, step), position)
-    return ops.as_f32(ops.shl(ops.add(p, 127), 23))
-
-
 def _spread(ops, words, factors):
     """bf16 words of consecutive channel pairs (c, c + 1), 2 j and 2 j + 1 of each run of 4
     channels, as f16 words of the pairs (c, c + 2) the key MMAs take (_Format), pair j times
@@ -647,7 +672,7 @@ class _Staged:
         self.kc_at = at("kc", ops.add(ops.mul(lane.r, rb), ops.mul(lane.l4, 4 * fmt.bits)))
         self.vc_at = at("vc", ops.add(ops.mul(lane.l4, 2 * rb), ops.mul(lane.r, 4)))
         self.key_stats_at = {"ks": at("ks", ops.mul(lane.l4, 8 * fmt.bits)),
-                             "kz": at("kz", ops.mul(lane.l4, 16))}
+                             "kz": at("kz", ops.mul(lane.l4, 8))}
         self.stats_at = {"vs": at("vs", ops.mul(lane.r, 8)), "vz": at("vz", ops.mul(lane.r, 8))}
 
     def key_scales(self, half):
@@ -659,9 +684,12 @@ class _Staged:
     def key_zeros(self, f, y):
         """The A operand of _key_zero_terms' MMA (f, y): channel pairs 2 y and 2 y + 1 of field
         f of both key groups' zeros times 2^p, [group 0 at j = 2 y, group 1 at 2 y, group 0 at
-        2 y + 1, group 1 at 2 y + 1] (as _key_stats_to_f16 stores them)."""
-        offset = 64 * (self.fmt.pairs // 2 * f + y)
-        return self.ops.load_shared(self.key_stats_at["kz"], 4, offset)
+        2 y + 1, group 1 at 2 y + 1] (store_key_stats' order: 8 bytes a lane, a group's
+        after the other's)."""
+        offset = 32 * (self.fmt.pairs // 2 * f + y)
+        groups = [self.ops.load_shared(self.key_stats_at["kz"], 2, offset + HEAD_DIM * 2 * g)
+                  for g in range(2)]
+        return [groups[0][0], groups[1][0], groups[0][1], groups[1][1]]
 
     def kc(self, t):
         """[rh][i]: the lane's words i of token row t0 + 16 t + 8 rh + r."""
@@ -998,22 +1026,14 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     def neg_magic(half: _Half):  # 4 registers of -magic pairs
         return ops.load_shared(magic_at, 4, 16 * (half is VALUES))
 
-    def convert(i):  # once block i's copies are in, its key statistics (_key_stats_to_f16)
-        ops.wait(stages - 2)
-        _key_stats_to_f16(ops, fmt, lane_id, stage_at(i))
-
-    # Each block converts the next one's key statistics at its end, where that work can
-    # overlap its last MMAs; at the start of the next, it was a chain of shared-memory round
-    # trips that the block's first MMAs waited on (short_sb stalls:
-    # results/profile_kivi2_mma_s20.json).
-    convert(first)
+    ops.wait(stages - 2)  # the first block's copies in (the later stages' may be in flight)
 
     def body(i, state):
         ops.sync_warp()  # every lane is done with the stage about to be refilled
         stage_block(ops.add(i, stages - 1))
         state = _block(ops, fmt, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK),
                        _Staged(ops, fmt, lane, stage_at(i)), state)
-        convert(ops.add(i, 1))
+        ops.wait(stages - 2)  # the next block's copies in
         return state
 
     zero = ops.cf(0.0)
@@ -1058,6 +1078,9 @@ def _constants():
 def _inputs(q, k_parts, v_parts, lengths, residual):
     """The kernel's inputs: lengths, q [B, Hkv, 4, 128] (the query groups padded to 4), the
     quantized cache, the residual's k, v and counts, the MMA constants."""
+    if k_parts[1].dtype != jnp.float16:  # a silent misreading otherwise
+        raise ValueError(f"the MMA kernel reads key statistics as store_key_stats stores them "
+                         f"(float16), got {k_parts[1].dtype}: pass the cache's stored('k')")
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
     g = Hq // Hkv

@@ -154,7 +154,8 @@ def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, 
                     for _ in range(2))
     counts = rng.integers(0, residual + 1, (B, hkv)).astype(np.int32)
     counts.flat[0], counts.flat[-1] = 0, residual  # the empty head's residual empty too
-    parts = decode_kivi_mma.emulate(q, k_parts, v_parts, lengths, (k_res, v_res, counts),
+    k_stored = k_parts[0], *decode_kivi_mma.store_key_stats(*k_parts[1:], bits)
+    parts = decode_kivi_mma.emulate(q, k_stored, v_parts, lengths, (k_res, v_res, counts),
                                     num_splits=num_splits)
     ours = np.asarray(merge_partials([parts], jnp.float32))
     k_hat, v_hat = dequantize_tokens(*k_parts, k_spec), dequantize_tokens(*v_parts, v_spec)
@@ -168,13 +169,35 @@ def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, 
 
 
 @pytest.mark.parametrize("bits", [2, 4])
+def test_key_stats_layout_round_trips(rng, bits):
+    """store_key_stats puts every channel's scale and zero in one slot (a permutation) and
+    load_key_stats gets them back: exactly for bf16 statistics in f16's normal range once
+    times 2^-8 (and 2^p), to f16's spacing below it, saturated at f16's largest value."""
+    shape = (2, 3, 5, 128)
+    scale = (rng.uniform(0.02, 100, shape) * rng.choice([1, 1e-4, 1e-7], shape))
+    zero = rng.uniform(-50, 50, shape) * rng.choice([1, 1e-4, 0], shape)
+    scale, zero = (x.astype(ml_dtypes.bfloat16) for x in (scale, zero))
+    stored = decode_kivi_mma.store_key_stats(scale, zero, bits)
+    assert all(x.dtype == jnp.float16 and x.shape == shape for x in stored)
+    back = [np.asarray(x, np.float64) for x in decode_kivi_mma.load_key_stats(*stored, bits)]
+    for want, got in zip((scale, zero), back):
+        want = np.asarray(want, np.float64)
+        normal = np.abs(want) * 2.0 ** -8 >= np.finfo(np.float16).tiny
+        np.testing.assert_array_equal(got[normal], want[normal])
+        np.testing.assert_allclose(got, want, rtol=0, atol=2.0 ** -16)  # f16's subnormal step
+    huge = decode_kivi_mma.load_key_stats(*decode_kivi_mma.store_key_stats(
+        np.full(shape, 1e30, np.float32), np.full(shape, -1e30, np.float32), bits), bits)
+    assert np.isfinite(np.asarray(huge, np.float32)).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
     """The GPU kernel's MLIR builds (lowered for CUDA here, without a GPU) for an odd number
     of parts per program; other code widths are refused."""
     B, Hkv, S = 1, 3, 192
     shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
     codes = shape(B, Hkv, S, 16 * bits, dtype=jnp.uint8)
-    k_parts = codes, shape(B, Hkv, S // 32, 128), shape(B, Hkv, S // 32, 128)
+    k_parts = codes, *[shape(B, Hkv, S // 32, 128, dtype=jnp.float16)] * 2
     v_parts = codes, shape(B, Hkv, S, 4), shape(B, Hkv, S, 4)
     residual = shape(B, Hkv, 64, 128), shape(B, Hkv, 64, 128), shape(B, Hkv, dtype=jnp.int32)
     lowered = decode_kivi_mma.decode_partials.trace(
@@ -185,6 +208,10 @@ def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
     with pytest.raises(ValueError, match="whole 16-token tiles"):
         decode_kivi_mma.decode_partials.trace(shape(B, 4 * Hkv, 128), k_parts, v_parts,
                                               shape(B, Hkv, dtype=jnp.int32), torn)
+    plain = (codes, *[shape(B, Hkv, S // 32, 128)] * 2)  # bf16 statistics, not as stored
+    with pytest.raises(ValueError, match="store_key_stats"):
+        decode_kivi_mma.decode_partials.trace(shape(B, 4 * Hkv, 128), plain, v_parts,
+                                              shape(B, Hkv, dtype=jnp.int32), residual)
     eight_bit = (shape(B, Hkv, S, 128, dtype=jnp.uint8), *k_parts[1:])
     with pytest.raises(ValueError, match="2- or 4-bit codes"):
         decode_kivi_mma.decode_partials.trace(shape(B, 4 * Hkv, 128), eight_bit, v_parts,

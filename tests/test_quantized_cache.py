@@ -32,22 +32,26 @@ def qdq64(x, spec):
     return out.T if spec.per_channel else out
 
 
-@pytest.mark.parametrize("k_spec, v_spec, residual", [
-    (QuantSpec(2, 16, per_channel=True), QuantSpec(2, 16), 32),
-    (QuantSpec(4, 8), QuantSpec(2, 32), 16),
+@pytest.mark.parametrize("k_spec, v_spec, residual, D", [
+    (QuantSpec(2, 16, per_channel=True), QuantSpec(2, 16), 32, 32),
+    (QuantSpec(4, 8), QuantSpec(2, 32), 16, 32),
+    (QuantSpec(2, 32, per_channel=True), QuantSpec(2, 32), 32, 128),  # KIVI's: the MMA layout
 ])
-def test_cache_matches_float64_simulation_across_flushes(rng, k_spec, v_spec, residual):
+def test_cache_matches_float64_simulation_across_flushes(rng, k_spec, v_spec, residual, D):
     """Prefill ragged rows, append past several flushes, and compare attention with a float64
     model of the format: the first num_quantized tokens quantize-dequantized in their groups,
     the rest exact. Under full float32 matmul precision: on the GPU JAX's default lets float32
-    dots round like TF32, the kernels' as XLA's (about 1e-3 of the output there)."""
-    B, H, Hq, D, T, steps = 2, 2, 4, 32, 64, 70
+    dots round like TF32, the kernels' as XLA's (about 1e-3 of the output there). KIVI's
+    2-bit keys of 128 channels store their statistics in the MMA kernel's layout (float16),
+    written a key group at a time, at flushes that start mid-block."""
+    B, H, Hq, T, steps = 2, 2, 4, 64, 70
     lengths = np.array([61, 19], np.int32)
     k = rng.standard_normal((B, H, T + steps, D)).astype(np.float32)
     v = rng.standard_normal((B, H, T + steps, D)).astype(np.float32)
     cache = QuantizedLayerCache.allocate(B, H, T + steps, D, np.float32, k_spec, v_spec,
                                          residual, appends=steps)  # the tightest store
     cache = cache.write_prompt(k[:, :, :T], v[:, :, :T], lengths)
+    assert (cache.k_scale.dtype == np.float16) == (D == 128)
     append, attend = jax.jit(QuantizedLayerCache.append), jax.jit(QuantizedLayerCache.attend)
     group = k_spec.token_group
     for step in range(steps + 1):
