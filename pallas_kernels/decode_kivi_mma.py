@@ -200,7 +200,8 @@ def store_key_stats(scale, zero, bits: int):
     layout) -> as the cache stores them for this kernel: f16 [..., groups, 128], times
     KEY_STATS_FACTOR (the zeros times 2^p of their channel too), saturating, in the order the
     kernel reads them (_key_stats_order). A bf16 statistic is exact there unless it is below
-    2^-6 (times 2^p; f16's subnormals) or above 2^24: the kernel's arithmetic is the same."""
+    2^-6 (2^-6-p for a zero: f16's subnormals, off by at most 2^-17) or above about 2^24
+    (saturated): what the kernel computed when it converted them itself."""
     scale_channel, zero_channel, zero_factor = _key_stats_order(bits)
 
     def f16(x):
