@@ -1,8 +1,8 @@
 """Registers per thread of the MMA decode kernel for KIVI 2- and 4-bit caches
 (pallas_kernels/decode_kivi_mma.py), as ptxas reports them when the kernel compiles: what caps
 its programs per SM (65,536 registers / 128 threads / registers). The whole kernel, then with
-pieces left out (each part kind alone, the staging copies, the key-statistics conversion, the
-key zeros' MMAs), to find what holds them. Compiled at the benchmarks' B16 x 32K: at commit
+pieces left out (each part kind alone, the staging copies, the key zeros' MMAs; LEFT_OUT,
+which benchmarks.kivi_mma also times), to find what holds them. Compiled at the benchmarks' B16 x 32K: at commit
 122ee54 ptxas allocated the quantized part 119 registers where a part had one block and 205
 where it had 16.
 

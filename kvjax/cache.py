@@ -118,11 +118,12 @@ class QuantizedLayerCache:
     """Low-bit K/V of one layer (KIVI, MiniKV, LeanKV's tiers) plus a full-precision residual.
 
     The quantized store holds packed codes and bfloat16 scales and zeros in the layout of
-    kvjax.quantization.quantize_tokens, except the key statistics of KIVI's 2- and 4-bit keys
-    of 128-channel heads: those are stored as the MMA decode kernel reads them (float16, in its
-    order: decode_kivi_mma.store_key_stats), converted once when written rather than at every
-    decode step. Nothing else of the quantized tokens is kept. New tokens
-    go to the residual; when it is full it is quantized and flushed whole (it holds whole key
+    kvjax.quantization.quantize_tokens (`parts`), except the key statistics of KIVI's 2- and
+    4-bit keys of 128-channel heads: those are stored as the MMA decode kernel reads them
+    (float16, in its order: decode_kivi_mma.store_key_stats), converted once when written
+    rather than in every decode step; the other paths (CPU, GPUs without that kernel) convert
+    them back as they read them. Nothing else of the quantized tokens is kept. New tokens go to
+    the residual; when it is full it is quantized and flushed whole (it holds whole key
     groups), before the next token is written, so attention always sees the newest token at
     full precision. Per (batch, head), the tokens are the first num_quantized of the store
     followed by the first num_residual of the residual.
