@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import decode_partials, merge_partials
-from kvjax.quantization import QuantSpec, dequantize_tokens, quantize_tokens
+from kvjax.quantization import STATS_DTYPE, QuantSpec, dequantize_tokens, quantize_tokens
 from pallas_kernels import decode_attention as decode_kernel
 from pallas_kernels import decode_kivi_mma, merge
 from pallas_kernels.quantize import quantize_pack
@@ -119,10 +119,10 @@ class QuantizedLayerCache:
 
     The quantized store holds packed codes and bfloat16 scales and zeros in the layout of
     kvjax.quantization.quantize_tokens (`parts`), except the key statistics of KIVI's 2- and
-    4-bit keys of 128-channel heads: those are stored as the MMA decode kernel reads them
-    (float16, in its order: decode_kivi_mma.store_key_stats), converted once when written
-    rather than in every decode step; the other paths (CPU, GPUs without that kernel) convert
-    them back as they read them. Nothing else of the quantized tokens is kept. New tokens go to
+    4-bit keys of 128-channel heads allocated where the MMA decode kernel runs (Hopper): those
+    are stored as it reads them (float16, in its order: decode_kivi_mma.store_key_stats),
+    converted once when written rather than in every decode step; any other path reading
+    such a cache converts them back as it reads them. Nothing else of the quantized tokens is kept. New tokens go to
     the residual; when it is full it is quantized and flushed whole (it holds whole key
     groups), before the next token is written, so attention always sees the newest token at
     full precision. Per (batch, head), the tokens are the first num_quantized of the store
@@ -160,15 +160,14 @@ class QuantizedLayerCache:
         store = _round_up(max(quantized, residual), max(64, group))
         lead = (batch, num_kv_heads)
 
-        def quantized(spec):
-            kernel_keys = spec is k_spec and decode_kivi_mma.stores_key_stats(spec, head_dim)
-            stats = jnp.zeros((*lead, *spec.stats_shape(store, head_dim)),
-                              jnp.float16 if kernel_keys else jnp.bfloat16)
+        def quantized(spec, stats_dtype):
+            stats = jnp.zeros((*lead, *spec.stats_shape(store, head_dim)), stats_dtype)
             codes = jnp.zeros((*lead, store, head_dim // spec.codes_per_byte), jnp.uint8)
             return codes, stats, stats.copy()
 
-        k_codes, k_scale, k_zero = quantized(k_spec)
-        v_codes, v_scale, v_zero = quantized(v_spec)
+        kernel_keys = decode_kivi_mma.stores_key_stats(k_spec, head_dim)
+        k_codes, k_scale, k_zero = quantized(k_spec, jnp.float16 if kernel_keys else STATS_DTYPE)
+        v_codes, v_scale, v_zero = quantized(v_spec, STATS_DTYPE)
         residual_kv = jnp.zeros((*lead, residual, head_dim), dtype)
         counts = jnp.zeros(lead, jnp.int32)
         return cls(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, residual_kv,
@@ -184,8 +183,9 @@ class QuantizedLayerCache:
 
     @property
     def _kernel_keys(self) -> bool:
-        """Whether the key statistics are stored in the MMA kernel's layout."""
-        return decode_kivi_mma.stores_key_stats(self.k_spec, self.k_residual.shape[-1])
+        """Whether the key statistics are stored in the MMA kernel's layout (float16; the
+        plain layout's are STATS_DTYPE), as allocate chose."""
+        return self.k_scale.dtype == jnp.float16
 
     def stored(self, name):
         """The keys' (name "k") or values' ("v") codes, scales and zeros as stored."""
@@ -245,8 +245,9 @@ class QuantizedLayerCache:
         for name, x, spec in (("k", self.k_residual, self.k_spec), ("v", self.v_residual, self.v_spec)):
             new = self.quantized(name, x)
             stats_start = start // spec.group if spec.per_channel else start  # a row per group
-            for part, n, row in zip(("codes", "scale", "zero"), new, (start, stats_start, stats_start)):
-                updated[f"{name}_{part}"] = _write_rows(getattr(self, f"{name}_{part}"), n, row, full)
+            for part, old, n, row in zip(("codes", "scale", "zero"), self.stored(name), new,
+                                         (start, stats_start, stats_start)):
+                updated[f"{name}_{part}"] = _write_rows(old, n, row, full)
         return self.replace(**updated, num_quantized=jnp.where(full, start + self.residual, start),
                             num_residual=jnp.where(full, 0, self.num_residual))
 

@@ -145,7 +145,11 @@ def fits(q, lengths, k_spec, v_spec, capacity: int, k_residual) -> bool:
             and q.dtype == jnp.bfloat16 and q.shape[1] <= QUERIES * lengths.shape[1]
             and capacity % BLOCK == 0
             and k_residual.shape[2] % 16 == 0 and k_residual.dtype == jnp.bfloat16
-            and jax.default_backend() == "gpu"
+            and _on_hopper())
+
+
+def _on_hopper() -> bool:
+    return (jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
 
 
@@ -162,10 +166,12 @@ def value_factor(fmt: _Format) -> np.ndarray:
 
 
 def stores_key_stats(k_spec: QuantSpec, head_dim: int) -> bool:
-    """Whether a cache of keys quantized as k_spec keeps its key statistics in
-    store_key_stats' layout: KIVI's 2- and 4-bit keys of 128-channel heads, those this kernel
-    reads (on whatever backend, so that a cache means the same everywhere)."""
-    return head_dim == HEAD_DIM and k_spec in (keys for keys, _ in SPECS.values())
+    """Whether a cache of keys quantized as k_spec, allocated here, keeps its key statistics
+    in store_key_stats' layout: KIVI's 2- and 4-bit keys of 128-channel heads where this
+    kernel runs (Hopper). Elsewhere the plain layout, which the other paths read as it is:
+    in this one they would convert the statistics back in every decode step."""
+    return (head_dim == HEAD_DIM and k_spec in (keys for keys, _ in SPECS.values())
+            and _on_hopper())
 
 
 @functools.cache
