@@ -199,8 +199,6 @@ def main():
     parser.add_argument("--layout", default="planar", choices=("planar", "interleaved"),
                         help="the MMA kernels' cache layout: the cache's, or each block's "
                              "bytes together (interleaved; the Triton kernel: planar)")
-    parser.add_argument("--stride", type=int, default=mma_kernel.STRIDE,
-                        help="splits of a head that interleave their blocks (STRIDE)")
     parser.add_argument("--left-out", default="whole", choices=sorted(LEFT_OUT),
                         help="time the kernel with these pieces left out (kivi_registers)")
     args = parser.parse_args()
@@ -217,9 +215,9 @@ def main():
             check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 3, bits),
             check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 1, bits),
             check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
-        with leaving_out(args.left_out), patched({"STRIDE": args.stride}):
+        with leaving_out(args.left_out):
             rows += [] if args.skip_timing else [
-                {**row, "left_out": args.left_out, "stride": args.stride} for batch, capacity in shapes
+                {**row, "left_out": args.left_out} for batch, capacity in shapes
                 for row in timing(batch, capacity, bits, sweep=sweep, names=names,
                                   layout=args.layout)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []

@@ -70,7 +70,6 @@ GROUP = 32  # tokens per key group, channels per value group
 BLOCK = 64  # tokens per loop step: 4 row tiles of 16, 2 key groups
 QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
 WARPS = 4  # parts per program: one per warp
-STRIDE = 1  # splits of a head that interleave their blocks (see _quantized_part)
 STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes (2, 3 and 4
 # took 0.153, 0.168 and 0.168 ms at B16 x 32K: results/kivi_mma_s18d.json)
 # log2 of how far probabilities may exceed 1 before the running maxima move: 8 skipped more
@@ -1009,29 +1008,21 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
         qf = _spread(ops, words, factors)
         for i in range(0, fmt.pairs, 4):
             ops.store_shared(qf_at, qf[i:i + 4], _qf_offset(fmt, f) + 4 * i)
-    # STRIDE splits share a run of blocks, split w of them taking every STRIDE-th from the
-    # run's w-th
-    stride = STRIDE if num_splits % STRIDE == 0 else 1
     per_split = -(-(capacity // BLOCK) // num_splits)
-    run = ops.mul(ops.div(split, stride), per_split * stride)  # the run's first block
-    first = ops.add(run, ops.rem(split, stride))
+    first = ops.mul(split, per_split)
     blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
-    end = ops.umin(ops.add(run, per_split * stride), blocks)
-    count = ops.div(ops.add(ops.sub(ops.umax(end, first), first), stride - 1), stride)
+    last = ops.umax(ops.umin(ops.add(first, per_split), blocks), first)
     final = ops.c(capacity // BLOCK - 1)
 
-    def block_at(j):  # the part's j-th block
-        return ops.add(first, ops.mul(j, stride))
+    def stage_at(i):  # the shared-memory stage of block i
+        return ops.add(shared, ops.mul(ops.rem(ops.sub(i, first), stages), fmt.stage_bytes))
 
-    def stage_at(j):  # the shared-memory stage of the part's j-th block
-        return ops.add(shared, ops.mul(ops.rem(j, stages), fmt.stage_bytes))
-
-    def stage_block(j):  # the part's j-th block into its stage, if it has one
-        _stage(ops, fmt, lane_id, arrays, ops.add(head_block, ops.umin(block_at(j), final)),
-               ops.lt(j, count), stage_at(j))
+    def stage_block(i):  # block i into its stage, if it is one of this part's
+        _stage(ops, fmt, lane_id, arrays, ops.add(head_block, ops.umin(i, final)),
+               ops.lt(i, last), stage_at(i))
 
     for j in range(stages - 1):
-        stage_block(ops.c(j))
+        stage_block(ops.add(first, j))
 
     # The offset MMAs' operands (_constants) into shared memory after q * 2^-p, read where
     # used: held across the loop, they took 8 registers.
@@ -1044,18 +1035,18 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
 
     ops.wait(stages - 2)  # the first block's copies in (the later stages' may be in flight)
 
-    def body(j, state):
+    def body(i, state):
         ops.sync_warp()  # every lane is done with the stage about to be refilled
-        stage_block(ops.add(j, stages - 1))
-        state = _block(ops, fmt, lane, qf_at, neg_magic, length, ops.mul(block_at(j), BLOCK),
-                       _Staged(ops, fmt, lane, stage_at(j)), state)
+        stage_block(ops.add(i, stages - 1))
+        state = _block(ops, fmt, lane, qf_at, neg_magic, length, ops.mul(i, BLOCK),
+                       _Staged(ops, fmt, lane, stage_at(i)), state)
         ops.wait(stages - 2)  # the next block's copies in
         return state
 
     zero = ops.cf(0.0)
     state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
              [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
-    state = ops.loop(ops.c(0), count, state, body)
+    state = ops.loop(first, last, state, body)
     ops.wait(0)  # no copy is left writing when the warp leaves
     _epilogue(ops, fmt, lane, state, *outs)
 
