@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmarks.common import environment, write_result
 from benchmarks.kernels import quantized_cache, timed
-from benchmarks.kivi_registers import LEFT_OUT, leaving_out, patched
+from benchmarks.kivi_registers import LEFT_OUT, leaving_out
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
@@ -47,29 +47,6 @@ def empty_residual(batch, heads, tokens=128):
     as the Triton kernel it is compared with."""
     kv = jnp.zeros((batch, heads, tokens, mma_kernel.HEAD_DIM), jnp.bfloat16)
     return kv, kv, jnp.zeros((batch, heads), jnp.int32)
-
-
-def interleaved(k_stored, v_parts, bits):
-    """The six arrays a block stages, each block's bytes together in _Format.stage's order:
-    [B, Hkv, S, stage_bytes / BLOCK] uint8, a layout timed with --layout interleaved (a
-    warp's whole split is then one contiguous run of memory)."""
-    arrays = dict(zip(("kc", "ks", "kz", "vc", "vs", "vz"), (*k_stored, *v_parts)))
-    B, H, S = k_stored[0].shape[:3]
-    fmt = mma_kernel._Format(bits)
-    blocks = [jax.lax.bitcast_convert_type(arrays[name], jnp.uint8).reshape(B, H, -1, nbytes)
-              for name, (_, nbytes) in fmt.stage.items()]
-    return jnp.concatenate(blocks, axis=-1).reshape(B, H, S, -1)
-
-
-def _interleaved_stage(ops, fmt, lane_id, arrays, block, valid, stage):
-    """decode_kivi_mma._stage for the interleaved layout passed as the value codes: one
-    contiguous run of stage_bytes a block."""
-    size = ops.select(valid, ops.c(16), ops.c(0))
-    lane_bytes = ops.mul(lane_id, 16)
-    start = ops.at(ops.at_wide(arrays["vc"], ops.opaque(block), fmt.stage_bytes), lane_bytes)
-    for j in range(fmt.stage_bytes // 512):
-        ops.copy_async(ops.add(stage, lane_bytes), start, size, 512 * j, 512 * j)
-    ops.commit()
 
 
 def reference(q, k_parts, v_parts, lengths, bits):
@@ -111,7 +88,7 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     return row
 
 
-def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, layout="planar"):
+def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
     k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity, bits)
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
@@ -122,31 +99,21 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, layout
         return mma_kernel.decode_partials(q, k, v, n, residual, **options)
 
     k_stored = stored_keys(k_parts, bits)  # what the MMA kernel reads; Triton the plain layout
-    v_mma = v_parts
-    if layout == "interleaved":  # the MMA kernels read it alone, as the value codes
-        planar = merge_partials([mma(q, k_stored, v_parts, lengths)], jnp.float32)
-        v_mma = interleaved(k_stored, v_parts, bits), *v_parts[1:]
-        with patched({"_stage": _interleaved_stage}):
-            same = merge_partials([mma(q, k_stored, v_mma, lengths)], jnp.float32)
-        print({"layout": layout, "max_abs_diff": float(jnp.abs(same - planar).max())})
-    kernels = {"mma": (mma, k_stored, v_mma),
-               "mma_3_stages": (functools.partial(mma, stages=3), k_stored, v_mma),
+    kernels = {"mma": (mma, k_stored),
+               "mma_3_stages": (functools.partial(mma, stages=3), k_stored),
                "triton": (functools.partial(triton_kernel.decode_partials,
                                             k_spec=mma_kernel.SPECS[bits][0],
-                                            v_spec=mma_kernel.SPECS[bits][1]), k_parts, v_parts)}
+                                            v_spec=mma_kernel.SPECS[bits][1]), k_parts)}
     for parts in sweep:  # parts (warps) over the whole batch
         splits = max(1, parts // (batch * heads))
-        kernels[f"mma_{parts}_parts"] = (functools.partial(mma, num_splits=splits), k_stored,
-                                         v_mma)
+        kernels[f"mma_{parts}_parts"] = (functools.partial(mma, num_splits=splits), k_stored)
     kernels = {k: fn for k, fn in kernels.items() if names is None or k in names}
     rows = []
-    for name, (fn, keys, values) in kernels.items():
-        interleaving = layout == "interleaved" and name != "triton"
-        with patched({"_stage": _interleaved_stage} if interleaving else {}):
-            seconds, figures = timed(fn, q, keys, values, lengths)
+    for name, (fn, keys) in kernels.items():
+        seconds, figures = timed(fn, q, keys, v_parts, lengths)
         rows.append({"kernel": name, "bits": bits, "batch": batch, "context": capacity,
-                     "layout": layout if name != "triton" else "planar", "ms": seconds * 1e3, "bytes": nbytes,
-                     "TBps": nbytes / seconds / 1e12, **figures})
+                     "ms": seconds * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
+                     **figures})
         print(rows[-1], flush=True)
     return rows
 
@@ -196,9 +163,6 @@ def main():
     parser.add_argument("--bits", default="2", help="code widths to check and time, e.g. 2,4")
     parser.add_argument("--kernels", default="", help="only these timed kernels, e.g. mma,triton")
     parser.add_argument("--shapes", default="16x32768,1x131072", help="BxS shapes to time")
-    parser.add_argument("--layout", default="planar", choices=("planar", "interleaved"),
-                        help="the MMA kernels' cache layout: the cache's, or each block's "
-                             "bytes together (interleaved; the Triton kernel: planar)")
     parser.add_argument("--left-out", default="whole", choices=sorted(LEFT_OUT),
                         help="time the kernel with these pieces left out (kivi_registers)")
     args = parser.parse_args()
@@ -218,8 +182,7 @@ def main():
         with leaving_out(args.left_out):
             rows += [] if args.skip_timing else [
                 {**row, "left_out": args.left_out} for batch, capacity in shapes
-                for row in timing(batch, capacity, bits, sweep=sweep, names=names,
-                                  layout=args.layout)]
+                for row in timing(batch, capacity, bits, sweep=sweep, names=names)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
     write_result(name, {**environment(), "checks": checks, "timing": rows, "breakdown": steps})
