@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmarks.common import environment, write_result
 from benchmarks.kernels import quantized_cache, timed
-from benchmarks.kivi_registers import LEFT_OUT, leaving_out
+from benchmarks.kivi_registers import LEFT_OUT, leaving_out, patched
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
@@ -163,6 +163,8 @@ def main():
     parser.add_argument("--bits", default="2", help="code widths to check and time, e.g. 2,4")
     parser.add_argument("--kernels", default="", help="only these timed kernels, e.g. mma,triton")
     parser.add_argument("--shapes", default="16x32768,1x131072", help="BxS shapes to time")
+    parser.add_argument("--l2-prefetch", default=mma_kernel.L2_PREFETCH,
+                        help="the stage copies' L2 prefetch qualifier, e.g. .L2::256B")
     parser.add_argument("--left-out", default="whole", choices=sorted(LEFT_OUT),
                         help="time the kernel with these pieces left out (kivi_registers)")
     args = parser.parse_args()
@@ -179,9 +181,9 @@ def main():
             check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 3, bits),
             check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 1, bits),
             check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
-        with leaving_out(args.left_out):
+        with leaving_out(args.left_out), patched({"L2_PREFETCH": args.l2_prefetch}):
             rows += [] if args.skip_timing else [
-                {**row, "left_out": args.left_out} for batch, capacity in shapes
+                {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch} for batch, capacity in shapes
                 for row in timing(batch, capacity, bits, sweep=sweep, names=names)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"

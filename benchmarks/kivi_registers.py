@@ -31,11 +31,11 @@ LEFT_OUT = {  # name: {attribute of decode_kivi_mma: what replaces it}
 
 
 @contextlib.contextmanager
-def leaving_out(name):
-    """decode_kivi_mma with LEFT_OUT[name] in place of its own pieces (each compile traces
-    them anew: jax's caches are cleared)."""
-    saved = {attr: getattr(mma_kernel, attr) for attr in LEFT_OUT[name]}
-    for attr, fn in LEFT_OUT[name].items():
+def patched(pieces):
+    """decode_kivi_mma with pieces {attribute: replacement} in place of its own (each compile
+    traces them anew: jax's caches are cleared)."""
+    saved = {attr: getattr(mma_kernel, attr) for attr in pieces}
+    for attr, fn in pieces.items():
         setattr(mma_kernel, attr, fn)
     jax.clear_caches()
     try:
@@ -44,6 +44,11 @@ def leaving_out(name):
         for attr, fn in saved.items():
             setattr(mma_kernel, attr, fn)
         jax.clear_caches()
+
+
+def leaving_out(name):
+    """decode_kivi_mma with LEFT_OUT[name] in place of its own pieces."""
+    return patched(LEFT_OUT[name])
 
 
 def main():

@@ -70,6 +70,7 @@ GROUP = 32  # tokens per key group, channels per value group
 BLOCK = 64  # tokens per loop step: 4 row tiles of 16, 2 key groups
 QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
 WARPS = 4  # parts per program: one per warp
+L2_PREFETCH = ""  # the stage copies' L2 prefetch size qualifier
 STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes (2, 3 and 4
 # took 0.153, 0.168 and 0.168 ms at B16 x 32K: results/kivi_mma_s18d.json)
 # log2 of how far probabilities may exceed 1 before the running maxima move: 8 skipped more
@@ -378,7 +379,8 @@ class _Mlir:
         current cp.async group. The constant offsets go into the instruction, so a run of
         copies needs one pair of address registers (ptxas had kept one per copy across the
         loop)."""
-        self._asm(f"cp.async.cg.shared.global [$1+{shared_offset}], [$2+{offset}], 16, $3;",
+        self._asm(f"cp.async.cg.shared.global{L2_PREFETCH} [$1+{shared_offset}], "
+                  f"[$2+{offset}], 16, $3;",
                   [shared, address, size], "=r,r,l,r", keep_order=True)
 
     def commit(self):
