@@ -1010,10 +1010,12 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
         qf = _spread(ops, words, factors)
         for i in range(0, fmt.pairs, 4):
             ops.store_shared(qf_at, qf[i:i + 4], _qf_offset(fmt, f) + 4 * i)
-    per_split = -(-(capacity // BLOCK) // num_splits)
-    first = ops.mul(split, per_split)
+    # the capacity's blocks dealt evenly: the first `extra` splits take one more
+    per_split, extra = divmod(capacity // BLOCK, num_splits)
+    first = ops.add(ops.mul(split, per_split), ops.umin(split, ops.c(extra)))
+    end = ops.add(ops.add(first, per_split), ops.select(ops.lt(split, extra), ops.c(1), ops.c(0)))
     blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
-    last = ops.umax(ops.umin(ops.add(first, per_split), blocks), first)
+    last = ops.umax(ops.umin(end, blocks), first)
     final = ops.c(capacity // BLOCK - 1)
 
     def stage_at(i):  # the shared-memory stage of block i
