@@ -70,7 +70,10 @@ GROUP = 32  # tokens per key group, channels per value group
 BLOCK = 64  # tokens per loop step: 4 row tiles of 16, 2 key groups
 QUERIES = 4  # query rows per KV head (the MMA's 8 columns hold them twice)
 WARPS = 4  # parts per program: one per warp
-L2_PREFETCH = ""  # the stage copies' L2 prefetch size qualifier
+# The stage copies' L2 prefetch size: 128-byte lines took the copies alone from 106 to 100 us
+# and kivi4 from 176-177 to 170-172 us at B16 x 32K (kivi2 the same, 118.4-119.6 us: its
+# arithmetic holds it; results/kivi_mma_s24_l2*.json, kivi_mma_s24_even_*.json).
+L2_PREFETCH = ".L2::128B"
 STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes (2, 3 and 4
 # took 0.153, 0.168 and 0.168 ms at B16 x 32K: results/kivi_mma_s18d.json)
 # log2 of how far probabilities may exceed 1 before the running maxima move: 8 skipped more
