@@ -1,9 +1,10 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
 the GPU: its partials against the float32 reference on ragged lengths and GQA groups, then the
 kernel alone (2 shared-memory stages, the default, and 3; other parts per launch with --sweep;
-an empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT) against the
-Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the
-steps of the whole attention op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall",
+an empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with
+--l2-prefetch, another L2 prefetch size for its copies) against the Triton kernel at B16 x 32K
+and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the steps of the whole attention
+op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall",
 "device_ms", the SM clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
@@ -183,7 +184,8 @@ def main():
             check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
         with leaving_out(args.left_out), patched({"L2_PREFETCH": args.l2_prefetch}):
             rows += [] if args.skip_timing else [
-                {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch} for batch, capacity in shapes
+                {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch}
+                for batch, capacity in shapes
                 for row in timing(batch, capacity, bits, sweep=sweep, names=names)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
