@@ -2,9 +2,9 @@
 (pallas_kernels/decode_kivi_mma.py), as ptxas reports them when the kernel compiles: what caps
 its programs per SM (65,536 registers / 128 threads / registers). The whole kernel, then with
 pieces left out (each part kind alone, the staging copies, the key zeros' MMAs; LEFT_OUT,
-which benchmarks.kivi_mma also times), to find what holds them. Compiled at the benchmarks' B16 x 32K: at commit
-122ee54 ptxas allocated the quantized part 119 registers where a part had one block and 205
-where it had 16.
+which benchmarks.kivi_mma also times), to find what holds them. Compiled at the benchmarks'
+B16 x 32K: at commit 122ee54 ptxas allocated the quantized part 119 registers where a part had
+one block and 205 where it had 16.
 
     MOSAIC_GPU_DUMP_PTXAS=1 python -m benchmarks.kivi_registers [--bits 4] | grep -E "^(kernel|ptxas)"
 """

@@ -122,11 +122,11 @@ class QuantizedLayerCache:
     4-bit keys of 128-channel heads allocated where the MMA decode kernel runs (Hopper): those
     are stored as it reads them (float16, in its order: decode_kivi_mma.store_key_stats),
     converted once when written rather than in every decode step; any other path reading
-    such a cache converts them back as it reads them. Nothing else of the quantized tokens is kept. New tokens go to
-    the residual; when it is full it is quantized and flushed whole (it holds whole key
-    groups), before the next token is written, so attention always sees the newest token at
-    full precision. Per (batch, head), the tokens are the first num_quantized of the store
-    followed by the first num_residual of the residual.
+    such a cache converts them back as it reads them (`parts`). Nothing else of the quantized
+    tokens is kept. New tokens go to the residual; when it is full it is quantized and flushed
+    whole (it holds whole key groups), before the next token is written, so attention always
+    sees the newest token at full precision. Per (batch, head), the tokens are the first
+    num_quantized of the store followed by the first num_residual of the residual.
     """
 
     k_codes: jax.Array  # [B, Hkv, S, K * k_bits // 8] uint8

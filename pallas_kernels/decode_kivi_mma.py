@@ -1015,10 +1015,13 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
             ops.store_shared(qf_at, qf[i:i + 4], _qf_offset(fmt, f) + 4 * i)
     # the capacity's blocks dealt evenly: the first `extra` splits take one more
     per_split, extra = divmod(capacity // BLOCK, num_splits)
-    first = ops.add(ops.mul(split, per_split), ops.umin(split, ops.c(extra)))
-    end = ops.add(ops.add(first, per_split), ops.select(ops.lt(split, extra), ops.c(1), ops.c(0)))
+
+    def start(s):  # split s's first block
+        return ops.add(ops.mul(s, per_split), ops.umin(s, ops.c(extra)))
+
+    first = start(split)
     blocks = ops.div(ops.add(length, BLOCK - 1), BLOCK)
-    last = ops.umax(ops.umin(end, blocks), first)
+    last = ops.umax(ops.umin(start(ops.add(split, 1)), blocks), first)
     final = ops.c(capacity // BLOCK - 1)
 
     def stage_at(i):  # the shared-memory stage of block i

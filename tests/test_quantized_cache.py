@@ -42,11 +42,10 @@ def test_cache_matches_float64_simulation_across_flushes(monkeypatch, rng, k_spe
                                                          residual, D):
     """Prefill ragged rows, append past several flushes, and compare attention with a float64
     model of the format: the first num_quantized tokens quantize-dequantized in their groups,
-    the rest exact. Under full float32 matmul precision: on the GPU JAX's default lets float32
-    dots round like TF32, the kernels' as XLA's (about 1e-3 of the output there). KIVI's
-    2-bit keys of 128 channels store their statistics in the MMA kernel's layout (float16),
-    written a key group at a time, at flushes that start mid-block (allocated as on a Hopper
-    GPU here: elsewhere such a cache keeps the plain layout)."""
+    the rest exact (on the GPU at full float32 matmul precision, as the whole suite: conftest).
+    KIVI's 2-bit keys of 128 channels store their statistics in the MMA kernel's layout
+    (float16), written a key group at a time, at flushes that start mid-block (allocated as on
+    a Hopper GPU here: elsewhere such a cache keeps the plain layout)."""
     kernel_layout = D == 128
     monkeypatch.setattr(decode_kivi_mma, "stores_key_stats", lambda spec, d: kernel_layout)
     B, H, Hq, T, steps = 2, 2, 4, 64, 70
@@ -76,9 +75,7 @@ def test_cache_matches_float64_simulation_across_flushes(monkeypatch, rng, k_spe
                     k_hat[b, h, :nq] = qdq64(k[b, h, :nq], k_spec)
                     v_hat[b, h, :nq] = qdq64(v[b, h, :nq], v_spec)
             ref = decode_reference(q, k_hat, v_hat, np.broadcast_to(n[:, None], (B, H)))
-            with jax.default_matmul_precision("highest"):
-                ours = attend(cache, q)
-            np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(np.asarray(attend(cache, q)), ref, rtol=1e-3, atol=1e-4)
         if step < steps:
             prev_quantized = np.asarray(cache.num_quantized)[:, 0]
             prev_residual = np.asarray(cache.num_residual)[:, 0]
