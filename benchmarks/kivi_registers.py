@@ -6,7 +6,7 @@ which benchmarks.kivi_mma also times), to find what holds them. Compiled at the 
 B16 x 32K: at commit 122ee54 ptxas allocated the quantized part 119 registers where a part had
 one block and 205 where it had 16.
 
-    MOSAIC_GPU_DUMP_PTXAS=1 python -m benchmarks.kivi_registers [--bits 4] | grep -E "^(kernel|ptxas)"
+    MOSAIC_GPU_DUMP_PTXAS=1 python -m benchmarks.kivi_registers [--bits 4] [--stages 3] | grep -E "^(kernel|ptxas)"
 """
 
 import argparse
@@ -54,7 +54,9 @@ def leaving_out(name):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", type=int, default=2, choices=sorted(mma_kernel.SPECS))
-    bits = parser.parse_args().bits
+    parser.add_argument("--stages", type=int, default=mma_kernel.STAGES)
+    args = parser.parse_args()
+    bits = args.bits
     batch, heads, capacity, residual = 16, 8, 32768, 128
     shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
     codes = shape(batch, heads, capacity, mma_kernel.HEAD_DIM * bits // 8, dtype=jnp.uint8)
@@ -65,9 +67,9 @@ def main():
              shape(batch, heads, dtype=jnp.int32)))
     for name in LEFT_OUT:
         with leaving_out(name):
-            print(f"kernel: {name} ({bits}-bit)", flush=True)
+            print(f"kernel: {name} ({bits}-bit, {args.stages} stages)", flush=True)
             mma_kernel.decode_partials.trace(shape(batch, 4 * heads, 128), k_parts, v_parts,
-                                             *rest).lower().compile()
+                                             *rest, stages=args.stages).lower().compile()
 
 
 if __name__ == "__main__":

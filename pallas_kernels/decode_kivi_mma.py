@@ -627,9 +627,10 @@ def _key_combo(fmt: _Format, step, kh):
     return combo // (2 * fmt.fields), (combo // fmt.fields) % 2, combo % fmt.fields
 
 
-# After a warp's stages: its q * 2^-p (f16, the key MMAs' B operands before the scales), 16
-# words a lane, [f][lane][j]. Read each block rather than held: in registers ptxas kept it
-# twice, once more in the register pairs of _key_zero_terms' operands (32 registers in all).
+# After the program's stages: its head's q * 2^-p (f16, the key MMAs' B operands before the
+# scales), 16 words a lane, [f][lane][j], one copy for the program's warps (_layout). Read each
+# block rather than held: in registers ptxas kept it twice, once more in the register pairs of
+# _key_zero_terms' operands (32 registers in all).
 QF_BYTES = 4 * 32 * 16
 MAGIC_BYTES = 32  # the offset MMAs' A operands, -magic pairs: 4 words for keys, 4 for values
 
@@ -968,37 +969,61 @@ def _residual_part(ops, lane, bh, refs, outs, *, residual):
     _store_stats(ops, lane, m, _lane_sums(ops, l), m_base, l_base)
 
 
-def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, *, heads, capacity, num_splits,
-          stages, residual):
-    """One warp's part: parts 0 to heads - 1 are the residuals of batch row and KV head
-    bh = b * Hkv + h (split num_splits of bh), the rest the splits of the quantized tokens, in
-    order. The residual parts come first: last, one started after the other parts and
-    lengthened the kernel by its time (0.083 -> 0.102 ms at B1 x 128K). refs are the
-    addresses of lengths, q, k codes, k scales, k zeros, v codes, v scales, v zeros, the
-    residual's k, v and n, the MMA constants (_constants), o, m, l; shared the warp's shared
-    memory (_warp_shared_bytes)."""
-    is_residual = ops.lt(part, heads)
-    quantized = ops.sub(part, heads)
+def _layout(heads: int, num_splits: int):
+    """(residual parts, all parts) of a launch over `heads` rows and KV heads, num_splits
+    quantized parts each: parts 0 to heads - 1 are the residuals of batch row and KV head
+    bh = b * Hkv + h (split num_splits of bh), padded to whole programs with parts that do
+    nothing; the rest the splits of the quantized tokens, in order. num_splits being a multiple
+    of WARPS, a program's warps are splits of one head, and share its q * 2^-p (QF_BYTES). The
+    residual parts come first: last, one started after the other parts and lengthened the
+    kernel by its time (0.083 -> 0.102 ms at B1 x 128K)."""
+    if num_splits % WARPS:
+        raise ValueError(f"the MMA kernel's splits per head are a multiple of its {WARPS} warps "
+                         f"a program (they share the head's query), got num_splits={num_splits}")
+    residual_parts = -(-heads // WARPS) * WARPS
+    return residual_parts, residual_parts + heads * num_splits
+
+
+def _part_of(ops, part, heads, num_splits):
+    """(whether a residual part, its row and head bh, its split) of part `part` (_layout);
+    the padding's parts have bh >= heads."""
+    residual_parts, _ = _layout(heads, num_splits)
+    is_residual = ops.lt(part, residual_parts)
+    quantized = ops.sub(part, residual_parts)
     bh = ops.select(is_residual, part, ops.div(quantized, num_splits))
     split = ops.select(is_residual, ops.c(num_splits), ops.rem(quantized, num_splits))
+    return is_residual, bh, split
+
+
+def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, *, heads, capacity,
+          num_splits, stages, residual):
+    """One warp's part (_layout; the padding's parts are not run). refs are the addresses of
+    lengths, q, k codes, k scales, k zeros, v codes, v scales, v zeros, the residual's k, v and
+    n, the MMA constants (_constants), o, m, l; shared the warp's stages, common the program's
+    q * 2^-p and MMA constants (_shared_bytes)."""
+    is_residual, bh, split = _part_of(ops, part, heads, num_splits)
     index = ops.add(ops.mul(bh, num_splits + 1), split)  # in the outputs
     o_ref, m_ref, l_ref = refs[-3:]
     outs = (ops.at_wide(o_ref, index, QUERIES * HEAD_DIM * 4),
             ops.at_wide(m_ref, index, QUERIES * 4), ops.at_wide(l_ref, index, QUERIES * 4))
     ops.branch(is_residual,
-               lambda: _residual_part(ops, lane, bh, [refs[1], *refs[8:11]], outs,
-                                      residual=residual),
+               lambda: ops.branch(ops.lt(part, heads),  # not the padding
+                                  lambda: _residual_part(ops, lane, bh, [refs[1], *refs[8:11]],
+                                                         outs, residual=residual),
+                                  lambda: None),
                lambda: _quantized_part(ops, fmt, lane, lane_id, bh, split,
-                                       refs[:8] + refs[11:12], outs, shared, capacity=capacity,
-                                       num_splits=num_splits, stages=stages))
+                                       refs[:8] + refs[11:12], outs, shared, common,
+                                       capacity=capacity, num_splits=num_splits, stages=stages))
 
 
-def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, shared, *,
-                    capacity, num_splits, stages):
+def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, shared, common,
+                    *, capacity, num_splits, stages):
     """A split of head bh's quantized tokens: refs are the addresses of lengths, q, k codes,
     k scales, k zeros, v codes, v scales, v zeros, the MMA constants; shared the warp's
     `stages` shared-memory stages, a ring the next blocks are copied into while one
-    computes."""
+    computes; common the program's q * 2^-p and MMA constants. Every warp of the program
+    writes them, the same words (its warps are splits of one head, _layout), and reads them
+    after its own writes."""
     lengths, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, constants = refs
     length = ops.load(ops.at(lengths, ops.mul(bh, 4)), 1)[0]
     arrays = {"kc": k_codes, "ks": k_scale, "kz": k_zero, "vc": v_codes, "vs": v_scale,
@@ -1007,7 +1032,7 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     q_regs = _query_words(ops, fmt, lane, q, bh)
     # q * 2^-p in f16 (see _key_operands) into shared memory (QF_BYTES): channel pair j of
     # field f is in byte j % 2 of its half-words
-    qf_at = ops.add(shared, ops.add(ops.mul(lane_id, 4 * fmt.pairs), stages * fmt.stage_bytes))
+    qf_at = ops.add(common, ops.mul(lane_id, 4 * fmt.pairs))
     for f, words in enumerate(q_regs):
         factors = [ops.cf(1 / float(_code_factor(fmt, KEYS, j % 2, f))) for j in range(fmt.pairs)]
         qf = _spread(ops, words, factors)
@@ -1036,7 +1061,7 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
 
     # The offset MMAs' operands (_constants) into shared memory after q * 2^-p, read where
     # used: held across the loop, they took 8 registers.
-    magic_at = ops.add(shared, _warp_shared_bytes(fmt, stages) - MAGIC_BYTES)
+    magic_at = ops.add(common, QF_BYTES)
     for i in range(2):
         ops.store_shared(magic_at, ops.load(constants, 4, 16 * i), 16 * i)
 
@@ -1061,13 +1086,15 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     _epilogue(ops, fmt, lane, state, *outs)
 
 
-def _warp_shared_bytes(fmt: _Format, stages):
-    """A warp's shared memory: its stages, its q * 2^-p, the offset MMAs' operands."""
-    return stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES
+def _shared_bytes(fmt: _Format, stages):
+    """A program's shared memory: each warp's stages, then the q * 2^-p and the offset MMAs'
+    operands its warps share. Shared, they let 3 stages fit in 3 programs an SM at 2 bits
+    (74 KB a program; at most 75 KB)."""
+    return WARPS * stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES
 
 
-def _kernel(ctx, *refs, fmt: _Format, capacity, num_splits, parts, stages, residual):
-    """The GPU kernel: warp w of program i takes part WARPS * i + w."""
+def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, residual):
+    """The GPU kernel: warp w of program i takes part WARPS * i + w (_layout)."""
     del ctx
     *refs, shared = refs
     ops = _Mlir()
@@ -1077,12 +1104,11 @@ def _kernel(ctx, *refs, fmt: _Format, capacity, num_splits, parts, stages, resid
     program = arith.index_cast(ops.i32, gpu.block_id(gpu.Dimension.x))
     part = ops.add(ops.mul(program, WARPS), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
-    shared = ops.add(llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared)),
-                     ops.mul(warp, _warp_shared_bytes(fmt, stages)))
-    with mgpu_utils.when(ops.lt(part, parts)):
-        _part(ops, fmt, lane, ops.band(tid, 31), part, addresses, shared,
-              heads=parts // (num_splits + 1), capacity=capacity, num_splits=num_splits,
-              stages=stages, residual=residual)
+    program_shared = llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared))
+    shared = ops.add(program_shared, ops.mul(warp, stages * fmt.stage_bytes))
+    common = ops.add(program_shared, WARPS * stages * fmt.stage_bytes)
+    _part(ops, fmt, lane, ops.band(tid, 31), part, addresses, shared, common, heads=heads,
+          capacity=capacity, num_splits=num_splits, stages=stages, residual=residual)
 
 
 def _constants():
@@ -1117,16 +1143,18 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     shapes = _out_shapes(B, Hkv, num_splits + 1)
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
     fmt = _format(inputs[2])
-    arrays.append(np.zeros(_warp_shared_bytes(fmt, stages), np.uint8))  # a warp's shared memory
+    arrays.append(np.zeros(_shared_bytes(fmt, stages), np.uint8))  # a program's shared memory
     offsets = np.cumsum([0] + [a.nbytes for a in arrays])
     memory = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
     ops = _Numpy(memory)
     lane = _Lane(ops, np.arange(32, dtype=np.uint32))
     *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
     lane_id = np.arange(32, dtype=np.uint32)
-    for part in range(B * Hkv * (num_splits + 1)):
-        _part(ops, fmt, lane, lane_id, ops.c(part), refs, shared, heads=B * Hkv, capacity=S,
-              num_splits=num_splits, stages=stages, residual=R)
+    common = shared + WARPS * stages * fmt.stage_bytes
+    for part in range(_layout(B * Hkv, num_splits)[1]):
+        warp_shared = shared + part % WARPS * stages * fmt.stage_bytes
+        _part(ops, fmt, lane, lane_id, ops.c(part), refs, warp_shared, common, heads=B * Hkv,
+              capacity=S, num_splits=num_splits, stages=stages, residual=R)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
             for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
     g = q.shape[1] // Hkv
@@ -1149,9 +1177,10 @@ def _out_shapes(B, Hkv, num_splits):
 
 
 def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
-    """Parts per (row, head): about 4096 parts (warps) over the whole batch, at most one per
-    block."""
-    return max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
+    """Parts per (row, head): about 4096 parts (warps) over the whole batch, about one per
+    block at most, in whole programs (_layout)."""
+    splits = max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
+    return -(-splits // WARPS) * WARPS
 
 
 @functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
@@ -1162,7 +1191,8 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     full-precision residual, residual = (k, v [B, Hkv, R, 128] bf16, counts [B, Hkv]). Returns
     o [B, Hkv, P, g, D] and m, l [B, Hkv, P, g] (float32): P - 1 parts per head over the
     quantized tokens, the last over the residual (decode_attention.decode_partials' layout).
-    num_splits and stages default to the measured best settings (default_splits, STAGES)."""
+    num_splits (a multiple of WARPS) and stages default to the measured best settings
+    (default_splits, STAGES)."""
     B, Hq, _ = q.shape
     Hkv = lengths.shape[1]
     S, R = k_parts[0].shape[2], residual[0].shape[2]
@@ -1171,7 +1201,7 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
                          f"{S}) and a residual of whole 16-token tiles (got {R}): check fits()")
     fmt = _format(k_parts[0])
     num_splits = num_splits or default_splits(B, Hkv, S)
-    parts = B * Hkv * (num_splits + 1)
+    _, parts = _layout(B * Hkv, num_splits)
     inputs = _inputs(q, k_parts, v_parts, lengths, residual)
 
     # Mosaic GPU's own launcher: the kernel is written in its MLIR, not in Pallas. (Programs of
@@ -1179,13 +1209,12 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     # passes.)
     with jax_mlir.make_ir_context(), ir.Location.unknown():
         kernel = mosaic_gpu.as_gpu_kernel(
-            functools.partial(_kernel, fmt=fmt, capacity=S, num_splits=num_splits,
-                              parts=parts, stages=stages, residual=R),
-            grid=(-(-parts // WARPS), 1, 1), block=(32 * WARPS, 1, 1),
+            functools.partial(_kernel, fmt=fmt, heads=B * Hkv, capacity=S,
+                              num_splits=num_splits, stages=stages, residual=R),
+            grid=(parts // WARPS, 1, 1), block=(32 * WARPS, 1, 1),
             in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
             out_shape=_out_shapes(B, Hkv, num_splits + 1),
-            smem_scratch_shape=jax.ShapeDtypeStruct(
-                (WARPS * _warp_shared_bytes(fmt, stages),), jnp.uint8),
+            smem_scratch_shape=jax.ShapeDtypeStruct((_shared_bytes(fmt, stages),), jnp.uint8),
             kernel_name="kvjax_decode_kivi_mma")
     o, m, l = kernel(*inputs)
     g = Hq // Hkv
