@@ -107,7 +107,7 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
                                             v_spec=mma_kernel.SPECS[bits][1]), k_parts)}
     for parts in sweep:  # parts (warps) over the whole batch, in whole programs
         warps = mma_kernel.WARPS
-        splits = max(warps, parts // (batch * heads) // warps * warps) - 1
+        splits = max(warps, parts // (batch * heads) // warps * warps)
         kernels[f"mma_{parts}_parts"] = (functools.partial(mma, num_splits=splits), k_stored)
     kernels = {k: fn for k, fn in kernels.items() if names is None or k in names}
     rows = []
@@ -178,11 +178,11 @@ def main():
     checks, rows, steps = [], [], []
     for bits in (int(x) for x in args.bits.split(",")):
         checks += [] if args.skip_checks else [
-            check(0, 1, 1, 4, 64, [64], 3, bits),
-            check(1, 2, 2, 4, 256, [1, 63, 200, 256], 3, bits),
-            check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 7, bits),
-            check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 3, bits),
-            check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 7, bits)]
+            check(0, 1, 1, 4, 64, [64], 4, bits),
+            check(1, 2, 2, 4, 256, [1, 63, 200, 256], 4, bits),
+            check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 4, bits),
+            check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 4, bits),
+            check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
         with leaving_out(args.left_out), patched({"L2_PREFETCH": args.l2_prefetch}):
             rows += [] if args.skip_timing else [
                 {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch}

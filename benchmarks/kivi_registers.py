@@ -6,8 +6,7 @@ which benchmarks.kivi_mma also times), to find what holds them. Compiled at the 
 B16 x 32K: at commit 122ee54 ptxas allocated the quantized part 119 registers where a part had
 one block and 205 where it had 16.
 
-    MOSAIC_GPU_DUMP_PTXAS=1 python -m benchmarks.kivi_registers [--bits 4] [--stages 3] \
-        | grep -E "^(kernel|ptxas)"
+    MOSAIC_GPU_DUMP_PTXAS=1 python -m benchmarks.kivi_registers [--bits 4] [--stages 3] | grep -E "^(kernel|ptxas)"
 """
 
 import argparse

@@ -132,15 +132,15 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("hq, hkv, capacity, num_splits, residual, rescale_at", [
-    (4, 1, 64, 3, 64, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 3, 128, 0.0),
-    (6, 3, 192, 7, 48, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 3, 128, 0.0)])
+    (4, 1, 64, 4, 64, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 4, 128, 0.0),
+    (6, 3, 192, 4, 48, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 8, 128, 0.0)])
 def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, num_splits,
                                            residual, rescale_at, bits):
     """The MMA kernel for KIVI 2- and 4-bit caches, its own code run lane by lane on the CPU
     (decode_kivi_mma.emulate: interpret mode cannot run its PTX), vs the float32 reference:
     GQA groups of 4, 2 and 1, an empty head, lengths off the 64-token blocks, splits that
-    leave some parts empty or take unequal blocks, residuals empty, partial and full; the
-    running maxima moved only
+    leave some parts empty or take unequal blocks, residual parts padded to whole programs
+    (2 and 6 heads), residuals empty, partial and full; the running maxima moved only
     past RESCALE_AT (the kernel's default), or whenever they grow (0). The tolerance is the
     bf16 one (the products of q and the scales round)."""
     monkeypatch.setattr(decode_kivi_mma, "RESCALE_AT", rescale_at)
@@ -190,21 +190,26 @@ def test_key_stats_layout_round_trips(rng, bits):
     assert np.isfinite(np.asarray(huge, np.float32)).all()
 
 
-@pytest.mark.parametrize("heads, num_splits", [(1, 3), (3, 7), (128, 31), (24, 171)])
+@pytest.mark.parametrize("heads, num_splits", [(1, 4), (3, 4), (6, 8), (128, 32), (24, 172)])
 def test_kivi_mma_programs_hold_one_head(heads, num_splits):
-    """The MMA kernel's parts (decode_kivi_mma._part_of, as the emulation runs it): each
-    (row and head, split) once, at its index in the outputs, the residual's split last; the
-    warps of every program on one head, whose query they share in shared memory."""
+    """The MMA kernel's parts (decode_kivi_mma._part_of, run as the emulation runs it): each
+    (row and head, split) once, the residual's split last, the padding past the heads; the
+    warps of a program that holds quantized parts all on one head, whose query they share in
+    shared memory."""
+    residual_parts, parts = decode_kivi_mma._layout(heads, num_splits)
     ops = decode_kivi_mma._Numpy(np.zeros(0, np.uint8))
     taken = [tuple(int(np.asarray(x).flat[0]) for x in decode_kivi_mma._part_of(
-        ops, ops.c(part), num_splits)) for part in range(decode_kivi_mma._layout(
-            heads, num_splits))]
-    assert [(bh, split) for _, bh, split in taken] == [
-        (bh, split) for bh in range(heads) for split in range(num_splits + 1)]
-    assert all(bool(is_residual) == (split == num_splits) for is_residual, _, split in taken)
-    warps = decode_kivi_mma.WARPS
-    assert all(len({bh for _, bh, _ in taken[i:i + warps]}) == 1
-               for i in range(0, len(taken), warps))
+        ops, ops.c(part), heads, num_splits)) for part in range(parts)]
+    real = [(bh, split) for _, bh, split in taken if bh < heads]
+    assert sorted(real) == [(bh, s) for bh in range(heads) for s in range(num_splits + 1)]
+    assert all(split == num_splits for is_residual, _, split in taken if is_residual)
+    assert parts % decode_kivi_mma.WARPS == 0 and residual_parts - heads < decode_kivi_mma.WARPS
+    for program in range(parts // decode_kivi_mma.WARPS):
+        warps = taken[decode_kivi_mma.WARPS * program:][:decode_kivi_mma.WARPS]
+        kinds = {is_residual for is_residual, _, _ in warps}
+        assert len(kinds) == 1
+        if kinds == {False}:
+            assert len({bh for _, bh, _ in warps}) == 1
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -219,12 +224,12 @@ def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
     residual = shape(B, Hkv, 64, 128), shape(B, Hkv, 64, 128), shape(B, Hkv, dtype=jnp.int32)
     lowered = decode_kivi_mma.decode_partials.trace(
         shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
-        num_splits=7).lower(lowering_platforms=("cuda",))
+        num_splits=8).lower(lowering_platforms=("cuda",))
     assert "kvjax_decode_kivi_mma" in lowered.as_text()
     with pytest.raises(ValueError, match="multiple of its 4 warps"):
         decode_kivi_mma.decode_partials.trace(
             shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
-            num_splits=4)
+            num_splits=6)
     torn = shape(B, Hkv, 40, 128), shape(B, Hkv, 40, 128), residual[2]  # not whole tiles
     with pytest.raises(ValueError, match="whole 16-token tiles"):
         decode_kivi_mma.decode_partials.trace(shape(B, 4 * Hkv, 128), k_parts, v_parts,
