@@ -1089,7 +1089,7 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
 def _shared_bytes(fmt: _Format, stages):
     """A program's shared memory: each warp's stages, then the q * 2^-p and the offset MMAs'
     operands its warps share. Shared, they let 3 stages fit in 3 programs an SM at 2 bits
-    (74 KB a program; at most 75 KB)."""
+    (74.0 KiB a program, of the 75 KiB that 3 programs an SM allow)."""
     return WARPS * stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES
 
 
