@@ -27,6 +27,8 @@ LEFT_OUT = {  # name: {attribute of decode_kivi_mma: what replaces it}
     # and the value side alone
     "copies only": {"_block": lambda *a: a[-1]},
     "no key scores": {"_key_scores": lambda ops, *a: [[ops.cf(0.0)] * 4 for _ in range(4)]},
+    # not a piece left out: the experiment of decode_kivi_mma.PARALLEL_KEY_CHAINS
+    "parallel key chains": {"PARALLEL_KEY_CHAINS": True},
 }
 
 
