@@ -88,7 +88,7 @@ def emulated(q, k_parts, v_parts, thresholds=(8.0, 4.0, 2.0, 0.0)):
             k_stored = k_parts[0], *decode_kivi_mma.store_key_stats(*k_parts[1:], K_SPEC.bits)
             parts = decode_kivi_mma.emulate(q, k_stored, v_parts, lengths,
                                             (empty, empty, jnp.zeros((B, H), jnp.int32)),
-                                            num_splits=2)
+                                            num_splits=4)
             errors[threshold] = rel_error(merge_partials([parts], jnp.float32), want)
             print(f"RESCALE_AT {threshold}: {errors[threshold]:.2e}", flush=True)
     finally:

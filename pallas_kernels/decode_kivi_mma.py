@@ -75,7 +75,8 @@ WARPS = 4  # parts per program: one per warp
 # arithmetic holds it; results/kivi_mma_s24_l2*.json, kivi_mma_s24_even_*.json).
 L2_PREFETCH = ".L2::128B"
 STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes (2, 3 and 4
-# took 0.153, 0.168 and 0.168 ms at B16 x 32K: results/kivi_mma_s18d.json)
+# took 0.153, 0.168 and 0.168 ms at B16 x 32K: results/kivi_mma_s18d.json; 3 stages at 3
+# programs an SM, since they share q * 2^-p, 119.4 us against 2 stages' 116.6: kivi_mma_s25a.json)
 # log2 of how far probabilities may exceed 1 before the running maxima move: 8 skipped more
 # rescales but raised the error against the float32 reference from 3.2e-3 to 5.2e-3
 # (benchmarks/kivi_rounding.py, emulated).
