@@ -1,12 +1,11 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
 the GPU: its partials against the float32 reference on ragged lengths and GQA groups, then the
 kernel alone (2 shared-memory stages, the default, and 3; the key MMAs' chains in parallel,
-decode_kivi_mma.PARALLEL_KEY_CHAINS; other parts per launch with --sweep;
-an empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with
---l2-prefetch, another L2 prefetch size for its copies) against the Triton kernel at B16 x 32K
-and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the steps of the whole attention
-op at B16 x 32K. Times as benchmarks.kernels ("ms", "ms_wall",
-"device_ms", the SM clock).
+kivi_registers.VARIANTS; other parts per launch with --sweep; an empty residual; with
+--left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch, another L2
+prefetch size for its copies) against the Triton kernel at B16 x 32K and B1 x 128K (--kernels,
+--shapes: fewer); with --breakdown, the steps of the whole attention op at B16 x 32K. Times as
+benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
@@ -20,7 +19,7 @@ import numpy as np
 
 from benchmarks.common import environment, write_result
 from benchmarks.kernels import quantized_cache, timed
-from benchmarks.kivi_registers import LEFT_OUT, leaving_out, patched
+from benchmarks.kivi_registers import LEFT_OUT, VARIANTS, leaving_out, patched
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
@@ -29,8 +28,7 @@ from pallas_kernels import decode_kivi_mma as mma_kernel
 from pallas_kernels import merge
 from pallas_kernels.quantize import quantize_pack
 
-# The experiment of decode_kivi_mma.PARALLEL_KEY_CHAINS (checked and timed beside the default)
-PARALLEL_CHAINS = {"PARALLEL_KEY_CHAINS": True}
+PARALLEL_CHAINS = VARIANTS["parallel key chains"]
 
 
 def random_cache(key, batch, heads, capacity, bits):

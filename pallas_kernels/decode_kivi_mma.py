@@ -762,14 +762,14 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
         b = _key_operands(ops, fmt, qf_regs, words.key_scales(g))
         zb = zero_terms[2 * g:2 * g + 2]
         zeros = [zb[0], zb[1], zb[0], zb[1]]  # q.zero, every row
-        start = [ops.cf(0.0)] * 4 if PARALLEL_KEY_CHAINS else zeros
+        none = [ops.cf(0.0)] * 4
+        offsets = none if PARALLEL_KEY_CHAINS else zeros
         key_magic = neg_magic(KEYS)
         for step in range(8):
-            start = ops.mma(key_magic, b[step], start, KEYS)
-        offsets = start  # (q.zero) - 1024 * sum(B)
+            offsets = ops.mma(key_magic, b[step], offsets, KEYS)
         if PARALLEL_KEY_CHAINS:
-            offsets = [ops.fadd(x, z) for x, z in zip(start, zeros)]
-            start = [ops.cf(0.0)] * 4
+            offsets = [ops.fadd(x, z) for x, z in zip(offsets, zeros)]
+        start = none if PARALLEL_KEY_CHAINS else offsets  # q.zero - 1024 * sum(B) in the chain
         for tile in range(2):
             # [rh][i]: the lane's word i of token row + 8 rh, shifted
             shifted = [[_shifted(ops, fmt, x, KEYS) for x in w] for w in words.kc(2 * g + tile)]

@@ -217,8 +217,9 @@ def test_kivi_mma_programs_hold_one_head(heads, num_splits):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
-    """The GPU kernel's MLIR builds (lowered for CUDA here, without a GPU) for an odd number
-    of parts per program; other code widths are refused."""
+    """The GPU kernel's MLIR builds (lowered for CUDA here, without a GPU) for 3 heads, whose
+    residual parts are padded to a whole program; other code widths and splits per head that
+    are not whole programs are refused."""
     B, Hkv, S = 1, 3, 192
     shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
     codes = shape(B, Hkv, S, 16 * bits, dtype=jnp.uint8)
