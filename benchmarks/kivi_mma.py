@@ -129,6 +129,40 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
     return rows
 
 
+def one_stream_source(fmt, arrays, name):
+    """decode_kivi_mma._source for one slab, the k codes' array, holding each block's bytes of
+    all six arrays together (one_stream_copies)."""
+    return arrays["kc"], fmt.stage_bytes, fmt.stage[name][0]
+
+
+def one_stream_copies(batch, capacity, heads=8, group=4):
+    """The 2-bit kernel's copies alone (LEFT_OUT "copies only") from the cache's six arrays,
+    then from one slab of 96 bytes a token, the same bytes a block interleaved: whether a part
+    that reads one contiguous stream instead of six reads faster."""
+    fmt = mma_kernel._Format(2)
+    k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity, 2)
+    k_stored = stored_keys(k_parts, 2)
+    q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
+    lengths = jnp.full((batch, heads), capacity, jnp.int32)
+    residual = empty_residual(batch, heads)
+    token_bytes = fmt.stage_bytes // mma_kernel.BLOCK  # 96
+    slab = jax.random.bits(jax.random.key(8), (batch, heads, capacity, token_bytes), jnp.uint8)
+    layouts = {"six arrays": (k_stored[0], {}),
+               "one slab": (slab, {"_source": one_stream_source, "_format": lambda _: fmt})}
+    rows = []
+    for name, (k_codes, pieces) in layouts.items():
+        with patched({**LEFT_OUT["copies only"], **pieces}):
+            seconds, figures = timed(
+                lambda q, k, v, n: mma_kernel.decode_partials(q, k, v, n, residual),
+                q, (k_codes, *k_stored[1:]), v_parts, lengths)
+        nbytes = batch * heads * capacity * token_bytes
+        rows.append({"kernel": f"copies only, {name}", "bits": 2, "batch": batch,
+                     "context": capacity, "ms": seconds * 1e3, "bytes": nbytes,
+                     "TBps": nbytes / seconds / 1e12, **figures})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def breakdown(batch, capacity, bits, heads=8, group=4):
     """Times (as timed) of the steps of a KIVI cache's attention op (cache.attend): the MMA
     kernel (quantized tokens and residual), the merge (XLA's, and the merge kernel at each
@@ -171,6 +205,8 @@ def main():
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--sweep", default="", help="parts per launch to time, e.g. 2048,8192")
     parser.add_argument("--breakdown", action="store_true", help="time the attention op's steps")
+    parser.add_argument("--one-stream", action="store_true",
+                        help="time the copies alone from one slab (one_stream_copies)")
     parser.add_argument("--bits", default="2", help="code widths to check and time, e.g. 2,4")
     parser.add_argument("--kernels", default="", help="only these timed kernels, e.g. mma,triton")
     parser.add_argument("--shapes", default="16x32768,1x131072", help="BxS shapes to time")
@@ -198,6 +234,7 @@ def main():
                 for batch, capacity in shapes
                 for row in timing(batch, capacity, bits, sweep=sweep, names=names)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []
+    rows += one_stream_copies(16, 32768) if args.one_stream else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
     write_result(name, {**environment(), "checks": checks, "timing": rows, "breakdown": steps})
 

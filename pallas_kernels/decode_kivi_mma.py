@@ -661,12 +661,19 @@ def _stage(ops, fmt: _Format, lane_id, arrays, block, valid, stage):
     block = ops.opaque(block)
     lane_bytes = ops.mul(lane_id, 16)
     target = ops.add(stage, lane_bytes)
-    # A block's bytes of each array lie together: its stage size is its stride in the array.
     for name, (offset, nbytes) in fmt.stage.items():
-        start = ops.at(ops.at_wide(arrays[name], block, nbytes), lane_bytes)
+        base, stride, source_offset = _source(fmt, arrays, name)
+        start = ops.at(ops.at_wide(base, block, stride), lane_bytes)
         for j in range(nbytes // 512):
-            ops.copy_async(target, start, size, offset + 512 * j, 512 * j)
+            ops.copy_async(target, start, size, offset + 512 * j, source_offset + 512 * j)
     ops.commit()
+
+
+def _source(fmt: _Format, arrays, name):
+    """(address, block stride, offset in a block) of a staged array's blocks: a block's bytes
+    of each array lie together, so its stage size is its stride in the array
+    (benchmarks.kivi_mma times another layout by replacing this)."""
+    return arrays[name], fmt.stage[name][1], 0
 
 
 def _spread(ops, words, factors):
