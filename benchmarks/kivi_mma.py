@@ -1,11 +1,12 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
 the GPU: its partials against the float32 reference on ragged lengths and GQA groups, then the
-kernel alone (2 shared-memory stages, the default, and 3; the key MMAs' chains in parallel,
-kivi_registers.VARIANTS; other parts per launch with --sweep; an empty residual; with
---left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch, another L2
-prefetch size for its copies) against the Triton kernel at B16 x 32K and B1 x 128K (--kernels,
---shapes: fewer); with --breakdown, the steps of the whole attention op at B16 x 32K. Times as
-benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
+kernel alone (2 shared-memory stages, the default, and 3; other parts per launch with --sweep;
+an empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with
+--l2-prefetch, another L2 prefetch size for its copies) against the Triton kernel at B16 x 32K
+and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the steps of the whole attention
+op at B16 x 32K; with --one-stream, its copies alone from the cache's six arrays and from one
+slab (one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM
+clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from benchmarks.common import environment, write_result
 from benchmarks.kernels import quantized_cache, timed
-from benchmarks.kivi_registers import LEFT_OUT, VARIANTS, leaving_out, patched
+from benchmarks.kivi_registers import LEFT_OUT, leaving_out, patched
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
@@ -27,9 +28,6 @@ from pallas_kernels import decode_attention as triton_kernel
 from pallas_kernels import decode_kivi_mma as mma_kernel
 from pallas_kernels import merge
 from pallas_kernels.quantize import quantize_pack
-
-PARALLEL_CHAINS = VARIANTS["parallel key chains"]
-
 
 def random_cache(key, batch, heads, capacity, bits):
     """(k_parts, v_parts) of random keys and values, in kvjax.quantization's layout."""
@@ -78,9 +76,6 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
                                                      num_splits=splits)], jnp.float32)
     three_stages = merge_partials([mma_kernel.decode_partials(
         q, k_stored, v_parts, lengths, residual, num_splits=splits, stages=3)], jnp.float32)
-    with patched(PARALLEL_CHAINS):
-        parallel_chains = merge_partials([mma_kernel.decode_partials(
-            q, k_stored, v_parts, lengths, residual, num_splits=splits)], jnp.float32)
     want = reference(q, k_parts, v_parts, lengths, bits)
     k_spec, v_spec = mma_kernel.SPECS[bits]
     triton = merge_partials([triton_kernel.decode_partials(
@@ -89,7 +84,6 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
            "splits": splits, "lengths": np.asarray(lengths).ravel().tolist()[:16],
            "rel_error": rel_error(got, want),
            "three_stages_rel_error": rel_error(three_stages, want),
-           "parallel_chains_rel_error": rel_error(parallel_chains, want),
            "triton_rel_error": rel_error(triton, want),
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
@@ -107,21 +101,19 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
         return mma_kernel.decode_partials(q, k, v, n, residual, **options)
 
     k_stored = stored_keys(k_parts, bits)  # what the MMA kernel reads; Triton the plain layout
-    kernels = {"mma": (mma, k_stored, {}),  # name: (op, keys, decode_kivi_mma settings)
-               "mma_3_stages": (functools.partial(mma, stages=3), k_stored, {}),
-               "mma_parallel_chains": (mma, k_stored, PARALLEL_CHAINS),
+    kernels = {"mma": (mma, k_stored),
+               "mma_3_stages": (functools.partial(mma, stages=3), k_stored),
                "triton": (functools.partial(triton_kernel.decode_partials,
                                             k_spec=mma_kernel.SPECS[bits][0],
-                                            v_spec=mma_kernel.SPECS[bits][1]), k_parts, {})}
+                                            v_spec=mma_kernel.SPECS[bits][1]), k_parts)}
     for parts in sweep:  # parts (warps) over the whole batch, in whole programs
         warps = mma_kernel.WARPS
         splits = max(warps, parts // (batch * heads) // warps * warps)
-        kernels[f"mma_{parts}_parts"] = (functools.partial(mma, num_splits=splits), k_stored, {})
+        kernels[f"mma_{parts}_parts"] = (functools.partial(mma, num_splits=splits), k_stored)
     kernels = {k: fn for k, fn in kernels.items() if names is None or k in names}
     rows = []
-    for name, (fn, keys, settings) in kernels.items():
-        with patched(settings):
-            seconds, figures = timed(fn, q, keys, v_parts, lengths)
+    for name, (fn, keys) in kernels.items():
+        seconds, figures = timed(fn, q, keys, v_parts, lengths)
         rows.append({"kernel": name, "bits": bits, "batch": batch, "context": capacity,
                      "ms": seconds * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
                      **figures})

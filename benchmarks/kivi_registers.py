@@ -2,8 +2,7 @@
 (pallas_kernels/decode_kivi_mma.py), as ptxas reports them when the kernel compiles: what caps
 its programs per SM (65,536 registers / 128 threads / registers). The whole kernel, then with
 pieces left out (each part kind alone, the staging copies, the key zeros' MMAs; LEFT_OUT,
-which benchmarks.kivi_mma also times), to find what holds them, and the experiments of
-VARIANTS. Compiled at the benchmarks'
+which benchmarks.kivi_mma also times), to find what holds them. Compiled at the benchmarks'
 B16 x 32K: at commit 122ee54 ptxas allocated the quantized part 119 registers where a part had
 one block and 205 where it had 16.
 
@@ -30,9 +29,6 @@ LEFT_OUT = {  # name: {attribute of decode_kivi_mma: what replaces it}
     "copies only": {"_block": lambda *a: a[-1]},
     "no key scores": {"_key_scores": lambda ops, *a: [[ops.cf(0.0)] * 4 for _ in range(4)]},
 }
-# Settings of decode_kivi_mma that compute the same attention another way, to measure
-# (benchmarks.kivi_mma checks and times them beside the default)
-VARIANTS = {"parallel key chains": {"PARALLEL_KEY_CHAINS": True}}
 
 
 @contextlib.contextmanager
@@ -70,7 +66,7 @@ def main():
     rest = (shape(batch, heads, dtype=jnp.int32),
             (shape(batch, heads, residual, 128), shape(batch, heads, residual, 128),
              shape(batch, heads, dtype=jnp.int32)))
-    for name, pieces in {**LEFT_OUT, **VARIANTS}.items():
+    for name, pieces in LEFT_OUT.items():
         with patched(pieces):
             print(f"kernel: {name} ({bits}-bit, {args.stages} stages)", flush=True)
             mma_kernel.decode_partials.trace(shape(batch, 4 * heads, 128), k_parts, v_parts,

@@ -81,11 +81,6 @@ STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes
 # rescales but raised the error against the float32 reference from 3.2e-3 to 5.2e-3
 # (benchmarks/kivi_rounding.py, emulated).
 RESCALE_AT = 2.0
-# An experiment for the next device session, not yet measured: the key MMAs' chains (q.zero,
-# the offsets, the score tiles: 8 MMAs each) start from zero and are summed after, so a block's
-# keys are 8 MMAs deep instead of 24, for 24 more adds and the registers of the sums (the tenth
-# pass measured a half-way version at 171 registers, 2 programs an SM).
-PARALLEL_KEY_CHAINS = False
 SPECS = {bits: (QuantSpec(bits, GROUP, per_channel=True), QuantSpec(bits, GROUP))
          for bits in (2, 4)}  # KIVI's 2- and 4-bit caches, keys and values
 
@@ -768,15 +763,10 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
     for g in range(2):  # key groups
         b = _key_operands(ops, fmt, qf_regs, words.key_scales(g))
         zb = zero_terms[2 * g:2 * g + 2]
-        zeros = [zb[0], zb[1], zb[0], zb[1]]  # q.zero, every row
-        none = [ops.cf(0.0)] * 4
-        offsets = none if PARALLEL_KEY_CHAINS else zeros
+        start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
         key_magic = neg_magic(KEYS)
         for step in range(8):
-            offsets = ops.mma(key_magic, b[step], offsets, KEYS)
-        if PARALLEL_KEY_CHAINS:
-            offsets = [ops.fadd(x, z) for x, z in zip(offsets, zeros)]
-        start = none if PARALLEL_KEY_CHAINS else offsets  # q.zero - 1024 * sum(B) in the chain
+            start = ops.mma(key_magic, b[step], start, KEYS)
         for tile in range(2):
             # [rh][i]: the lane's word i of token row + 8 rh, shifted
             shifted = [[_shifted(ops, fmt, x, KEYS) for x in w] for w in words.kc(2 * g + tile)]
@@ -786,8 +776,7 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
                      for i, x, f in (_key_combo(fmt, step, kh) for kh in range(2))
                      for rh in range(2)]
                 acc = ops.mma(a, b[step], acc, KEYS)
-            scores.append([ops.fadd(x, o) for x, o in zip(acc, offsets)]
-                          if PARALLEL_KEY_CHAINS else acc)
+            scores.append(acc)
     return scores
 
 

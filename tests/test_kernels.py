@@ -134,19 +134,16 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
 @pytest.mark.parametrize("hq, hkv, capacity, num_splits, residual, rescale_at", [
     (4, 1, 64, 4, 64, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 4, 128, 0.0),
     (6, 3, 192, 4, 48, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 8, 128, 0.0)])
-@pytest.mark.parametrize("parallel_key_chains", [False, True])
 def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, num_splits,
-                                           residual, rescale_at, bits, parallel_key_chains):
+                                           residual, rescale_at, bits):
     """The MMA kernel for KIVI 2- and 4-bit caches, its own code run lane by lane on the CPU
     (decode_kivi_mma.emulate: interpret mode cannot run its PTX), vs the float32 reference:
     GQA groups of 4, 2 and 1, an empty head, lengths off the 64-token blocks, splits that
     leave some parts empty or take unequal blocks, residual parts padded to whole programs
     (2 and 6 heads), residuals empty, partial and full; the running maxima moved only
-    past RESCALE_AT (the kernel's default), or whenever they grow (0); the key MMAs' chains
-    serial (the default) or in parallel (PARALLEL_KEY_CHAINS). The tolerance is the
+    past RESCALE_AT (the kernel's default), or whenever they grow (0). The tolerance is the
     bf16 one (the products of q and the scales round)."""
     monkeypatch.setattr(decode_kivi_mma, "RESCALE_AT", rescale_at)
-    monkeypatch.setattr(decode_kivi_mma, "PARALLEL_KEY_CHAINS", parallel_key_chains)
     k_spec, v_spec = decode_kivi_mma.SPECS[bits]
     B, D = 2, 128
     q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
