@@ -39,7 +39,8 @@ registers instead, they took the kernel to 247 registers and their latency was s
 (_residual_part), so the whole of KIVI's attention is this kernel and one merge.
 
 It returns partials (o unnormalized, m, l) for merge.merge_partials (on the GPU) or
-kvjax.attention.merge_partials, like decode_attention.decode_partials. The jnp reference is
+kvjax.attention.merge_partials, like decode_attention.decode_partials: the four warps of a
+program, splits of one head, merge theirs in shared memory first (_merge_program). The jnp reference is
 kvjax.attention.decode_partials over the dequantized cache and the residual.
 
 It takes what KIVI's 2- and 4-bit policies store: per-channel keys in groups of 32 tokens,
@@ -348,10 +349,11 @@ class _Mlir:
         return self._asm("mov.b32 $0, $1;", [x], "=r,r", keep_order=True)
 
     def at(self, base, *terms):
-        """base (a 64-bit address) + byte offsets (i32 values or ints)."""
+        """base (a 64-bit global or 32-bit shared-memory address) + byte offsets (i32 values or
+        ints)."""
         for t in terms:
             t = self._int(t)
-            base = arith.addi(base, t if t.type == self.i64 else arith.extui(self.i64, t))
+            base = arith.addi(base, t if t.type == base.type else arith.extui(self.i64, t))
         return base
 
     def at_wide(self, base, index, stride):
@@ -375,7 +377,11 @@ class _Mlir:
         return out if words > 1 else [out]
 
     def store_f32(self, address, value):
-        llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
+        """value to global memory (a 64-bit address) or shared memory (32-bit)."""
+        if address.type == self.i64:
+            llvm.store(value, llvm.inttoptr(llvm.PointerType.get(1), address))  # 1: global
+        else:
+            self._asm("st.shared.f32 [$1], $2;", [address, value], "=r,r,f", keep_order=True)
 
     def copy_async(self, shared, address, size, shared_offset=0, offset=0):
         """16 bytes from global `address` + offset to `shared` + shared_offset (a 32-bit
@@ -398,6 +404,10 @@ class _Mlir:
 
     def sync_warp(self):
         self._asm("bar.warp.sync -1;", [], "=r", keep_order=True)
+
+    def sync_program(self):
+        """Until every warp of the program is here, its shared-memory writes visible."""
+        self._asm("bar.sync 0;", [], "=r", keep_order=True)
 
     def load_shared(self, address, words, offset=0):
         return self.load(address, words, offset, space="shared")
@@ -577,6 +587,9 @@ class _Numpy:
         pass
 
     def sync_warp(self):
+        pass
+
+    def sync_program(self):  # emulate runs a program's warps before its merge
         pass
 
     def load_shared(self, address, words, offset=0):
@@ -1003,25 +1016,78 @@ def _part_of(ops, part, heads, num_splits):
     return is_residual, bh, split
 
 
+O_BYTES = QUERIES * HEAD_DIM * 4  # a part's o (float32), before its m and l [QUERIES]
+
+
+def _parts_per_head(num_splits):
+    """Parts of a head in the outputs: one a program of its quantized splits (_merge_program),
+    then the residual's."""
+    return num_splits // WARPS + 1
+
+
+def _outs(ops, refs, bh, index, num_splits):
+    """The addresses of head bh's output part `index`: its o, m, l (refs[-3:])."""
+    index = ops.add(ops.mul(bh, _parts_per_head(num_splits)), index)
+    o_ref, m_ref, l_ref = refs[-3:]
+    return (ops.at_wide(o_ref, index, O_BYTES), ops.at_wide(m_ref, index, QUERIES * 4),
+            ops.at_wide(l_ref, index, QUERIES * 4))
+
+
 def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, *, heads, capacity,
           num_splits, stages, residual):
     """One warp's part (_layout; the padding's parts are not run). refs are the addresses of
     lengths, q, k codes, k scales, k zeros, v codes, v scales, v zeros, the residual's k, v and
     n, the MMA constants (_constants), o, m, l; shared the warp's stages, common the program's
-    q * 2^-p and MMA constants (_shared_bytes)."""
+    q * 2^-p and MMA constants (_shared_bytes). A residual part goes to the outputs, a
+    quantized one to the start of the warp's stages, for _merge_program."""
     is_residual, bh, split = _part_of(ops, part, heads, num_splits)
-    index = ops.add(ops.mul(bh, num_splits + 1), split)  # in the outputs
-    o_ref, m_ref, l_ref = refs[-3:]
-    outs = (ops.at_wide(o_ref, index, QUERIES * HEAD_DIM * 4),
-            ops.at_wide(m_ref, index, QUERIES * 4), ops.at_wide(l_ref, index, QUERIES * 4))
+    in_stages = (shared, ops.add(shared, O_BYTES), ops.add(shared, O_BYTES + QUERIES * 4))
     ops.branch(is_residual,
                lambda: ops.branch(ops.lt(part, heads),  # not the padding
-                                  lambda: _residual_part(ops, lane, bh, [refs[1], *refs[8:11]],
-                                                         outs, residual=residual),
+                                  lambda: _residual_part(
+                                      ops, lane, bh, [refs[1], *refs[8:11]],
+                                      _outs(ops, refs, bh, num_splits // WARPS, num_splits),
+                                      residual=residual),
                                   lambda: None),
                lambda: _quantized_part(ops, fmt, lane, lane_id, bh, split,
-                                       refs[:8] + refs[11:12], outs, shared, common,
+                                       refs[:8] + refs[11:12], in_stages, shared, common,
                                        capacity=capacity, num_splits=num_splits, stages=stages))
+
+
+def _merge_program(ops, lane_id, warp, program, refs, program_shared, *, fmt: _Format, heads,
+                   num_splits, stages):
+    """A program of quantized parts ends by merging them: once all its warps have left their
+    parts in their stages, warp `warp` merges query `warp` (a lane 4 channels) into the head's
+    output part split // WARPS. A fourth of the parts to write and for the merge kernel to
+    read. Programs of residual parts have nothing to merge."""
+    residual_programs = _layout(heads, num_splits)[0] // WARPS
+
+    def merge():
+        ops.sync_program()
+        _, bh, split = _part_of(ops, ops.mul(program, WARPS), heads, num_splits)
+        o_out, m_out, l_out = _outs(ops, refs, bh, ops.div(split, WARPS), num_splits)
+        o_at = ops.mul(ops.add(ops.mul(warp, HEAD_DIM), ops.mul(lane_id, 4)), 4)  # bytes
+        stats_at = ops.mul(warp, 4)
+        m, l, o = [], [], []
+        for w in range(WARPS):  # warp w's part
+            part = ops.add(program_shared, w * stages * fmt.stage_bytes)
+            stats = ops.add(part, stats_at)
+            m.append(ops.as_f32(ops.load_shared(stats, 1, O_BYTES)[0]))
+            l.append(ops.as_f32(ops.load_shared(stats, 1, O_BYTES + QUERIES * 4)[0]))
+            o.append([ops.as_f32(x) for x in ops.load_shared(ops.add(part, o_at), 4)])
+        top = functools.reduce(ops.fmax, m)  # EMPTY_MAX where no part counted a token
+        weights = [ops.exp2(ops.fmul(ops.fsub(x, top), ops.cf(LOG2_E))) for x in m]
+
+        def weighted_sum(values):
+            return functools.reduce(lambda acc, wv: ops.fma(*wv, acc), zip(weights, values),
+                                    ops.cf(0.0))
+
+        for c in range(4):
+            ops.store_f32(ops.at(o_out, o_at, 4 * c), weighted_sum([x[c] for x in o]))
+        ops.store_f32(ops.at(m_out, stats_at), top)
+        ops.store_f32(ops.at(l_out, stats_at), weighted_sum(l))
+
+    ops.branch(ops.lt(ops.c(residual_programs - 1), program), merge, lambda: None)
 
 
 def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, shared, common,
@@ -1115,8 +1181,11 @@ def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, resid
     program_shared = llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared))
     shared = ops.add(program_shared, ops.mul(warp, stages * fmt.stage_bytes))
     common = ops.add(program_shared, WARPS * stages * fmt.stage_bytes)
-    _part(ops, fmt, lane, ops.band(tid, 31), part, addresses, shared, common, heads=heads,
+    lane_id = ops.band(tid, 31)
+    _part(ops, fmt, lane, lane_id, part, addresses, shared, common, heads=heads,
           capacity=capacity, num_splits=num_splits, stages=stages, residual=residual)
+    _merge_program(ops, lane_id, warp, program, addresses, program_shared, fmt=fmt, heads=heads,
+                   num_splits=num_splits, stages=stages)
 
 
 def _constants():
@@ -1148,7 +1217,7 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     B, Hkv = inputs[0].shape
     S, R = inputs[2].shape[2], inputs[8].shape[2]
     num_splits = num_splits or default_splits(B, Hkv, S)
-    shapes = _out_shapes(B, Hkv, num_splits + 1)
+    shapes = _out_shapes(B, Hkv, _parts_per_head(num_splits))
     arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
     fmt = _format(inputs[2])
     arrays.append(np.zeros(_shared_bytes(fmt, stages), np.uint8))  # a program's shared memory
@@ -1159,10 +1228,15 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
     lane_id = np.arange(32, dtype=np.uint32)
     common = shared + WARPS * stages * fmt.stage_bytes
-    for part in range(_layout(B * Hkv, num_splits)[1]):
-        warp_shared = shared + part % WARPS * stages * fmt.stage_bytes
-        _part(ops, fmt, lane, lane_id, ops.c(part), refs, warp_shared, common, heads=B * Hkv,
-              capacity=S, num_splits=num_splits, stages=stages, residual=R)
+    for program in range(_layout(B * Hkv, num_splits)[1] // WARPS):
+        for warp in range(WARPS):
+            warp_shared = shared + warp * stages * fmt.stage_bytes
+            _part(ops, fmt, lane, lane_id, ops.c(WARPS * program + warp), refs, warp_shared,
+                  common, heads=B * Hkv, capacity=S, num_splits=num_splits, stages=stages,
+                  residual=R)
+        for warp in range(WARPS):  # after the program's parts, as its barrier orders them
+            _merge_program(ops, lane_id, ops.c(warp), ops.c(program), refs, shared, fmt=fmt,
+                           heads=B * Hkv, num_splits=num_splits, stages=stages)
     outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
             for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
     g = q.shape[1] // Hkv
@@ -1197,8 +1271,9 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     KIVI 2- or 4-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPECS), and the first counts[b, h] tokens of its
     full-precision residual, residual = (k, v [B, Hkv, R, 128] bf16, counts [B, Hkv]). Returns
-    o [B, Hkv, P, g, D] and m, l [B, Hkv, P, g] (float32): P - 1 parts per head over the
-    quantized tokens, the last over the residual (decode_attention.decode_partials' layout).
+    o [B, Hkv, P, g, D] and m, l [B, Hkv, P, g] (float32): P - 1 = num_splits / WARPS parts
+    per head over the quantized tokens (a program's splits merged), the last over the residual
+    (decode_attention.decode_partials' layout).
     num_splits (a multiple of WARPS) and stages default to the measured best settings
     (default_splits, STAGES)."""
     B, Hq, _ = q.shape
@@ -1221,7 +1296,7 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
                               num_splits=num_splits, stages=stages, residual=R),
             grid=(parts // WARPS, 1, 1), block=(32 * WARPS, 1, 1),
             in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
-            out_shape=_out_shapes(B, Hkv, num_splits + 1),
+            out_shape=_out_shapes(B, Hkv, _parts_per_head(num_splits)),
             smem_scratch_shape=jax.ShapeDtypeStruct((_shared_bytes(fmt, stages),), jnp.uint8),
             kernel_name="kvjax_decode_kivi_mma")
     o, m, l = kernel(*inputs)
