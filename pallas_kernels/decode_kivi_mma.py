@@ -39,9 +39,9 @@ registers instead, they took the kernel to 247 registers and their latency was s
 (_residual_part), so the whole of KIVI's attention is this kernel and one merge.
 
 It returns partials (o unnormalized, m, l) for merge.merge_partials (on the GPU) or
-kvjax.attention.merge_partials, like decode_attention.decode_partials: the four warps of a
-program, splits of one head, merge theirs in shared memory first (_merge_program). The jnp reference is
-kvjax.attention.decode_partials over the dequantized cache and the residual.
+kvjax.attention.merge_partials, like decode_attention.decode_partials; the four warps of a
+program, splits of one head, merge theirs in shared memory first (_merge_program). The jnp
+reference is kvjax.attention.decode_partials over the dequantized cache and the residual.
 
 It takes what KIVI's 2- and 4-bit policies store: per-channel keys in groups of 32 tokens,
 per-token values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16
@@ -1156,7 +1156,7 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
     state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
              [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
     state = ops.loop(first, last, state, body)
-    ops.wait(0)  # no copy is left writing when the warp leaves
+    ops.wait(0)  # no copy left writing, no lane reading the stages the part goes to
     _epilogue(ops, fmt, lane, state, *outs)
 
 

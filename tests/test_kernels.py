@@ -139,7 +139,8 @@ def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, 
     """The MMA kernel for KIVI 2- and 4-bit caches, its own code run lane by lane on the CPU
     (decode_kivi_mma.emulate: interpret mode cannot run its PTX), vs the float32 reference:
     GQA groups of 4, 2 and 1, an empty head, lengths off the 64-token blocks, splits that
-    leave some parts empty or take unequal blocks, residual parts padded to whole programs
+    leave some parts empty or take unequal blocks, one or two programs of splits a head
+    (each merging its four parts in shared memory), residual parts padded to whole programs
     (2 and 6 heads), residuals empty, partial and full; the running maxima moved only
     past RESCALE_AT (the kernel's default), or whenever they grow (0). The tolerance is the
     bf16 one (the products of q and the scales round)."""
