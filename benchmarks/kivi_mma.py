@@ -111,14 +111,17 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
         splits = max(warps, parts // (batch * heads) // warps * warps)
         kernels[f"mma_{parts}_parts"] = (functools.partial(mma, num_splits=splits), k_stored)
     kernels = {k: fn for k, fn in kernels.items() if names is None or k in names}
-    rows = []
-    for name, (fn, keys) in kernels.items():
-        seconds, figures = timed(fn, q, keys, v_parts, lengths)
-        rows.append({"kernel": name, "bits": bits, "batch": batch, "context": capacity,
-                     "ms": seconds * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12,
-                     **figures})
-        print(rows[-1], flush=True)
-    return rows
+    return [timed_row(name, bits, batch, capacity, nbytes, fn, q, keys, v_parts, lengths)
+            for name, (fn, keys) in kernels.items()]
+
+
+def timed_row(name, bits, batch, capacity, nbytes, fn, *args):
+    """fn(*args) timed (benchmarks.kernels.timed), as a printed result row."""
+    seconds, figures = timed(fn, *args)
+    row = {"kernel": name, "bits": bits, "batch": batch, "context": capacity,
+           "ms": seconds * 1e3, "bytes": nbytes, "TBps": nbytes / seconds / 1e12, **figures}
+    print(row, flush=True)
+    return row
 
 
 def one_stream_source(fmt, arrays, name):
@@ -141,17 +144,14 @@ def one_stream_copies(batch, capacity, heads=8, group=4):
     slab = jax.random.bits(jax.random.key(8), (batch, heads, capacity, token_bytes), jnp.uint8)
     layouts = {"six arrays": (k_stored[0], {}),
                "one slab": (slab, {"_source": one_stream_source, "_format": lambda _: fmt})}
+    nbytes = batch * heads * capacity * token_bytes
     rows = []
     for name, (k_codes, pieces) in layouts.items():
         with patched({**LEFT_OUT["copies only"], **pieces}):
-            seconds, figures = timed(
+            rows.append(timed_row(
+                f"copies only, {name}", 2, batch, capacity, nbytes,
                 lambda q, k, v, n: mma_kernel.decode_partials(q, k, v, n, residual),
-                q, (k_codes, *k_stored[1:]), v_parts, lengths)
-        nbytes = batch * heads * capacity * token_bytes
-        rows.append({"kernel": f"copies only, {name}", "bits": 2, "batch": batch,
-                     "context": capacity, "ms": seconds * 1e3, "bytes": nbytes,
-                     "TBps": nbytes / seconds / 1e12, **figures})
-        print(rows[-1], flush=True)
+                q, (k_codes, *k_stored[1:]), v_parts, lengths))
     return rows
 
 

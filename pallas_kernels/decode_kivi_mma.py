@@ -1016,7 +1016,18 @@ def _part_of(ops, part, heads, num_splits):
     return is_residual, bh, split
 
 
-O_BYTES = QUERIES * HEAD_DIM * 4  # a part's o (float32), before its m and l [QUERIES]
+O_BYTES = QUERIES * HEAD_DIM * 4  # a part's o (float32)
+
+
+def _warp_stages(ops, fmt: _Format, program_shared, warp, stages):
+    """Where warp `warp`'s stages start in its program's shared memory (_shared_bytes)."""
+    return ops.add(program_shared, ops.mul(warp, stages * fmt.stage_bytes))
+
+
+def _part_in_stages(ops, at):
+    """Where a quantized part's o [4, 128], m and l [4] (float32) lie at the start of its
+    warp's stages `at`, for _merge_program."""
+    return at, ops.add(at, O_BYTES), ops.add(at, O_BYTES + QUERIES * 4)
 
 
 def _parts_per_head(num_splits):
@@ -1041,7 +1052,6 @@ def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, *, heads
     q * 2^-p and MMA constants (_shared_bytes). A residual part goes to the outputs, a
     quantized one to the start of the warp's stages, for _merge_program."""
     is_residual, bh, split = _part_of(ops, part, heads, num_splits)
-    in_stages = (shared, ops.add(shared, O_BYTES), ops.add(shared, O_BYTES + QUERIES * 4))
     ops.branch(is_residual,
                lambda: ops.branch(ops.lt(part, heads),  # not the padding
                                   lambda: _residual_part(
@@ -1050,7 +1060,8 @@ def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, *, heads
                                       residual=residual),
                                   lambda: None),
                lambda: _quantized_part(ops, fmt, lane, lane_id, bh, split,
-                                       refs[:8] + refs[11:12], in_stages, shared, common,
+                                       refs[:8] + refs[11:12], _part_in_stages(ops, shared),
+                                       shared, common,
                                        capacity=capacity, num_splits=num_splits, stages=stages))
 
 
@@ -1070,11 +1081,11 @@ def _merge_program(ops, lane_id, warp, program, refs, program_shared, *, fmt: _F
         stats_at = ops.mul(warp, 4)
         m, l, o = [], [], []
         for w in range(WARPS):  # warp w's part
-            part = ops.add(program_shared, w * stages * fmt.stage_bytes)
-            stats = ops.add(part, stats_at)
-            m.append(ops.as_f32(ops.load_shared(stats, 1, O_BYTES)[0]))
-            l.append(ops.as_f32(ops.load_shared(stats, 1, O_BYTES + QUERIES * 4)[0]))
-            o.append([ops.as_f32(x) for x in ops.load_shared(ops.add(part, o_at), 4)])
+            o_in, m_in, l_in = _part_in_stages(
+                ops, _warp_stages(ops, fmt, program_shared, ops.c(w), stages))
+            m.append(ops.as_f32(ops.load_shared(ops.add(m_in, stats_at), 1)[0]))
+            l.append(ops.as_f32(ops.load_shared(ops.add(l_in, stats_at), 1)[0]))
+            o.append([ops.as_f32(x) for x in ops.load_shared(ops.add(o_in, o_at), 4)])
         top = functools.reduce(ops.fmax, m)  # EMPTY_MAX where no part counted a token
         weights = [ops.exp2(ops.fmul(ops.fsub(x, top), ops.cf(LOG2_E))) for x in m]
 
@@ -1179,10 +1190,10 @@ def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, resid
     part = ops.add(ops.mul(program, WARPS), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
     program_shared = llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared))
-    shared = ops.add(program_shared, ops.mul(warp, stages * fmt.stage_bytes))
-    common = ops.add(program_shared, WARPS * stages * fmt.stage_bytes)
+    common = _warp_stages(ops, fmt, program_shared, ops.c(WARPS), stages)  # past the warps' stages
     lane_id = ops.band(tid, 31)
-    _part(ops, fmt, lane, lane_id, part, addresses, shared, common, heads=heads,
+    _part(ops, fmt, lane, lane_id, part, addresses,
+          _warp_stages(ops, fmt, program_shared, warp, stages), common, heads=heads,
           capacity=capacity, num_splits=num_splits, stages=stages, residual=residual)
     _merge_program(ops, lane_id, warp, program, addresses, program_shared, fmt=fmt, heads=heads,
                    num_splits=num_splits, stages=stages)
@@ -1227,13 +1238,12 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     lane = _Lane(ops, np.arange(32, dtype=np.uint32))
     *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
     lane_id = np.arange(32, dtype=np.uint32)
-    common = shared + WARPS * stages * fmt.stage_bytes
+    common = _warp_stages(ops, fmt, shared, ops.c(WARPS), stages)  # past the warps' stages
     for program in range(_layout(B * Hkv, num_splits)[1] // WARPS):
         for warp in range(WARPS):
-            warp_shared = shared + warp * stages * fmt.stage_bytes
-            _part(ops, fmt, lane, lane_id, ops.c(WARPS * program + warp), refs, warp_shared,
-                  common, heads=B * Hkv, capacity=S, num_splits=num_splits, stages=stages,
-                  residual=R)
+            _part(ops, fmt, lane, lane_id, ops.c(WARPS * program + warp), refs,
+                  _warp_stages(ops, fmt, shared, ops.c(warp), stages), common, heads=B * Hkv,
+                  capacity=S, num_splits=num_splits, stages=stages, residual=R)
         for warp in range(WARPS):  # after the program's parts, as its barrier orders them
             _merge_program(ops, lane_id, ops.c(warp), ops.c(program), refs, shared, fmt=fmt,
                            heads=B * Hkv, num_splits=num_splits, stages=stages)
