@@ -1,0 +1,219 @@
+"""The MMA decode kernel's SASS without a GPU: registers and the instructions of its block loop
+(pallas_kernels/decode_kivi_mma.py), to weigh a change to its arithmetic before device time.
+
+Mosaic GPU compiles its MLIR to PTX inside the CUDA plugin, at the first call on a GPU; a CPU
+jaxlib lacks the passes. So this traces the kernel on the CPU (jaxlib outlines its gpu.launch
+into a gpu.func), rewrites the few gpu and memref ops left (thread and block ids, the barrier,
+the dynamic shared memory) into NVVM and LLVM ops, and lowers the rest with triton's MLIR and
+LLVM (`pip install triton`: its wheel carries the NVPTX backend, ptxas and cuobjdump). The
+result is close to, not the same as, the GPU's: 168 registers for kivi2 at commit af96c4e,
+where the GPU's compile reports 166 (a different LLVM; Mosaic's own passes are not run).
+
+The block loop is the shortest loop of the SASS that holds the most MMAs; its count includes
+both sides of the branches in it (the masked block, the rescale), which most blocks skip.
+
+    python -m benchmarks.sass_offline [--bits 2] [--stages 2] [--tag s27]
+"""
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from pallas_kernels import decode_kivi_mma as mma_kernel
+
+PTX_FEATURES = "+ptx87"  # the ISA of the GPU machine's CUDA 13 (cvt .satfinite needs 8.1)
+SHARED_STRUCT = "!llvm.struct<(ptr<3>, ptr<3>, i64, array<1 x i64>, array<1 x i64>)>"
+
+
+def mosaic_module(bits, batch=16, heads=8, capacity=32768, residual=128, **options):
+    """The MLIR text of the kernel's Mosaic GPU module at the benchmarks' shape (B16 x 32K)."""
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    codes = shape(batch, heads, capacity, mma_kernel.HEAD_DIM * bits // 8, dtype=jnp.uint8)
+    k_parts = codes, *[shape(batch, heads, capacity // 32, 128, dtype=jnp.float16)] * 2
+    v_parts = codes, *[shape(batch, heads, capacity, 4)] * 2
+    rest = (shape(batch, heads, dtype=jnp.int32),
+            (shape(batch, heads, residual, 128), shape(batch, heads, residual, 128),
+             shape(batch, heads, dtype=jnp.int32)))
+    jaxpr = jax.make_jaxpr(lambda *a: mma_kernel.decode_partials(*a, **options))(
+        shape(batch, 4 * heads, 128), k_parts, v_parts, *rest)
+    return str(_mosaic_call(jaxpr.jaxpr).params["module"])
+
+
+def _mosaic_call(jaxpr):
+    """The first mosaic_gpu_p equation in jaxpr or the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "mosaic_gpu_p":
+            return eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            found = inner is not None and _mosaic_call(inner)
+            if found:
+                return found
+    return None
+
+
+def outlined(module_text):
+    """The module with its gpu.launch outlined into a gpu.func (jaxlib's own passes)."""
+    from jax.experimental.mosaic import gpu  # noqa: F401  (registers Mosaic GPU's dialect)
+    from jax.interpreters import mlir as jax_mlir
+    from jaxlib.mlir import ir, passmanager
+    from jaxlib.mlir._mlir_libs import _mlirGPUPasses  # noqa: F401  (registers the GPU passes)
+    with jax_mlir.make_ir_context() as context, ir.Location.unknown():
+        context.allow_unregistered_dialects = True
+        module = ir.Module.parse(module_text)
+        passmanager.PassManager.parse(
+            "builtin.module(canonicalize,gpu-launch-sink-index-computations,"
+            "gpu-kernel-outlining,canonicalize,cse)").run(module.operation)
+        return str(module)
+
+
+def kernel_function(outlined_text):
+    """The outlined gpu.func as a standalone llvm.func kernel in a module of its own: the
+    thread and block ids, the barrier and the dynamic shared memory rewritten as NVVM and
+    LLVM ops (what Mosaic's CUDA passes would make of them)."""
+    lines = outlined_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "gpu.func @" in line)
+    end = max(i for i, line in enumerate(lines) if line.strip() == "gpu.return")
+    arguments = re.search(r"\((%arg0.*?)\) kernel", lines[start]).group(1)
+    threads = re.search(r"known_block_size = array<i32: ([\d, ]+)>", lines[start]).group(1)
+    body = []
+    for line in lines[start + 1:end]:
+        text = line.strip()
+        if "gpu.dynamic_shared_memory" in text or text.startswith("%view = memref.view"):
+            continue
+        shared = re.match(r"(%\w+) = builtin.unrealized_conversion_cast %view ", text)
+        index = re.match(r"(%\w+) = gpu\.(thread_id|block_id) x$", text)
+        if shared:  # the view's descriptor: the shared memory's base, offset 0
+            body += ["%smem = llvm.mlir.addressof @shared : !llvm.ptr<3>",
+                     "%smem_offset = llvm.mlir.constant(0 : i64) : i64",
+                     f"%smem_0 = llvm.mlir.undef : {SHARED_STRUCT}",
+                     f"%smem_1 = llvm.insertvalue %smem, %smem_0[0] : {SHARED_STRUCT}",
+                     f"%smem_2 = llvm.insertvalue %smem, %smem_1[1] : {SHARED_STRUCT}",
+                     f"{shared.group(1)} = llvm.insertvalue %smem_offset, %smem_2[2] : "
+                     f"{SHARED_STRUCT}"]
+        elif index:
+            register = {"thread_id": "tid", "block_id": "ctaid"}[index.group(2)]
+            body += [f"{index.group(1)}_i32 = nvvm.read.ptx.sreg.{register}.x : i32",
+                     f"{index.group(1)} = arith.index_cast {index.group(1)}_i32 : i32 to index"]
+        elif text == "gpu.barrier":
+            body.append("nvvm.barrier")
+        elif re.search(r"\bgpu\.(?!address_space)", text.replace("mosaic_gpu.", "")):
+            raise ValueError(f"no rewrite for this gpu op: {text}")
+        else:
+            body.append(line)
+    return "\n".join([
+        'module attributes {llvm.target_triple = "nvptx64-nvidia-cuda"} {',
+        "llvm.mlir.global external @shared() {addr_space = 3 : i32, alignment = 16 : i64} : "
+        "!llvm.array<0 x i8>",
+        f"llvm.func @kernel({arguments}) attributes "
+        f"{{nvvm.kernel, nvvm.maxntid = array<i32: {threads}>}} {{",
+        *body, "llvm.return", "}", "}"])
+
+
+def ptx(kernel_text):
+    """PTX for sm_90a of kernel_function's module, through triton's MLIR passes and LLVM."""
+    from triton._C.libtriton import ir, llvm, nvidia, passes
+    context = ir.context()
+    ir.load_dialects(context)
+    nvidia.load_dialects(context)
+    with tempfile.NamedTemporaryFile("w", suffix=".mlir") as f:
+        f.write(kernel_text)
+        f.flush()
+        module = ir.parse_mlir_module(f.name, context)
+    manager = ir.pass_manager(context)
+    for add in (passes.convert.add_scf_to_cf, passes.convert.add_index_to_llvmir,
+                passes.convert.add_arith_to_llvmir, passes.convert.add_cf_to_llvmir,
+                passes.convert.add_nvvm_to_llvm, passes.common.add_canonicalizer,
+                passes.common.add_cse, passes.convert.add_reconcile_unrealized_casts):
+        add(manager)
+    manager.run(module, "kernel_to_llvm")
+    llvm.init_targets()
+    llvm_module = llvm.to_module(module, llvm.context())
+    llvm.attach_datalayout(llvm_module, "nvptx64-nvidia-cuda", "sm_90a", PTX_FEATURES)
+    llvm.optimize_module(llvm_module, llvm.OPTIMIZE_O3)
+    return llvm.translate_to_asm(str(llvm_module), "nvptx64-nvidia-cuda", "sm_90a",
+                                 PTX_FEATURES, [], True, False, False)
+
+
+def _tool(name):
+    """A CUDA tool: on the PATH, else the one in triton's wheel."""
+    import triton
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return shutil.which(name) or bundled
+
+
+def sass(ptx_text):
+    """(registers per thread, SASS listing) of the PTX, by ptxas -O3 and cuobjdump."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, binary = os.path.join(folder, "k.ptx"), os.path.join(folder, "k.cubin")
+        with open(source, "w") as f:
+            f.write(ptx_text)
+        report = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-O3", "-v", source, "-o",
+                                 binary], capture_output=True, text=True, check=True).stderr
+        listing = subprocess.run([_tool("cuobjdump"), "-sass", binary], capture_output=True,
+                                 text=True, check=True).stdout
+    return int(re.search(r"Used (\d+) registers", report).group(1)), listing
+
+
+def instructions(listing):
+    """[(address, instruction)] of a cuobjdump SASS listing."""
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;/]*?)\s*;", listing)
+    return [(int(address, 16), text) for address, text in found]
+
+
+def opcode(instruction):
+    """The opcode of a SASS instruction, without its predicate and modifiers (HMMA, LDS)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def block_loop(listing):
+    """The instructions of the shortest loop (a backward branch's range) that holds the most
+    MMAs: the kernel's loop over its blocks."""
+    code = instructions(listing)
+    at = {address: i for i, (address, _) in enumerate(code)}
+    loops = []
+    for end, (address, text) in enumerate(code):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) <= address:
+            loop = [t for _, t in code[at[int(target.group(1), 16)]:end + 1]]
+            loops.append((-sum(opcode(t) == "HMMA" for t in loop), len(loop), loop))
+    if not loops:
+        raise ValueError("the listing has no loop")
+    return min(loops)[2]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bits", type=int, default=2, choices=sorted(mma_kernel.SPECS))
+    parser.add_argument("--stages", type=int, default=mma_kernel.STAGES)
+    parser.add_argument("--tag", default=None, help="save results/sass_offline_<tag>.json")
+    args = parser.parse_args()
+    registers, listing = sass(ptx(kernel_function(outlined(
+        mosaic_module(args.bits, stages=args.stages)))))
+    loop = block_loop(listing)
+    mix = collections.Counter(opcode(t) for t in loop)
+    print(f"kivi{args.bits}, {args.stages} stages: {registers} registers; block loop "
+          f"{len(loop)} instructions: " + ", ".join(f"{k} {v}" for k, v in mix.most_common()))
+    if args.tag:
+        import triton
+        ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True,
+                               text=True).stdout.strip().splitlines()[-1]
+        common.write_result(f"sass_offline_{args.tag}", {
+            **common.environment(), "compiled_with": {"triton": triton.__version__,
+                                                      "ptxas": ptxas, "arch": "sm_90a"},
+            "kernel": f"decode_kivi_mma kivi{args.bits}, B16 x 32K, {args.stages} stages",
+            "registers": registers, "block_loop_instructions": len(loop),
+            "block_loop_mix": dict(mix.most_common()),
+            "command": f"python -m benchmarks.sass_offline --bits {args.bits} "
+                       f"--stages {args.stages} --tag {args.tag}"})
+
+if __name__ == "__main__":
+    main()
