@@ -1,12 +1,13 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
-the GPU: its partials against the float32 reference on ragged lengths and GQA groups, then the
-kernel alone (2 shared-memory stages, the default, and 3; other parts per launch with --sweep;
-an empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with
---l2-prefetch, another L2 prefetch size for its copies) against the Triton kernel at B16 x 32K
-and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the steps of the whole attention
-op at B16 x 32K; with --one-stream, its copies alone from the cache's six arrays and from one
-slab (one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM
-clock).
+the GPU: its partials and its op (decode, twice) against the float32 reference on ragged
+lengths and GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; an
+empty residual; other parts per launch with --sweep; with --left-out, pieces of it left out,
+kivi_registers.LEFT_OUT; with --l2-prefetch, another L2 prefetch size for its copies) and the
+op (its parts merged in the kernel, and by the merge kernel after it) against the Triton kernel
+at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the steps of the
+whole attention op at B16 x 32K; with --one-stream, its copies alone from the cache's six
+arrays and from one slab (one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall",
+"device_ms", the SM clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
@@ -77,6 +78,10 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     three_stages = merge_partials([mma_kernel.decode_partials(
         q, k_stored, v_parts, lengths, residual, num_splits=splits, stages=3)], jnp.float32)
     want = reference(q, k_parts, v_parts, lengths, bits)
+    # the op, its heads' parts merged in the kernel where few (twice: the first call must
+    # leave the arrival counters at zero for the second)
+    merged = [mma_kernel.decode(q, k_stored, v_parts, lengths, residual, num_splits=splits)
+              for _ in range(2)]
     k_spec, v_spec = mma_kernel.SPECS[bits]
     triton = merge_partials([triton_kernel.decode_partials(
         q, k_parts, v_parts, lengths, k_spec=k_spec, v_spec=v_spec)], jnp.float32)
@@ -85,6 +90,8 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
            "rel_error": rel_error(got, want),
            "three_stages_rel_error": rel_error(three_stages, want),
            "triton_rel_error": rel_error(triton, want),
+           "decode_folds": mma_kernel.folds(splits),
+           "decode_rel_errors": [rel_error(x, want) for x in merged],
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
     return row
@@ -101,7 +108,12 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
         return mma_kernel.decode_partials(q, k, v, n, residual, **options)
 
     k_stored = stored_keys(k_parts, bits)  # what the MMA kernel reads; Triton the plain layout
+    def op_with_merge_kernel(q, k, v, n):  # the op as it was before decode folded the merge
+        return merge.merge_partials(*mma(q, k, v, n), dtype=q.dtype)
+
     kernels = {"mma": (mma, k_stored),
+               "mma_op": (lambda q, k, v, n: mma_kernel.decode(q, k, v, n, residual), k_stored),
+               "mma_op_merge_kernel": (op_with_merge_kernel, k_stored),
                "mma_3_stages": (functools.partial(mma, stages=3), k_stored),
                "triton": (functools.partial(triton_kernel.decode_partials,
                                             k_spec=mma_kernel.SPECS[bits][0],

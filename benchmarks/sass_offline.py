@@ -34,7 +34,8 @@ SHARED_STRUCT = "!llvm.struct<(ptr<3>, ptr<3>, i64, array<1 x i64>, array<1 x i6
 
 
 def mosaic_module(bits, batch=16, heads=8, capacity=32768, residual=128, **options):
-    """The MLIR text of the kernel's Mosaic GPU module at the benchmarks' shape (B16 x 32K)."""
+    """The MLIR text of the Mosaic GPU module that decode_kivi_mma.decode runs at the
+    benchmarks' shape (B16 x 32K: its parts merged in the kernel)."""
     shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
     codes = shape(batch, heads, capacity, mma_kernel.HEAD_DIM * bits // 8, dtype=jnp.uint8)
     k_parts = codes, *[shape(batch, heads, capacity // 32, 128, dtype=jnp.float16)] * 2
@@ -42,7 +43,7 @@ def mosaic_module(bits, batch=16, heads=8, capacity=32768, residual=128, **optio
     rest = (shape(batch, heads, dtype=jnp.int32),
             (shape(batch, heads, residual, 128), shape(batch, heads, residual, 128),
              shape(batch, heads, dtype=jnp.int32)))
-    jaxpr = jax.make_jaxpr(lambda *a: mma_kernel.decode_partials(*a, **options))(
+    jaxpr = jax.make_jaxpr(lambda *a: mma_kernel.decode(*a, **options))(
         shape(batch, 4 * heads, 128), k_parts, v_parts, *rest)
     return str(_mosaic_call(jaxpr.jaxpr).params["module"])
 
@@ -76,12 +77,14 @@ def outlined(module_text):
 
 
 def kernel_function(outlined_text):
-    """The outlined gpu.func as a standalone llvm.func kernel in a module of its own: the
-    thread and block ids, the barrier and the dynamic shared memory rewritten as NVVM and
-    LLVM ops (what Mosaic's CUDA passes would make of them)."""
+    """The outlined gpu.func as a standalone llvm.func kernel in a module of its own, with the
+    globals of its gpu.module: the thread and block ids, the barrier and the dynamic shared
+    memory rewritten as NVVM and LLVM ops (what Mosaic's CUDA passes would make of them)."""
     lines = outlined_text.splitlines()
     start = next(i for i, line in enumerate(lines) if "gpu.func @" in line)
     end = max(i for i, line in enumerate(lines) if line.strip() == "gpu.return")
+    module = next(i for i, line in enumerate(lines) if "gpu.module @" in line)
+    globals_ = [line.strip() for line in lines[module:] if "llvm.mlir.global" in line]
     arguments = re.search(r"\((%arg0.*?)\) kernel", lines[start]).group(1)
     threads = re.search(r"known_block_size = array<i32: ([\d, ]+)>", lines[start]).group(1)
     body = []
@@ -105,7 +108,7 @@ def kernel_function(outlined_text):
                      f"{index.group(1)} = arith.index_cast {index.group(1)}_i32 : i32 to index"]
         elif text == "gpu.barrier":
             body.append("nvvm.barrier")
-        elif re.search(r"\bgpu\.(?!address_space)", text.replace("mosaic_gpu.", "")):
+        elif re.match(r"(%[\w:#]+ = )?gpu\.", text):  # an op of the gpu dialect
             raise ValueError(f"no rewrite for this gpu op: {text}")
         else:
             body.append(line)
@@ -113,6 +116,7 @@ def kernel_function(outlined_text):
         'module attributes {llvm.target_triple = "nvptx64-nvidia-cuda"} {',
         "llvm.mlir.global external @shared() {addr_space = 3 : i32, alignment = 16 : i64} : "
         "!llvm.array<0 x i8>",
+        *globals_,
         f"llvm.func @kernel({arguments}) attributes "
         f"{{nvvm.kernel, nvvm.maxntid = array<i32: {threads}>}} {{",
         *body, "llvm.return", "}", "}"])

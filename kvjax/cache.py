@@ -271,8 +271,8 @@ class QuantizedLayerCache:
         if decode_kivi_mma.fits(q, self.num_quantized, self.k_spec, self.v_spec,
                                 self.k_codes.shape[2], self.k_residual):  # one kernel for both
             residual = self.k_residual, self.v_residual, self.num_residual
-            return _merged(decode_kivi_mma.decode_partials(q, self.stored("k"), v_parts,
-                                                           self.num_quantized, residual), q.dtype)
+            return decode_kivi_mma.decode(q, self.stored("k"), v_parts, self.num_quantized,
+                                          residual)
         parts = [_partials(q, self.parts("k"), v_parts, self.num_quantized, self.k_spec,
                            self.v_spec),
                  _partials(q, (self.k_residual,), (self.v_residual,), self.num_residual)]

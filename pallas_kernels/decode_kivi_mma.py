@@ -38,10 +38,15 @@ registers instead, they took the kernel to 247 registers and their latency was s
 (benchmarks/RESULTS.md). One more part per head attends over the full-precision residual
 (_residual_part), so the whole of KIVI's attention is this kernel and one merge.
 
-It returns partials (o unnormalized, m, l) for merge.merge_partials (on the GPU) or
-kvjax.attention.merge_partials, like decode_attention.decode_partials; the four warps of a
-program, splits of one head, merge theirs in shared memory first (_merge_program). The jnp
-reference is kvjax.attention.decode_partials over the dequantized cache and the residual.
+The four warps of a program, splits of one head, merge their parts in shared memory
+(_merge_program) and write one. `decode` returns the attention itself: each program counts its
+part in (an atomic counter per head, a global of the kernel's module that the last arrival
+sets back to zero), and a head's last program merges all of its parts (_merge_head), where a
+second kernel and its launch had taken 4.6 us of the op's 122.8 at B16 x 32K
+(benchmarks/RESULTS.md, sixteenth pass). For heads of many parts (FOLD_PARTS) it leaves them
+to merge.merge_partials; `decode_partials` returns them, like
+decode_attention.decode_partials. The jnp reference is kvjax.attention.decode_partials over the
+dequantized cache and the residual.
 
 It takes what KIVI's 2- and 4-bit policies store: per-channel keys in groups of 32 tokens,
 per-token values in groups of 32 channels, 128-channel heads, up to 4 queries per KV head, bf16
@@ -65,6 +70,7 @@ from jaxlib.mlir.dialects import arith, gpu, llvm, scf
 
 from kvjax.attention import EMPTY_MAX, LOG2_E
 from kvjax.quantization import STATS_DTYPE, QuantSpec
+from pallas_kernels import merge
 
 HEAD_DIM = 128
 GROUP = 32  # tokens per key group, channels per value group
@@ -82,6 +88,10 @@ STAGES = 2  # shared-memory stages per warp: blocks in flight while one computes
 # rescales but raised the error against the float32 reference from 3.2e-3 to 5.2e-3
 # (benchmarks/kivi_rounding.py, emulated).
 RESCALE_AT = 2.0
+# A head's last program merges its parts in the kernel where they are this few or fewer (each
+# lane reads all of its channels' at once: 9 at B16 x 32K); more (129 at B1 x 128K) go to
+# merge.merge_partials, whose programs read them in chunks.
+FOLD_PARTS = 17
 SPECS = {bits: (QuantSpec(bits, GROUP, per_channel=True), QuantSpec(bits, GROUP))
          for bits in (2, 4)}  # KIVI's 2- and 4-bit caches, keys and values
 
@@ -267,7 +277,7 @@ class _Mlir:
     umin, umax = staticmethod(arith.minui), staticmethod(arith.maxui)
     select = staticmethod(arith.select)
     fadd, fsub, fmul = staticmethod(arith.addf), staticmethod(arith.subf), staticmethod(arith.mulf)
-    fmax = staticmethod(arith.maxnumf)
+    fmax, fdiv = staticmethod(arith.maxnumf), staticmethod(arith.divf)
 
     def fgt(self, a, b):
         return arith.cmpf(arith.CmpFPredicate.OGT, a, b)
@@ -363,7 +373,8 @@ class _Mlir:
 
     def load(self, address, words, offset=0, space="global.nc"):
         """`words` 32-bit words at an address plus a constant byte offset (folded into the
-        instruction): global memory through the read-only path (a 64-bit address), or shared
+        instruction): global memory through the read-only path (a 64-bit address), global
+        memory written by this kernel's other programs (space="global.cg": from L2), or shared
         memory (space="shared", 32-bit). Kept in program order: shared-memory reads must stay
         after the cp.async waits before them."""
         pointer = "r" if space == "shared" else "l"
@@ -408,6 +419,22 @@ class _Mlir:
     def sync_program(self):
         """Until every warp of the program is here, its shared-memory writes visible."""
         self._asm("bar.sync 0;", [], "=r", keep_order=True)
+
+    def fence(self):
+        """The thread's global writes before, for every program; others' after (with their
+        own fences and an atomic between)."""
+        self._asm("fence.acq_rel.gpu;", [], "=r", keep_order=True)
+
+    def arrive(self, counter, parts, lane_id):
+        """One more arrival at `counter` (a global u32, counted by lane 0 after a fence of
+        every lane's writes): 1 in every lane when it is the parts-th, which sets the counter
+        back to 0 and is followed by a fence, else 0."""
+        ptx = ("{ .reg .pred p, last; .reg .u32 old; mov.u32 old, 0; fence.acq_rel.gpu; "
+               "setp.eq.u32 p, $2, 0; @p atom.acq_rel.gpu.global.add.u32 old, [$1], 1; "
+               f"shfl.sync.idx.b32 old, old, 0, 31, -1; setp.eq.u32 last, old, {parts - 1}; "
+               "and.pred p, p, last; @p st.relaxed.gpu.global.u32 [$1], 0; "
+               "fence.acq_rel.gpu; selp.u32 $0, 1, 0, last; }")
+        return self._asm(ptx, [counter, lane_id], "=r,l,r", keep_order=True)
 
     def load_shared(self, address, words, offset=0):
         return self.load(address, words, offset, space="shared")
@@ -485,6 +512,7 @@ class _Numpy:
     fsub = lambda self, a, b: (a - b).astype(np.float32)  # noqa: E731
     fmul = lambda self, a, b: (a * b).astype(np.float32)  # noqa: E731
     fmax = lambda self, a, b: np.fmax(a, b)  # noqa: E731
+    fdiv = lambda self, a, b: (a / b).astype(np.float32)  # noqa: E731
     fgt = lambda self, a, b: a > b  # noqa: E731
     any_lane = lambda self, pred: np.full(32, np.any(pred))  # noqa: E731
 
@@ -564,7 +592,7 @@ class _Numpy:
     def at_wide(self, base, index, stride):
         return base + index.astype(np.int64) * stride
 
-    def load(self, address, words, offset=0):
+    def load(self, address, words, offset=0, space=None):
         offsets = np.asarray(address, np.int64)[:, None] + offset + np.arange(4 * words)
         raw = self.memory[offsets].reshape(32, words, 4).astype(np.uint32)
         values = raw[..., 0] | raw[..., 1] << 8 | raw[..., 2] << 16 | raw[..., 3] << 24
@@ -591,6 +619,16 @@ class _Numpy:
 
     def sync_program(self):  # emulate runs a program's warps before its merge
         pass
+
+    def fence(self):
+        pass
+
+    def arrive(self, counter, parts, lane_id):
+        at = int(counter[0])
+        count = int(self.memory[at:at + 4].view(np.uint32)[0]) + 1
+        left = 0 if count == parts else count
+        self.memory[at:at + 4] = np.array([left], np.uint32).view(np.uint8)
+        return np.full(32, count == parts, np.uint32)
 
     def load_shared(self, address, words, offset=0):
         return self.load(address, words, offset)
@@ -647,6 +685,7 @@ def _key_combo(fmt: _Format, step, kh):
 # _key_zero_terms' operands (32 registers in all).
 QF_BYTES = 4 * 32 * 16
 MAGIC_BYTES = 32  # the offset MMAs' A operands, -magic pairs: 4 words for keys, 4 for values
+FLAG_BYTES = 16  # _count_program's word, in a 16-byte slot
 
 
 def _qf_offset(fmt: _Format, f):
@@ -1044,41 +1083,75 @@ def _outs(ops, refs, bh, index, num_splits):
             ops.at_wide(l_ref, index, QUERIES * 4))
 
 
-def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, *, heads, capacity,
-          num_splits, stages, residual):
+class _Final(NamedTuple):
+    """Where a head's last program merges its parts in the kernel (FOLD_PARTS): the arrival
+    counters, a u32 per head, and the output out [B, Hkv, 4, 128] (bf16)."""
+    counters: object
+    out: object
+
+
+def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, final, *, heads,
+          capacity, num_splits, stages, residual):
     """One warp's part (_layout; the padding's parts are not run). refs are the addresses of
     lengths, q, k codes, k scales, k zeros, v codes, v scales, v zeros, the residual's k, v and
     n, the MMA constants (_constants), o, m, l; shared the warp's stages, common the program's
-    q * 2^-p and MMA constants (_shared_bytes). A residual part goes to the outputs, a
-    quantized one to the start of the warp's stages, for _merge_program."""
+    q * 2^-p and MMA constants (_shared_bytes). A residual part goes to the outputs (and,
+    with `final`, is counted in: the last of its head's parts merges them), a quantized one
+    to the start of the warp's stages, for _merge_program."""
     is_residual, bh, split = _part_of(ops, part, heads, num_splits)
+
+    def residual_part():
+        _residual_part(ops, lane, bh, [refs[1], *refs[8:11]],
+                       _outs(ops, refs, bh, num_splits // WARPS, num_splits), residual=residual)
+        if final is not None:
+            last = ops.arrive(_counter(ops, final, bh), _parts_per_head(num_splits), lane_id)
+            ops.branch(ops.lt(ops.c(0), last),
+                       lambda: [_merge_head(ops, lane_id, bh, ops.c(query), refs, final,
+                                            num_splits) for query in range(QUERIES)],
+                       lambda: None)
+
     ops.branch(is_residual,
-               lambda: ops.branch(ops.lt(part, heads),  # not the padding
-                                  lambda: _residual_part(
-                                      ops, lane, bh, [refs[1], *refs[8:11]],
-                                      _outs(ops, refs, bh, num_splits // WARPS, num_splits),
-                                      residual=residual),
-                                  lambda: None),
+               lambda: ops.branch(ops.lt(part, heads), residual_part, lambda: None),
                lambda: _quantized_part(ops, fmt, lane, lane_id, bh, split,
                                        refs[:8] + refs[11:12], _part_in_stages(ops, shared),
                                        shared, common,
                                        capacity=capacity, num_splits=num_splits, stages=stages))
 
 
-def _merge_program(ops, lane_id, warp, program, refs, program_shared, *, fmt: _Format, heads,
-                   num_splits, stages):
+def _query_at(ops, query, lane_id):
+    """Byte offsets of a lane's 4 channels of query `query` in a part's o [4, 128], and of the
+    query's m and l in theirs [4] (float32)."""
+    return ops.mul(ops.add(ops.mul(query, HEAD_DIM), ops.mul(lane_id, 4)), 4), ops.mul(query, 4)
+
+
+def _weighted_merge(ops, m, l, o):
+    """Parts with maxima m (natural-log units), denominators l and outputs o [part][channel]
+    merged: (their maximum, the sums of o's channels and of l, each part weighted by
+    exp(m - maximum))."""
+    top = functools.reduce(ops.fmax, m)  # EMPTY_MAX where no part counted a token
+    weights = [ops.exp2(ops.fmul(ops.fsub(x, top), ops.cf(LOG2_E))) for x in m]
+
+    def weighted_sum(values):
+        return functools.reduce(lambda acc, wv: ops.fma(*wv, acc), zip(weights, values),
+                                ops.cf(0.0))
+
+    return top, [weighted_sum(channel) for channel in zip(*o)], weighted_sum(l)
+
+
+def _merge_program(ops, lane_id, warp, program, refs, program_shared, final, *, fmt: _Format,
+                   heads, num_splits, stages):
     """A program of quantized parts ends by merging them: once all its warps have left their
     parts in their stages, warp `warp` merges query `warp` (a lane 4 channels) into the head's
     output part split // WARPS. A fourth of the parts to write and for the merge kernel to
-    read. Programs of residual parts have nothing to merge."""
+    read. With `final`, the program then counts its part in, and the head's last merges all
+    of its parts (_merge_head). Programs of residual parts have nothing to merge."""
     residual_programs = _layout(heads, num_splits)[0] // WARPS
 
     def merge():
         ops.sync_program()
         _, bh, split = _part_of(ops, ops.mul(program, WARPS), heads, num_splits)
         o_out, m_out, l_out = _outs(ops, refs, bh, ops.div(split, WARPS), num_splits)
-        o_at = ops.mul(ops.add(ops.mul(warp, HEAD_DIM), ops.mul(lane_id, 4)), 4)  # bytes
-        stats_at = ops.mul(warp, 4)
+        o_at, stats_at = _query_at(ops, warp, lane_id)
         m, l, o = [], [], []
         for w in range(WARPS):  # warp w's part
             o_in, m_in, l_in = _part_in_stages(
@@ -1086,19 +1159,62 @@ def _merge_program(ops, lane_id, warp, program, refs, program_shared, *, fmt: _F
             m.append(ops.as_f32(ops.load_shared(ops.add(m_in, stats_at), 1)[0]))
             l.append(ops.as_f32(ops.load_shared(ops.add(l_in, stats_at), 1)[0]))
             o.append([ops.as_f32(x) for x in ops.load_shared(ops.add(o_in, o_at), 4)])
-        top = functools.reduce(ops.fmax, m)  # EMPTY_MAX where no part counted a token
-        weights = [ops.exp2(ops.fmul(ops.fsub(x, top), ops.cf(LOG2_E))) for x in m]
-
-        def weighted_sum(values):
-            return functools.reduce(lambda acc, wv: ops.fma(*wv, acc), zip(weights, values),
-                                    ops.cf(0.0))
-
-        for c in range(4):
-            ops.store_f32(ops.at(o_out, o_at, 4 * c), weighted_sum([x[c] for x in o]))
+        top, o_sums, l_sum = _weighted_merge(ops, m, l, o)
+        for c, value in enumerate(o_sums):
+            ops.store_f32(ops.at(o_out, o_at, 4 * c), value)
         ops.store_f32(ops.at(m_out, stats_at), top)
-        ops.store_f32(ops.at(l_out, stats_at), weighted_sum(l))
+        ops.store_f32(ops.at(l_out, stats_at), l_sum)
+        if final is not None:
+            _count_program(ops, lane_id, warp, bh, refs, final, program_shared,
+                           fmt=fmt, num_splits=num_splits, stages=stages)
 
     ops.branch(ops.lt(ops.c(residual_programs - 1), program), merge, lambda: None)
+
+
+def _count_program(ops, lane_id, warp, bh, refs, final, program_shared, *, fmt: _Format,
+                   num_splits, stages):
+    """Counts a program's part of head bh in, once all its warps have written theirs (warp 0
+    arrives for the program and leaves the answer in shared memory); if it was the head's
+    last, warp `warp` merges query `warp` of all the head's parts."""
+    flag_at = ops.add(program_shared, _shared_bytes(fmt, stages) - FLAG_BYTES)
+    ops.fence()  # this thread's writes to the part, before warp 0's arrival
+    ops.sync_program()
+    ops.branch(ops.lt(warp, 1),
+               lambda: ops.store_shared(flag_at, [ops.arrive(
+                   _counter(ops, final, bh), _parts_per_head(num_splits), lane_id)]),
+               lambda: None)
+    ops.sync_program()
+    last = ops.load_shared(flag_at, 1)[0]
+    ops.branch(ops.lt(ops.c(0), last),
+               lambda: _merge_head(ops, lane_id, bh, warp, refs, final, num_splits),
+               lambda: None)
+
+
+def _counter(ops, final: _Final, bh):
+    return ops.at(final.counters, ops.mul(bh, 4))
+
+
+def _merge_head(ops, lane_id, bh, query, refs, final: _Final, num_splits):
+    """Query `query` of head bh merged over all the head's parts in the outputs (o, m, l) and
+    normalized into final.out (bf16, a lane 4 channels; zeros where no part counted a token):
+    merge.merge_partials' work, done by the head's last program."""
+    ops.fence()  # after the arrival that found the other programs' parts written
+    o_at, stats_at = _query_at(ops, query, lane_id)
+    m, l, o = [], [], []
+    for index in range(_parts_per_head(num_splits)):
+        o_in, m_in, l_in = _outs(ops, refs, bh, ops.c(index), num_splits)
+        m.append(ops.as_f32(ops.load(ops.at(m_in, stats_at), 1, space="global.cg")[0]))
+        l.append(ops.as_f32(ops.load(ops.at(l_in, stats_at), 1, space="global.cg")[0]))
+        o.append([ops.as_f32(x) for x in ops.load(ops.at(o_in, o_at), 4, space="global.cg")])
+    _, o_sums, l_sum = _weighted_merge(ops, m, l, o)
+    counted = ops.fgt(l_sum, ops.cf(0.0))
+    scale = ops.select(counted, ops.fdiv(ops.cf(1.0), ops.select(counted, l_sum, ops.cf(1.0))),
+                       ops.cf(0.0))
+    out = [ops.fmul(x, scale) for x in o_sums]
+    at = ops.at(ops.at_wide(final.out, bh, QUERIES * HEAD_DIM * 2), ops.mul(query, HEAD_DIM * 2),
+                ops.mul(lane_id, 8))
+    for i in range(2):
+        ops.store_f32(ops.at(at, 4 * i), ops.as_f32(ops.pack(out[2 * i + 1], out[2 * i], BF16)))
 
 
 def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, shared, common,
@@ -1174,12 +1290,14 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
 def _shared_bytes(fmt: _Format, stages):
     """A program's shared memory: each warp's stages, then the q * 2^-p and the offset MMAs'
     operands its warps share. Shared, they let 3 stages fit in 3 programs an SM at 2 bits
-    (74.0 KiB a program, of the 75 KiB that 3 programs an SM allow)."""
-    return WARPS * stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES
+    (74.0 KiB a program, of the 75 KiB that 3 programs an SM allow). Last, the word in which
+    warp 0 tells the others whether the program was its head's last (_count_program)."""
+    return WARPS * stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES + FLAG_BYTES
 
 
-def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, residual):
-    """The GPU kernel: warp w of program i takes part WARPS * i + w (_layout)."""
+def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, residual, fold):
+    """The GPU kernel: warp w of program i takes part WARPS * i + w (_layout); with `fold`,
+    the first output is out, and each head's last program merges its parts into it."""
     del ctx
     *refs, shared = refs
     ops = _Mlir()
@@ -1189,14 +1307,34 @@ def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, resid
     program = arith.index_cast(ops.i32, gpu.block_id(gpu.Dimension.x))
     part = ops.add(ops.mul(program, WARPS), warp)
     addresses = [llvm.ptrtoint(ops.i64, mgpu_utils.memref_ptr(ref)) for ref in refs]
+    final = _Final(_head_counters(ops, heads), addresses[-4]) if fold else None
     program_shared = llvm.ptrtoint(ops.i32, mgpu_utils.memref_ptr(shared))
     common = _warp_stages(ops, fmt, program_shared, ops.c(WARPS), stages)  # past the warps' stages
     lane_id = ops.band(tid, 31)
     _part(ops, fmt, lane, lane_id, part, addresses,
-          _warp_stages(ops, fmt, program_shared, warp, stages), common, heads=heads,
+          _warp_stages(ops, fmt, program_shared, warp, stages), common, final, heads=heads,
           capacity=capacity, num_splits=num_splits, stages=stages, residual=residual)
-    _merge_program(ops, lane_id, warp, program, addresses, program_shared, fmt=fmt, heads=heads,
-                   num_splits=num_splits, stages=stages)
+    _merge_program(ops, lane_id, warp, program, addresses, program_shared, final, fmt=fmt,
+                   heads=heads, num_splits=num_splits, stages=stages)
+
+
+COUNTERS = "kvjax_head_counters"
+
+
+def _head_counters(ops, heads):
+    """The address of the arrival counters, a u32 per head: a global of the kernel's own
+    module, zeros when the module is loaded and left at zero by each head's last arrival, so
+    every call starts from zeros. (Calls of one kernel must not overlap; XLA runs a device's
+    kernels one after another on its stream.)"""
+    module = ir.InsertionPoint.current.block.owner.operation
+    while module.name != "builtin.module":
+        module = module.parent
+    with ir.InsertionPoint.at_block_begin(module.regions[0].blocks[0]):
+        llvm.GlobalOp(ir.Type.parse(f"!llvm.array<{heads} x i32>"), COUNTERS,
+                      ir.Attribute.parse("#llvm.linkage<internal>"),
+                      value=ir.DenseElementsAttr.get(np.zeros(heads, np.int32)), addr_space=1,
+                      alignment=4)
+    return llvm.ptrtoint(ops.i64, llvm.mlir_addressof(llvm.PointerType.get(1), COUNTERS))
 
 
 def _constants():
@@ -1221,36 +1359,48 @@ def _inputs(q, k_parts, v_parts, lengths, residual):
             counts.astype(jnp.int32), _constants())
 
 
-def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
+def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES,
+            fold=False, reverse=False):
     """The kernel's own code run on the CPU, warp by warp over numpy (see _Numpy): what the
-    tests check against the reference, since interpret mode cannot run the kernel's PTX."""
+    tests check against the reference, since interpret mode cannot run the kernel's PTX.
+    Returns decode_partials' parts or, with `fold` (the kernel decode runs for few parts a
+    head, FOLD_PARTS), its output [B, Hq, 128] (float32 of the bf16) and the arrival counters
+    it leaves [B * Hkv]. The programs run in order, or last to first with `reverse` (then a
+    head's residual part is its last to arrive)."""
     inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths, residual)]
     B, Hkv = inputs[0].shape
     S, R = inputs[2].shape[2], inputs[8].shape[2]
     num_splits = num_splits or default_splits(B, Hkv, S)
-    shapes = _out_shapes(B, Hkv, _parts_per_head(num_splits))
-    arrays = inputs + [np.zeros(s.shape, np.float32) for s in shapes]
+    arrays = inputs + [np.zeros(s.shape, s.dtype) for s in _out_shapes(B, Hkv, num_splits, fold)]
     fmt = _format(inputs[2])
+    arrays.append(np.zeros(B * Hkv, np.uint32))  # the arrival counters
     arrays.append(np.zeros(_shared_bytes(fmt, stages), np.uint8))  # a program's shared memory
     offsets = np.cumsum([0] + [a.nbytes for a in arrays])
     memory = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
     ops = _Numpy(memory)
     lane = _Lane(ops, np.arange(32, dtype=np.uint32))
-    *refs, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
+    *refs, counters, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
+    final = _Final(counters, refs[-4]) if fold else None
     lane_id = np.arange(32, dtype=np.uint32)
     common = _warp_stages(ops, fmt, shared, ops.c(WARPS), stages)  # past the warps' stages
-    for program in range(_layout(B * Hkv, num_splits)[1] // WARPS):
+    programs = range(_layout(B * Hkv, num_splits)[1] // WARPS)
+    for program in reversed(programs) if reverse else programs:
         for warp in range(WARPS):
             _part(ops, fmt, lane, lane_id, ops.c(WARPS * program + warp), refs,
-                  _warp_stages(ops, fmt, shared, ops.c(warp), stages), common, heads=B * Hkv,
-                  capacity=S, num_splits=num_splits, stages=stages, residual=R)
+                  _warp_stages(ops, fmt, shared, ops.c(warp), stages), common, final,
+                  heads=B * Hkv, capacity=S, num_splits=num_splits, stages=stages, residual=R)
         for warp in range(WARPS):  # after the program's parts, as its barrier orders them
-            _merge_program(ops, lane_id, ops.c(warp), ops.c(program), refs, shared, fmt=fmt,
-                           heads=B * Hkv, num_splits=num_splits, stages=stages)
-    outs = [memory[offsets[i]:offsets[i + 1]].view(np.float32).reshape(s.shape)
-            for i, s in zip(range(len(inputs), len(inputs) + 3), shapes)]
+            _merge_program(ops, lane_id, ops.c(warp), ops.c(program), refs, shared, final,
+                           fmt=fmt, heads=B * Hkv, num_splits=num_splits, stages=stages)
+
+    def read(i):  # arrays[i] as the run left it
+        return memory[offsets[i]:offsets[i + 1]].view(arrays[i].dtype).reshape(arrays[i].shape)
+
     g = q.shape[1] // Hkv
-    return tuple(x[:, :, :, :g] for x in outs)
+    if fold:
+        out = read(len(inputs)).astype(np.float32)[:, :, :g]
+        return out.reshape(B, Hkv * g, HEAD_DIM), read(len(arrays) - 2)
+    return tuple(read(i)[:, :, :, :g] for i in range(len(inputs), len(inputs) + 3))
 
 
 def _format(k_codes) -> _Format:
@@ -1262,10 +1412,14 @@ def _format(k_codes) -> _Format:
     return _Format(bits)
 
 
-def _out_shapes(B, Hkv, num_splits):
-    return (jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES, HEAD_DIM), jnp.float32),
-            jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES), jnp.float32),
-            jax.ShapeDtypeStruct((B, Hkv, num_splits, QUERIES), jnp.float32))
+def _out_shapes(B, Hkv, num_splits, fold):
+    """The kernel's outputs: out [B, Hkv, 4, 128] (bf16) with `fold`, then the parts' o, m and
+    l (float32; with `fold` too, as the last program of a head reads them)."""
+    P = _parts_per_head(num_splits)
+    out = (jax.ShapeDtypeStruct((B, Hkv, QUERIES, HEAD_DIM), jnp.bfloat16),) if fold else ()
+    return (*out, jax.ShapeDtypeStruct((B, Hkv, P, QUERIES, HEAD_DIM), jnp.float32),
+            jax.ShapeDtypeStruct((B, Hkv, P, QUERIES), jnp.float32),
+            jax.ShapeDtypeStruct((B, Hkv, P, QUERIES), jnp.float32))
 
 
 def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
@@ -1273,6 +1427,38 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
     block at most, in whole programs (_layout)."""
     splits = max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
     return -(-splits // WARPS) * WARPS
+
+
+def folds(num_splits) -> bool:
+    """Whether decode merges a head's parts in the kernel (FOLD_PARTS)."""
+    return _parts_per_head(num_splits) <= FOLD_PARTS
+
+
+def _launch(q, k_parts, v_parts, lengths, residual, *, num_splits, stages, fold):
+    """The kernel's outputs (_out_shapes) for decode_partials' arguments."""
+    B = q.shape[0]
+    Hkv = lengths.shape[1]
+    S, R = k_parts[0].shape[2], residual[0].shape[2]
+    if S % BLOCK or R % 16:  # the loops read whole blocks and tiles
+        raise ValueError(f"the MMA kernel needs a capacity that is a multiple of {BLOCK} (got "
+                         f"{S}) and a residual of whole 16-token tiles (got {R}): check fits()")
+    fmt = _format(k_parts[0])
+    _, parts = _layout(B * Hkv, num_splits)
+    inputs = _inputs(q, k_parts, v_parts, lengths, residual)
+
+    # Mosaic GPU's own launcher: the kernel is written in its MLIR, not in Pallas. (Programs of
+    # 1 and 2 warps were measured and were no faster: benchmarks/RESULTS.md, eighth and ninth
+    # passes.)
+    with jax_mlir.make_ir_context(), ir.Location.unknown():
+        kernel = mosaic_gpu.as_gpu_kernel(
+            functools.partial(_kernel, fmt=fmt, heads=B * Hkv, capacity=S,
+                              num_splits=num_splits, stages=stages, residual=R, fold=fold),
+            grid=(parts // WARPS, 1, 1), block=(32 * WARPS, 1, 1),
+            in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
+            out_shape=_out_shapes(B, Hkv, num_splits, fold),
+            smem_scratch_shape=jax.ShapeDtypeStruct((_shared_bytes(fmt, stages),), jnp.uint8),
+            kernel_name="kvjax_decode_kivi_mma")
+    return kernel(*inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
@@ -1286,29 +1472,25 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     (decode_attention.decode_partials' layout).
     num_splits (a multiple of WARPS) and stages default to the measured best settings
     (default_splits, STAGES)."""
-    B, Hq, _ = q.shape
-    Hkv = lengths.shape[1]
-    S, R = k_parts[0].shape[2], residual[0].shape[2]
-    if S % BLOCK or R % 16:  # the loops read whole blocks and tiles
-        raise ValueError(f"the MMA kernel needs a capacity that is a multiple of {BLOCK} (got "
-                         f"{S}) and a residual of whole 16-token tiles (got {R}): check fits()")
-    fmt = _format(k_parts[0])
-    num_splits = num_splits or default_splits(B, Hkv, S)
-    _, parts = _layout(B * Hkv, num_splits)
-    inputs = _inputs(q, k_parts, v_parts, lengths, residual)
-
-    # Mosaic GPU's own launcher: the kernel is written in its MLIR, not in Pallas. (Programs of
-    # 1 and 2 warps were measured and were no faster: benchmarks/RESULTS.md, eighth and ninth
-    # passes.)
-    with jax_mlir.make_ir_context(), ir.Location.unknown():
-        kernel = mosaic_gpu.as_gpu_kernel(
-            functools.partial(_kernel, fmt=fmt, heads=B * Hkv, capacity=S,
-                              num_splits=num_splits, stages=stages, residual=R),
-            grid=(parts // WARPS, 1, 1), block=(32 * WARPS, 1, 1),
-            in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
-            out_shape=_out_shapes(B, Hkv, _parts_per_head(num_splits)),
-            smem_scratch_shape=jax.ShapeDtypeStruct((_shared_bytes(fmt, stages),), jnp.uint8),
-            kernel_name="kvjax_decode_kivi_mma")
-    o, m, l = kernel(*inputs)
-    g = Hq // Hkv
+    num_splits = num_splits or default_splits(q.shape[0], lengths.shape[1], k_parts[0].shape[2])
+    o, m, l = _launch(q, k_parts, v_parts, lengths, residual, num_splits=num_splits,
+                      stages=stages, fold=False)
+    g = q.shape[1] // lengths.shape[1]
     return o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
+
+
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
+def decode(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
+    """decode_partials' attention merged: [B, Hq, 128] in q's dtype (bf16). A head's last
+    program merges its parts where they are few (folds: no second kernel), else
+    merge.merge_partials does."""
+    B, Hq, D = q.shape
+    Hkv = lengths.shape[1]
+    num_splits = num_splits or default_splits(B, Hkv, k_parts[0].shape[2])
+    if not folds(num_splits):
+        parts = decode_partials(q, k_parts, v_parts, lengths, residual, num_splits=num_splits,
+                                stages=stages)
+        return merge.merge_partials(*parts, dtype=q.dtype)
+    out = _launch(q, k_parts, v_parts, lengths, residual, num_splits=num_splits, stages=stages,
+                  fold=True)[0]
+    return out[:, :, :Hq // Hkv].reshape(B, Hq, D)

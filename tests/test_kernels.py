@@ -130,6 +130,30 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
     assert kernels_fit(head_dim, *specs) == fits
 
 
+def _kivi_mma_case(rng, bits, hq, hkv, capacity, residual):
+    """A KIVI cache of `bits` for the MMA kernel (2 rows; the first head empty, its residual
+    too, the last residual full), as (q, k parts as stored, v parts, lengths, the residual),
+    and the float32 reference's output over the dequantized cache and the residual."""
+    k_spec, v_spec = decode_kivi_mma.SPECS[bits]
+    B, D = 2, 128
+    q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
+    k = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32) * 2 + 0.5
+    v = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32)
+    lengths = _random_lengths(rng, B, hkv, capacity)
+    k_parts, v_parts = quantize_tokens(k, k_spec), quantize_tokens(v, v_spec)
+    k_res, v_res = (rng.standard_normal((B, hkv, residual, D)).astype(ml_dtypes.bfloat16)
+                    for _ in range(2))
+    counts = rng.integers(0, residual + 1, (B, hkv)).astype(np.int32)
+    counts.flat[0], counts.flat[-1] = 0, residual  # the empty head's residual empty too
+    k_stored = k_parts[0], *decode_kivi_mma.store_key_stats(*k_parts[1:], bits)
+    k_hat, v_hat = dequantize_tokens(*k_parts, k_spec), dequantize_tokens(*v_parts, v_spec)
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    ref = np.asarray(merge_partials(
+        [reference_partials(f32(q), k_hat, v_hat, lengths),
+         reference_partials(f32(q), f32(k_res), f32(v_res), counts)], jnp.float32))
+    return (q, k_stored, v_parts, lengths, (k_res, v_res, counts)), ref
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("hq, hkv, capacity, num_splits, residual, rescale_at", [
     (4, 1, 64, 4, 64, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 4, 128, 0.0),
@@ -145,28 +169,27 @@ def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, 
     past RESCALE_AT (the kernel's default), or whenever they grow (0). The tolerance is the
     bf16 one (the products of q and the scales round)."""
     monkeypatch.setattr(decode_kivi_mma, "RESCALE_AT", rescale_at)
-    k_spec, v_spec = decode_kivi_mma.SPECS[bits]
-    B, D = 2, 128
-    q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
-    k = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32) * 2 + 0.5
-    v = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32)
-    lengths = _random_lengths(rng, B, hkv, capacity)
-    k_parts, v_parts = quantize_tokens(k, k_spec), quantize_tokens(v, v_spec)
-    k_res, v_res = (rng.standard_normal((B, hkv, residual, D)).astype(ml_dtypes.bfloat16)
-                    for _ in range(2))
-    counts = rng.integers(0, residual + 1, (B, hkv)).astype(np.int32)
-    counts.flat[0], counts.flat[-1] = 0, residual  # the empty head's residual empty too
-    k_stored = k_parts[0], *decode_kivi_mma.store_key_stats(*k_parts[1:], bits)
-    parts = decode_kivi_mma.emulate(q, k_stored, v_parts, lengths, (k_res, v_res, counts),
-                                    num_splits=num_splits)
+    args, ref = _kivi_mma_case(rng, bits, hq, hkv, capacity, residual)
+    parts = decode_kivi_mma.emulate(*args, num_splits=num_splits)
     ours = np.asarray(merge_partials([parts], jnp.float32))
-    k_hat, v_hat = dequantize_tokens(*k_parts, k_spec), dequantize_tokens(*v_parts, v_spec)
-    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-    ref = np.asarray(merge_partials(
-        [reference_partials(f32(q), k_hat, v_hat, lengths),
-         reference_partials(f32(q), f32(k_res), f32(v_res), counts)], jnp.float32))
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-2 * np.abs(ref).max())
     assert not ours[0, :hq // hkv].any()  # the empty head attends to nothing
+
+
+@pytest.mark.parametrize("bits, reverse", [(2, False), (4, True)])
+def test_kivi_mma_kernel_merges_heads_itself(rng, bits, reverse):
+    """With few parts a head (decode_kivi_mma.folds), each head's last program to count its
+    part in merges all of the head's parts into the output: a quantized program when the
+    programs run in order, the residual's warp when they run last to first. Against the
+    float32 reference (3 heads of 2 queries, two programs of splits a head, an empty head);
+    every arrival counter is back at zero for the next call."""
+    args, ref = _kivi_mma_case(rng, bits, hq=6, hkv=3, capacity=320, residual=48)
+    out, counters = decode_kivi_mma.emulate(*args, num_splits=8, fold=True, reverse=reverse)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-2 * np.abs(ref).max())
+    assert not out[0, :2].any()  # the empty head attends to nothing
+    assert not counters.any()
+    assert decode_kivi_mma.folds(decode_kivi_mma.default_splits(16, 8, 32768))
+    assert not decode_kivi_mma.folds(decode_kivi_mma.default_splits(1, 8, 131072))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -216,8 +239,9 @@ def test_kivi_mma_programs_hold_one_head(heads, num_splits):
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
     """The GPU kernel's MLIR builds (lowered for CUDA here, without a GPU) for 3 heads, whose
-    residual parts are padded to a whole program; other code widths and splits per head that
-    are not whole programs are refused."""
+    residual parts are padded to a whole program, and decode merges a head's parts in it
+    where they are few, with the merge kernel where they are many; other code widths and
+    splits per head that are not whole programs are refused."""
     B, Hkv, S = 1, 3, 192
     shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
     codes = shape(B, Hkv, S, 16 * bits, dtype=jnp.uint8)
@@ -228,6 +252,12 @@ def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
         shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
         num_splits=8).lower(lowering_platforms=("cuda",))
     assert "kvjax_decode_kivi_mma" in lowered.as_text()
+    for num_splits, folds in ((8, True), (80, False)):  # 3 and 21 parts a head
+        text = decode_kivi_mma.decode.trace(
+            shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32),
+            residual, num_splits=num_splits).lower(lowering_platforms=("cuda",)).as_text()
+        assert (decode_kivi_mma.COUNTERS in text) == folds  # merged in the kernel
+        assert ("kvjax_merge_partials" in text) != folds  # or by the merge kernel
     with pytest.raises(ValueError, match="multiple of its 4 warps"):
         decode_kivi_mma.decode_partials.trace(
             shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
