@@ -1,13 +1,13 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
 the GPU: its partials and its op (decode, twice) against the float32 reference on ragged
 lengths and GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; an
-empty residual; other parts per launch with --sweep; with --left-out, pieces of it left out,
-kivi_registers.LEFT_OUT; with --l2-prefetch, another L2 prefetch size for its copies) and the
-op (its parts merged in the kernel, and by the merge kernel after it) against the Triton kernel
-at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the steps of the
-whole attention op at B16 x 32K; with --one-stream, its copies alone from the cache's six
-arrays and from one slab (one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall",
-"device_ms", the SM clock).
+empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with
+--l2-prefetch, another L2 prefetch size for its copies) and the op (its parts merged in the
+kernel, and by the merge kernel after it; other parts per launch with --sweep) against the
+Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the
+steps of the whole attention op at B16 x 32K; with --one-stream, its copies alone from the
+cache's six arrays and from one slab (one_stream_copies). Times as benchmarks.kernels ("ms",
+"ms_wall", "device_ms", the SM clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
@@ -108,20 +108,23 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
         return mma_kernel.decode_partials(q, k, v, n, residual, **options)
 
     k_stored = stored_keys(k_parts, bits)  # what the MMA kernel reads; Triton the plain layout
+    def op(q, k, v, n, **options):  # what the cache's attend runs
+        return mma_kernel.decode(q, k, v, n, residual, **options)
+
     def op_with_merge_kernel(q, k, v, n):  # the op as it was before decode folded the merge
         return merge.merge_partials(*mma(q, k, v, n), dtype=q.dtype)
 
     kernels = {"mma": (mma, k_stored),
-               "mma_op": (lambda q, k, v, n: mma_kernel.decode(q, k, v, n, residual), k_stored),
+               "mma_op": (op, k_stored),
                "mma_op_merge_kernel": (op_with_merge_kernel, k_stored),
                "mma_3_stages": (functools.partial(mma, stages=3), k_stored),
                "triton": (functools.partial(triton_kernel.decode_partials,
                                             k_spec=mma_kernel.SPECS[bits][0],
                                             v_spec=mma_kernel.SPECS[bits][1]), k_parts)}
-    for parts in sweep:  # parts (warps) over the whole batch, in whole programs
+    for parts in sweep:  # the op with other parts (warps) over the whole batch
         warps = mma_kernel.WARPS
         splits = max(warps, parts // (batch * heads) // warps * warps)
-        kernels[f"mma_{parts}_parts"] = (functools.partial(mma, num_splits=splits), k_stored)
+        kernels[f"mma_op_{parts}_parts"] = (functools.partial(op, num_splits=splits), k_stored)
     kernels = {k: fn for k, fn in kernels.items() if names is None or k in names}
     return [timed_row(name, bits, batch, capacity, nbytes, fn, q, keys, v_parts, lengths)
             for name, (fn, keys) in kernels.items()]
@@ -221,7 +224,7 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sweep = [int(x) for x in args.sweep.split(",") if x]
-    names = {*args.kernels.split(","), *(f"mma_{parts}_parts" for parts in sweep)} \
+    names = {*args.kernels.split(","), *(f"mma_op_{parts}_parts" for parts in sweep)} \
         if args.kernels else None
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     checks, rows, steps = [], [], []

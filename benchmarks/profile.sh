@@ -2,14 +2,15 @@
 # Nsight Compute profiles on the GPU machine: the details page (speed of light, occupancy, warp
 # stalls, instruction mix) and the SASS with per-instruction execution counts (with the live
 # registers of its hottest loop, benchmarks/sass_liveness.py), as CSV under $OUT
-# (or ./profile), of one decode kernel (default kivi2 at B16 x 32K) or, with "prefill" as the
-# policy, of the prefill forward and key-score kernels at the length given (default 16K), or
-# with "hopper", of the Hopper key-score pass.
+# (or ./profile), of one decode kernel (default kivi2_mma, the MMA kernel as the op runs it, at
+# B16 x 32K; kivi2: the Triton one) or, with "prefill" as the policy, of the prefill forward
+# and key-score kernels at the length given (default 16K), or with "hopper", of the Hopper
+# key-score pass.
 #     bash benchmarks/profile.sh [policy|prefill|hopper] [shape|length]
 set -uo pipefail
 # Kernel replay saves and restores the device memory in use: no preallocated pool.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-policy=${1:-kivi2}
+policy=${1:-kivi2_mma}
 out=${OUT:-profile}
 mkdir -p "$out"
 if [ "$policy" = hopper ]; then  # the Hopper key-score pass

@@ -1,6 +1,6 @@
 """Runs each decode kernel a few times at one shape, for a profiler to read (Nsight Compute).
 
-    bash benchmarks/profile.sh kivi2 16x32768     # kivi2_mma: the MMA kernel; or by hand:
+    bash benchmarks/profile.sh kivi2_mma 16x32768  # the MMA kernel as the op runs it; or:
     ncu --clock-control none -k regex:decode --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         python -m benchmarks.profile_decode --policies bf16,kivi2
@@ -41,8 +41,7 @@ def main():
         for _ in range(args.calls):
             if name.endswith("_mma"):
                 residual = cache.k_residual, cache.v_residual, cache.num_residual
-                jax.block_until_ready(decode_kivi_mma.decode_partials(q, *parts, lengths,
-                                                                      residual))
+                jax.block_until_ready(decode_kivi_mma.decode(q, *parts, lengths, residual))
             else:
                 jax.block_until_ready(kernel.decode_partials(q, *parts, lengths,
                                                              k_spec=specs[0], v_spec=specs[1]))

@@ -210,8 +210,10 @@ def main():
         import triton
         ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True,
                                text=True).stdout.strip().splitlines()[-1]
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
         common.write_result(f"sass_offline_{args.tag}", {
-            **common.environment(), "compiled_with": {"triton": triton.__version__,
+            "commit": commit, **common.environment(), "compiled_with": {"triton": triton.__version__,
                                                       "ptxas": ptxas, "arch": "sm_90a"},
             "kernel": f"decode_kivi_mma kivi{args.bits}, B16 x 32K, {args.stages} stages",
             "registers": registers, "block_loop_instructions": len(loop),
