@@ -426,14 +426,15 @@ class _Mlir:
         self._asm("fence.acq_rel.gpu;", [], "=r", keep_order=True)
 
     def arrive(self, counter, parts, lane_id):
-        """One more arrival at `counter` (a global u32, counted by lane 0 after a fence of
-        every lane's writes): 1 in every lane when it is the parts-th, which sets the counter
-        back to 0 and is followed by a fence, else 0."""
-        ptx = ("{ .reg .pred p, last; .reg .u32 old; mov.u32 old, 0; fence.acq_rel.gpu; "
-               "setp.eq.u32 p, $2, 0; @p atom.acq_rel.gpu.global.add.u32 old, [$1], 1; "
+        """One more arrival at `counter` (a global u32), counted by lane 0 once every lane of
+        the warp is here: 1 in every lane when it is the parts-th, which sets the counter back
+        to 0, else 0. A relaxed atomic: the callers' fences, every lane's before it and
+        after it where it was the last, order the parts' writes and reads around it."""
+        ptx = ("{ .reg .pred p, last; .reg .u32 old; mov.u32 old, 0; bar.warp.sync -1; "
+               "setp.eq.u32 p, $2, 0; @p atom.relaxed.gpu.global.add.u32 old, [$1], 1; "
                f"shfl.sync.idx.b32 old, old, 0, 31, -1; setp.eq.u32 last, old, {parts - 1}; "
                "and.pred p, p, last; @p st.relaxed.gpu.global.u32 [$1], 0; "
-               "fence.acq_rel.gpu; selp.u32 $0, 1, 0, last; }")
+               "selp.u32 $0, 1, 0, last; }")
         return self._asm(ptx, [counter, lane_id], "=r,l,r", keep_order=True)
 
     def load_shared(self, address, words, offset=0):
@@ -1104,10 +1105,11 @@ def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, final, *
         _residual_part(ops, lane, bh, [refs[1], *refs[8:11]],
                        _outs(ops, refs, bh, num_splits // WARPS, num_splits), residual=residual)
         if final is not None:
+            ops.fence()  # the part's writes, before the arrival
             last = ops.arrive(_counter(ops, final, bh), _parts_per_head(num_splits), lane_id)
+            queries = [ops.c(query) for query in range(QUERIES)]  # one warp merges them all
             ops.branch(ops.lt(ops.c(0), last),
-                       lambda: [_merge_head(ops, lane_id, bh, ops.c(query), refs, final,
-                                            num_splits) for query in range(QUERIES)],
+                       lambda: _merge_head(ops, lane_id, bh, queries, refs, final, num_splits),
                        lambda: None)
 
     ops.branch(is_residual,
@@ -1186,7 +1188,7 @@ def _count_program(ops, lane_id, warp, bh, refs, final, program_shared, *, fmt: 
     ops.sync_program()
     last = ops.load_shared(flag_at, 1)[0]
     ops.branch(ops.lt(ops.c(0), last),
-               lambda: _merge_head(ops, lane_id, bh, warp, refs, final, num_splits),
+               lambda: _merge_head(ops, lane_id, bh, [warp], refs, final, num_splits),
                lambda: None)
 
 
@@ -1194,27 +1196,31 @@ def _counter(ops, final: _Final, bh):
     return ops.at(final.counters, ops.mul(bh, 4))
 
 
-def _merge_head(ops, lane_id, bh, query, refs, final: _Final, num_splits):
-    """Query `query` of head bh merged over all the head's parts in the outputs (o, m, l) and
-    normalized into final.out (bf16, a lane 4 channels; zeros where no part counted a token):
-    merge.merge_partials' work, done by the head's last program."""
+def _merge_head(ops, lane_id, bh, queries, refs, final: _Final, num_splits):
+    """Queries `queries` (i32 values) of head bh, each merged over all the head's parts in
+    the outputs (o, m, l) and normalized into final.out (bf16, a lane 4 channels; zeros where
+    no part counted a token): merge.merge_partials' work, done by the head's last program."""
     ops.fence()  # after the arrival that found the other programs' parts written
-    o_at, stats_at = _query_at(ops, query, lane_id)
-    m, l, o = [], [], []
-    for index in range(_parts_per_head(num_splits)):
-        o_in, m_in, l_in = _outs(ops, refs, bh, ops.c(index), num_splits)
-        m.append(ops.as_f32(ops.load(ops.at(m_in, stats_at), 1, space="global.cg")[0]))
-        l.append(ops.as_f32(ops.load(ops.at(l_in, stats_at), 1, space="global.cg")[0]))
-        o.append([ops.as_f32(x) for x in ops.load(ops.at(o_in, o_at), 4, space="global.cg")])
-    _, o_sums, l_sum = _weighted_merge(ops, m, l, o)
-    counted = ops.fgt(l_sum, ops.cf(0.0))
-    scale = ops.select(counted, ops.fdiv(ops.cf(1.0), ops.select(counted, l_sum, ops.cf(1.0))),
-                       ops.cf(0.0))
-    out = [ops.fmul(x, scale) for x in o_sums]
-    at = ops.at(ops.at_wide(final.out, bh, QUERIES * HEAD_DIM * 2), ops.mul(query, HEAD_DIM * 2),
-                ops.mul(lane_id, 8))
-    for i in range(2):
-        ops.store_f32(ops.at(at, 4 * i), ops.as_f32(ops.pack(out[2 * i + 1], out[2 * i], BF16)))
+    for query in queries:
+        o_at, stats_at = _query_at(ops, query, lane_id)
+        m, l, o = [], [], []
+        for index in range(_parts_per_head(num_splits)):
+            o_in, m_in, l_in = _outs(ops, refs, bh, ops.c(index), num_splits)
+            m.append(ops.as_f32(ops.load(ops.at(m_in, stats_at), 1, space="global.cg")[0]))
+            l.append(ops.as_f32(ops.load(ops.at(l_in, stats_at), 1, space="global.cg")[0]))
+            o.append([ops.as_f32(x)
+                      for x in ops.load(ops.at(o_in, o_at), 4, space="global.cg")])
+        _, o_sums, l_sum = _weighted_merge(ops, m, l, o)
+        counted = ops.fgt(l_sum, ops.cf(0.0))
+        scale = ops.select(counted,
+                           ops.fdiv(ops.cf(1.0), ops.select(counted, l_sum, ops.cf(1.0))),
+                           ops.cf(0.0))
+        out = [ops.fmul(x, scale) for x in o_sums]
+        at = ops.at(ops.at_wide(final.out, bh, QUERIES * HEAD_DIM * 2),
+                    ops.mul(query, HEAD_DIM * 2), ops.mul(lane_id, 8))
+        for i in range(2):
+            ops.store_f32(ops.at(at, 4 * i),
+                          ops.as_f32(ops.pack(out[2 * i + 1], out[2 * i], BF16)))
 
 
 def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, shared, common,
