@@ -1,13 +1,13 @@
-"""The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on
-the GPU: its partials and its op (decode, twice) against the float32 reference on ragged
-lengths and GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; an
-empty residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with
---l2-prefetch, another L2 prefetch size for its copies) and the op (its parts merged in the
-kernel, and by the merge kernel after it; other parts per launch with --sweep) against the
-Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the
-steps of the whole attention op at B16 x 32K; with --one-stream, its copies alone from the
-cache's six arrays and from one slab (one_stream_copies). Times as benchmarks.kernels ("ms",
-"ms_wall", "device_ms", the SM clock).
+"""The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on the
+GPU: its partials and its op (decode, twice) against the float32 reference on ragged lengths and
+GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; an empty
+residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
+another L2 prefetch size for its copies) and the op (its parts merged in the kernel, and by the
+merge kernel after it; capped at 128 registers a thread; other parts per launch with --sweep)
+against the Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with
+--breakdown, the steps of the whole attention op at B16 x 32K; with --one-stream, its copies
+alone from the cache's six arrays and from one slab (one_stream_copies). Times as
+benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
@@ -29,6 +29,9 @@ from pallas_kernels import decode_attention as triton_kernel
 from pallas_kernels import decode_kivi_mma as mma_kernel
 from pallas_kernels import merge
 from pallas_kernels.quantize import quantize_pack
+
+CAPPED_REGISTERS = 128  # 4 programs an SM instead of 3 (decode's registers; 88 bytes spilled)
+
 
 def random_cache(key, batch, heads, capacity, bits):
     """(k_parts, v_parts) of random keys and values, in kvjax.quantization's layout."""
@@ -82,6 +85,8 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     # leave the arrival counters at zero for the second)
     merged = [mma_kernel.decode(q, k_stored, v_parts, lengths, residual, num_splits=splits)
               for _ in range(2)]
+    capped = mma_kernel.decode(q, k_stored, v_parts, lengths, residual, num_splits=splits,
+                               registers=CAPPED_REGISTERS)
     k_spec, v_spec = mma_kernel.SPECS[bits]
     triton = merge_partials([triton_kernel.decode_partials(
         q, k_parts, v_parts, lengths, k_spec=k_spec, v_spec=v_spec)], jnp.float32)
@@ -92,6 +97,7 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
            "triton_rel_error": rel_error(triton, want),
            "decode_folds": mma_kernel.folds(splits),
            "decode_rel_errors": [rel_error(x, want) for x in merged],
+           "decode_capped_registers_rel_error": rel_error(capped, want),
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
     return row
@@ -116,6 +122,8 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
 
     kernels = {"mma": (mma, k_stored),
                "mma_op": (op, k_stored),
+               f"mma_op_{CAPPED_REGISTERS}_registers": (
+                   functools.partial(op, registers=CAPPED_REGISTERS), k_stored),
                "mma_op_merge_kernel": (op_with_merge_kernel, k_stored),
                "mma_3_stages": (functools.partial(mma, stages=3), k_stored),
                "triton": (functools.partial(triton_kernel.decode_partials,

@@ -9,10 +9,13 @@ LLVM (`pip install triton`: its wheel carries the NVPTX backend, ptxas and cuobj
 result is close to, not the same as, the GPU's: 168 registers for kivi2 at commit af96c4e,
 where the GPU's compile reports 166 (a different LLVM; Mosaic's own passes are not run).
 
-The block loop is the shortest loop of the SASS that holds the most MMAs; its count includes
-both sides of the branches in it (the masked block, the rescale), which most blocks skip.
+The block loop is the shortest loop of the SASS that holds the most MMAs (with the quantized
+part left out, the residual's); its count includes both sides of the branches in it (the
+masked block, the rescale), which most blocks skip. Also the registers live where most are
+in it, by what last wrote them (benchmarks.sass_liveness), and the same with pieces of the
+kernel left out (--left-out, kivi_registers.LEFT_OUT; "all" for each).
 
-    python -m benchmarks.sass_offline [--bits 2] [--stages 2] [--tag s27]
+    python -m benchmarks.sass_offline [--bits 2] [--stages 2] [--left-out all] [--tag s27]
 """
 
 import argparse
@@ -26,7 +29,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks import common
+from benchmarks import common, kivi_registers, sass_liveness
 from pallas_kernels import decode_kivi_mma as mma_kernel
 
 PTX_FEATURES = "+ptx87"  # the ISA of the GPU machine's CUDA 13 (cvt .satfinite needs 8.1)
@@ -87,6 +90,7 @@ def kernel_function(outlined_text):
     globals_ = [line.strip() for line in lines[module:] if "llvm.mlir.global" in line]
     arguments = re.search(r"\((%arg0.*?)\) kernel", lines[start]).group(1)
     threads = re.search(r"known_block_size = array<i32: ([\d, ]+)>", lines[start]).group(1)
+    cap = re.search(r"nvvm.maxnreg = (\d+)", lines[start])  # decode_kivi_mma._cap_registers
     body = []
     for line in lines[start + 1:end]:
         text = line.strip()
@@ -118,7 +122,8 @@ def kernel_function(outlined_text):
         "!llvm.array<0 x i8>",
         *globals_,
         f"llvm.func @kernel({arguments}) attributes "
-        f"{{nvvm.kernel, nvvm.maxntid = array<i32: {threads}>}} {{",
+        f"{{nvvm.kernel, nvvm.maxntid = array<i32: {threads}>"
+        + (f", nvvm.maxnreg = {cap.group(1)} : i32" if cap else "") + "} {",
         *body, "llvm.return", "}", "}"])
 
 
@@ -155,7 +160,8 @@ def _tool(name):
 
 
 def sass(ptx_text):
-    """(registers per thread, SASS listing) of the PTX, by ptxas -O3 and cuobjdump."""
+    """(registers per thread, spilled bytes [stored, loaded], SASS listing) of the PTX, by
+    ptxas -O3 and cuobjdump."""
     with tempfile.TemporaryDirectory() as folder:
         source, binary = os.path.join(folder, "k.ptx"), os.path.join(folder, "k.cubin")
         with open(source, "w") as f:
@@ -164,7 +170,9 @@ def sass(ptx_text):
                                  binary], capture_output=True, text=True, check=True).stderr
         listing = subprocess.run([_tool("cuobjdump"), "-sass", binary], capture_output=True,
                                  text=True, check=True).stdout
-    return int(re.search(r"Used (\d+) registers", report).group(1)), listing
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return (int(re.search(r"Used (\d+) registers", report).group(1)),
+            [int(x) for x in spills.groups()], listing)
 
 
 def instructions(listing):
@@ -194,18 +202,48 @@ def block_loop(listing):
     return min(loops)[2]
 
 
+def compiled(bits, **options):
+    """(registers, spilled bytes stored and loaded, block loop) of the kernel decode runs with
+    `options` (stages, registers), as this module compiles it."""
+    registers, spills, listing = sass(ptx(kernel_function(outlined(
+        mosaic_module(bits, **options)))))
+    return registers, spills, block_loop(listing)
+
+
+def live_at_peak(loop):
+    """(registers live where most are, {what last wrote them: how many}) in the block loop
+    (benchmarks.sass_liveness, the loop alone as its hottest run)."""
+    _, ops, live = sass_liveness.liveness([(text, 2) for text in loop])
+    peak = max(range(len(live)), key=lambda i: len(live[i]))
+    return len(live[peak]), dict(sass_liveness.holders(ops, live, peak).most_common())
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", type=int, default=2, choices=sorted(mma_kernel.SPECS))
     parser.add_argument("--stages", type=int, default=mma_kernel.STAGES)
+    parser.add_argument("--registers", type=int, default=None,
+                        help="cap the registers a thread (decode's registers)")
+    parser.add_argument("--left-out", default="whole", choices=["all", *kivi_registers.LEFT_OUT],
+                        help="compile with these pieces left out (kivi_registers.LEFT_OUT)")
     parser.add_argument("--tag", default=None, help="save results/sass_offline_<tag>.json")
     args = parser.parse_args()
-    registers, listing = sass(ptx(kernel_function(outlined(
-        mosaic_module(args.bits, stages=args.stages)))))
-    loop = block_loop(listing)
-    mix = collections.Counter(opcode(t) for t in loop)
-    print(f"kivi{args.bits}, {args.stages} stages: {registers} registers; block loop "
-          f"{len(loop)} instructions: " + ", ".join(f"{k} {v}" for k, v in mix.most_common()))
+    names = list(kivi_registers.LEFT_OUT) if args.left_out == "all" else [args.left_out]
+    rows = []
+    for name in names:
+        with kivi_registers.leaving_out(name):
+            registers, spills, loop = compiled(args.bits, stages=args.stages,
+                                               registers=args.registers)
+        mix = collections.Counter(opcode(t) for t in loop)
+        live, holders = live_at_peak(loop)
+        rows.append({"left_out": name, "registers": registers, "spilled_bytes": spills,
+                     "loop_instructions": len(loop),
+                     "loop_mix": dict(mix.most_common()), "live_at_peak": live,
+                     "live_at_peak_by_writer": holders})
+        print(f"kivi{args.bits}, {args.stages} stages, {name}: {registers} registers "
+              f"({spills[0]} bytes spilled); loop "
+              f"{len(loop)} instructions, {live} registers live at most: "
+              + ", ".join(f"{k} {v}" for k, v in mix.most_common(12)), flush=True)
     if args.tag:
         import triton
         ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True,
@@ -213,13 +251,15 @@ def main():
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         common.write_result(f"sass_offline_{args.tag}", {
-            "commit": commit, **common.environment(), "compiled_with": {"triton": triton.__version__,
-                                                      "ptxas": ptxas, "arch": "sm_90a"},
-            "kernel": f"decode_kivi_mma kivi{args.bits}, B16 x 32K, {args.stages} stages",
-            "registers": registers, "block_loop_instructions": len(loop),
-            "block_loop_mix": dict(mix.most_common()),
-            "command": f"python -m benchmarks.sass_offline --bits {args.bits} "
-                       f"--stages {args.stages} --tag {args.tag}"})
+            "commit": commit, **common.environment(),
+            "compiled_with": {"triton": triton.__version__, "ptxas": ptxas, "arch": "sm_90a"},
+            "kernel": f"decode_kivi_mma.decode's, kivi{args.bits}, B16 x 32K, "
+                      f"{args.stages} stages, registers {args.registers or 'uncapped'}",
+            "variants": rows,
+            "command": f"python -m benchmarks.sass_offline --bits {args.bits} --stages "
+                       f"{args.stages} --left-out {args.left_out} --tag {args.tag}"
+                       + (f" --registers {args.registers}" if args.registers else "")})
+
 
 if __name__ == "__main__":
     main()

@@ -65,7 +65,7 @@ import numpy as np
 from jax.experimental.mosaic import gpu as mosaic_gpu
 from jax.interpreters import mlir as jax_mlir
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
-from jaxlib.mlir import ir
+from jaxlib.mlir import ir, passmanager
 from jaxlib.mlir.dialects import arith, gpu, llvm, scf
 
 from kvjax.attention import EMPTY_MAX, LOG2_E
@@ -1301,10 +1301,13 @@ def _shared_bytes(fmt: _Format, stages):
     return WARPS * stages * fmt.stage_bytes + QF_BYTES + MAGIC_BYTES + FLAG_BYTES
 
 
-def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, residual, fold):
+def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, residual, fold,
+            modules):
     """The GPU kernel: warp w of program i takes part WARPS * i + w (_layout); with `fold`,
-    the first output is out, and each head's last program merges its parts into it."""
+    the first output is out, and each head's last program merges its parts into it. Appends
+    the module it is built in to `modules`."""
     del ctx
+    modules.append(_module())
     *refs, shared = refs
     ops = _Mlir()
     tid = arith.index_cast(ops.i32, gpu.thread_id(gpu.Dimension.x))
@@ -1327,15 +1330,38 @@ def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, resid
 COUNTERS = "kvjax_head_counters"
 
 
+def _module():
+    """The builtin.module around the current insertion point."""
+    op = ir.InsertionPoint.current.block.owner.operation
+    while op.name != "builtin.module":
+        op = op.parent
+    return op
+
+
+def _cap_registers(module, registers):
+    """Caps the kernel of `module` at `registers` a thread (PTX's .maxnreg): Mosaic GPU offers
+    no launch bounds, so this outlines the kernel's launch into its gpu.func now, as Mosaic GPU
+    would later, and marks the function. ptxas takes 164 registers otherwise, which fit 3
+    programs an SM; 128 fit 4 (benchmarks/sass_offline.py: 88 bytes spilled)."""
+    from jaxlib.mlir._mlir_libs import _mlirGPUPasses  # noqa: F401  (the outlining pass)
+    passmanager.PassManager.parse(
+        "builtin.module(canonicalize,gpu-launch-sink-index-computations,gpu-kernel-outlining)"
+    ).run(module)
+    functions = [fn for gpu_module in module.regions[0].blocks[0].operations
+                 if gpu_module.operation.name == "gpu.module"
+                 for fn in gpu_module.regions[0].blocks[0].operations
+                 if fn.operation.name == "gpu.func"]
+    for fn in functions:
+        fn.operation.attributes["nvvm.maxnreg"] = ir.IntegerAttr.get(
+            ir.IntegerType.get_signless(32), registers)
+
+
 def _head_counters(ops, heads):
     """The address of the arrival counters, a u32 per head: a global of the kernel's own
     module, zeros when the module is loaded and left at zero by each head's last arrival, so
     every call starts from zeros. (Calls of one kernel must not overlap; XLA runs a device's
     kernels one after another on its stream.)"""
-    module = ir.InsertionPoint.current.block.owner.operation
-    while module.name != "builtin.module":
-        module = module.parent
-    with ir.InsertionPoint.at_block_begin(module.regions[0].blocks[0]):
+    with ir.InsertionPoint.at_block_begin(_module().regions[0].blocks[0]):
         llvm.GlobalOp(ir.Type.parse(f"!llvm.array<{heads} x i32>"), COUNTERS,
                       ir.Attribute.parse("#llvm.linkage<internal>"),
                       value=ir.DenseElementsAttr.get(np.zeros(heads, np.int32)), addr_space=1,
@@ -1440,7 +1466,7 @@ def folds(num_splits) -> bool:
     return _parts_per_head(num_splits) <= FOLD_PARTS
 
 
-def _launch(q, k_parts, v_parts, lengths, residual, *, num_splits, stages, fold):
+def _launch(q, k_parts, v_parts, lengths, residual, *, num_splits, stages, fold, registers):
     """The kernel's outputs (_out_shapes) for decode_partials' arguments."""
     B = q.shape[0]
     Hkv = lengths.shape[1]
@@ -1455,20 +1481,25 @@ def _launch(q, k_parts, v_parts, lengths, residual, *, num_splits, stages, fold)
     # Mosaic GPU's own launcher: the kernel is written in its MLIR, not in Pallas. (Programs of
     # 1 and 2 warps were measured and were no faster: benchmarks/RESULTS.md, eighth and ninth
     # passes.)
+    modules = []
     with jax_mlir.make_ir_context(), ir.Location.unknown():
         kernel = mosaic_gpu.as_gpu_kernel(
             functools.partial(_kernel, fmt=fmt, heads=B * Hkv, capacity=S,
-                              num_splits=num_splits, stages=stages, residual=R, fold=fold),
+                              num_splits=num_splits, stages=stages, residual=R, fold=fold,
+                              modules=modules),
             grid=(parts // WARPS, 1, 1), block=(32 * WARPS, 1, 1),
             in_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs),
             out_shape=_out_shapes(B, Hkv, num_splits, fold),
             smem_scratch_shape=jax.ShapeDtypeStruct((_shared_bytes(fmt, stages),), jnp.uint8),
             kernel_name="kvjax_decode_kivi_mma")
+        if registers:
+            _cap_registers(modules[0], registers)
     return kernel(*inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
-def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages", "registers"))
+def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES,
+                    registers=None):
     """Decode attention of q [B, Hq, 128] (bf16) over the first lengths[b, h] tokens of a
     KIVI 2- or 4-bit cache, k_parts, v_parts = (codes, scale, zero) in the layout of
     kvjax.quantization.quantize_tokens (SPECS), and the first counts[b, h] tokens of its
@@ -1477,16 +1508,18 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     per head over the quantized tokens (a program's splits merged), the last over the residual
     (decode_attention.decode_partials' layout).
     num_splits (a multiple of WARPS) and stages default to the measured best settings
-    (default_splits, STAGES)."""
+    (default_splits, STAGES); `registers` caps the registers a thread (_cap_registers; by
+    default ptxas chooses)."""
     num_splits = num_splits or default_splits(q.shape[0], lengths.shape[1], k_parts[0].shape[2])
     o, m, l = _launch(q, k_parts, v_parts, lengths, residual, num_splits=num_splits,
-                      stages=stages, fold=False)
+                      stages=stages, fold=False, registers=registers)
     g = q.shape[1] // lengths.shape[1]
     return o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "stages"))
-def decode(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES):
+@functools.partial(jax.jit, static_argnames=("num_splits", "stages", "registers"))
+def decode(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=STAGES,
+           registers=None):
     """decode_partials' attention merged: [B, Hq, 128] in q's dtype (bf16). A head's last
     program merges its parts where they are few (folds: no second kernel), else
     merge.merge_partials does."""
@@ -1495,8 +1528,8 @@ def decode(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=ST
     num_splits = num_splits or default_splits(B, Hkv, k_parts[0].shape[2])
     if not folds(num_splits):
         parts = decode_partials(q, k_parts, v_parts, lengths, residual, num_splits=num_splits,
-                                stages=stages)
+                                stages=stages, registers=registers)
         return merge.merge_partials(*parts, dtype=q.dtype)
     out = _launch(q, k_parts, v_parts, lengths, residual, num_splits=num_splits, stages=stages,
-                  fold=True)[0]
+                  fold=True, registers=registers)[0]
     return out[:, :, :Hq // Hkv].reshape(B, Hq, D)

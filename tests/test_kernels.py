@@ -240,8 +240,9 @@ def test_kivi_mma_programs_hold_one_head(heads, num_splits):
 def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
     """The GPU kernel's MLIR builds (lowered for CUDA here, without a GPU) for 3 heads, whose
     residual parts are padded to a whole program, and decode merges a head's parts in it
-    where they are few, with the merge kernel where they are many; other code widths and
-    splits per head that are not whole programs are refused."""
+    where they are few, with the merge kernel where they are many, and caps its registers
+    when asked; other code widths and splits per head that are not whole programs are
+    refused."""
     B, Hkv, S = 1, 3, 192
     shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
     codes = shape(B, Hkv, S, 16 * bits, dtype=jnp.uint8)
@@ -258,6 +259,11 @@ def test_kivi_mma_kernel_lowers_for_the_gpu(bits):
             residual, num_splits=num_splits).lower(lowering_platforms=("cuda",)).as_text()
         assert (decode_kivi_mma.COUNTERS in text) == folds  # merged in the kernel
         assert ("kvjax_merge_partials" in text) != folds  # or by the merge kernel
+        assert "maxnreg" not in text
+    capped = decode_kivi_mma.decode.trace(
+        shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
+        num_splits=8, registers=128).lower(lowering_platforms=("cuda",)).as_text()
+    assert "maxnreg" in capped  # outlined, its function marked (_cap_registers)
     with pytest.raises(ValueError, match="multiple of its 4 warps"):
         decode_kivi_mma.decode_partials.trace(
             shape(B, 4 * Hkv, 128), k_parts, v_parts, shape(B, Hkv, dtype=jnp.int32), residual,
