@@ -248,8 +248,10 @@ def main():
         import triton
         ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True,
                                text=True).stdout.strip().splitlines()[-1]
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True,  # noqa: E731
+                                        text=True).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD") + (" with changes" if git(
+            "status", "--porcelain", "--untracked-files=no") else "")
         common.write_result(f"sass_offline_{args.tag}", {
             "commit": commit, **common.environment(),
             "compiled_with": {"triton": triton.__version__, "ptxas": ptxas, "arch": "sm_90a"},
