@@ -251,7 +251,8 @@ def main():
         git = lambda *a: subprocess.run(["git", *a], capture_output=True,  # noqa: E731
                                         text=True).stdout.strip()
         commit = git("rev-parse", "--short", "HEAD") + (" with changes" if git(
-            "status", "--porcelain", "--untracked-files=no") else "")
+            "status", "--porcelain", "--untracked-files=no", "--", ".",
+            ":!benchmarks/results") else "")
         common.write_result(f"sass_offline_{args.tag}", {
             "commit": commit, **common.environment(),
             "compiled_with": {"triton": triton.__version__, "ptxas": ptxas, "arch": "sm_90a"},
