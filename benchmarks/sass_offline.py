@@ -203,11 +203,11 @@ def block_loop(listing):
 
 
 def compiled(bits, **options):
-    """(registers, spilled bytes stored and loaded, block loop) of the kernel decode runs with
+    """(registers, spilled bytes stored and loaded, SASS listing) of the kernel decode runs with
     `options` (stages, registers), as this module compiles it."""
     registers, spills, listing = sass(ptx(kernel_function(outlined(
         mosaic_module(bits, **options)))))
-    return registers, spills, block_loop(listing)
+    return registers, spills, listing
 
 
 def live_at_peak(loop):
@@ -232,13 +232,16 @@ def main():
     rows = []
     for name in names:
         with kivi_registers.leaving_out(name):
-            registers, spills, loop = compiled(args.bits, stages=args.stages,
-                                               registers=args.registers)
+            registers, spills, listing = compiled(args.bits, stages=args.stages,
+                                                  registers=args.registers)
+        loop = block_loop(listing)
         mix = collections.Counter(opcode(t) for t in loop)
+        kernel_mix = collections.Counter(opcode(t) for _, t in instructions(listing))
         live, holders = live_at_peak(loop)
         rows.append({"left_out": name, "registers": registers, "spilled_bytes": spills,
                      "loop_instructions": len(loop),
-                     "loop_mix": dict(mix.most_common()), "live_at_peak": live,
+                     "loop_mix": dict(mix.most_common()),
+                     "kernel_mix": dict(kernel_mix.most_common()), "live_at_peak": live,
                      "live_at_peak_by_writer": holders})
         print(f"kivi{args.bits}, {args.stages} stages, {name}: {registers} registers "
               f"({spills[0]} bytes spilled); loop "

@@ -429,7 +429,9 @@ class _Mlir:
         """One more arrival at `counter` (a global u32), counted by lane 0 once every lane of
         the warp is here: 1 in every lane when it is the parts-th, which sets the counter back
         to 0, else 0. A relaxed atomic: the callers' fences, every lane's before it and
-        after it where it was the last, order the parts' writes and reads around it."""
+        after it where it was the last, order the parts' writes and reads around it (the
+        pattern of the CUDA programming guide's __threadfence() example, a grid's last block
+        summing the others' partial sums)."""
         ptx = ("{ .reg .pred p, last; .reg .u32 old; mov.u32 old, 0; bar.warp.sync -1; "
                "setp.eq.u32 p, $2, 0; @p atom.relaxed.gpu.global.add.u32 old, [$1], 1; "
                f"shfl.sync.idx.b32 old, old, 0, 31, -1; setp.eq.u32 last, old, {parts - 1}; "
