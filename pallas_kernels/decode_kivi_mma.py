@@ -36,7 +36,8 @@ only when a block's exceeds them by RESCALE_AT, so most blocks skip the rescale.
 blocks are copied into a ring of shared-memory stages (`cp.async`) while one computes: held in
 registers instead, they took the kernel to 247 registers and their latency was still exposed
 (benchmarks/RESULTS.md). One more part per head attends over the full-precision residual
-(_residual_part), so the whole of KIVI's attention is this kernel and one merge.
+(_residual_part), so the whole of KIVI's attention is this kernel (and, for heads of many
+parts, one merge).
 
 The four warps of a program, splits of one head, merge their parts in shared memory
 (_merge_program) and write one. `decode` returns the attention itself: each program counts its
@@ -1097,8 +1098,9 @@ def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, final, *
           capacity, num_splits, stages, residual):
     """One warp's part (_layout; the padding's parts are not run). refs are the addresses of
     lengths, q, k codes, k scales, k zeros, v codes, v scales, v zeros, the residual's k, v and
-    n, the MMA constants (_constants), o, m, l; shared the warp's stages, common the program's
-    q * 2^-p and MMA constants (_shared_bytes). A residual part goes to the outputs (and,
+    n, the MMA constants (_constants), (out, with `final`,) o, m, l; shared the warp's stages,
+    common the program's q * 2^-p and MMA constants (_shared_bytes). A residual part goes to
+    the outputs (and,
     with `final`, is counted in: the last of its head's parts merges them), a quantized one
     to the start of the warp's stages, for _merge_program."""
     is_residual, bh, split = _part_of(ops, part, heads, num_splits)
@@ -1307,7 +1309,7 @@ def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, resid
             modules):
     """The GPU kernel: warp w of program i takes part WARPS * i + w (_layout); with `fold`,
     the first output is out, and each head's last program merges its parts into it. Appends
-    the module it is built in to `modules`."""
+    the module it is built in to `modules` (for _cap_registers)."""
     del ctx
     modules.append(_module())
     *refs, shared = refs
@@ -1340,6 +1342,19 @@ def _module():
     return op
 
 
+def _head_counters(ops, heads):
+    """The address of the arrival counters, a u32 per head: a global of the kernel's own
+    module, zeros when the module is loaded and left at zero by each head's last arrival, so
+    every call starts from zeros. (Calls of one kernel must not overlap; XLA runs a device's
+    kernels one after another on its stream.)"""
+    with ir.InsertionPoint.at_block_begin(_module().regions[0].blocks[0]):
+        llvm.GlobalOp(ir.Type.parse(f"!llvm.array<{heads} x i32>"), COUNTERS,
+                      ir.Attribute.parse("#llvm.linkage<internal>"),
+                      value=ir.DenseElementsAttr.get(np.zeros(heads, np.int32)), addr_space=1,
+                      alignment=4)
+    return llvm.ptrtoint(ops.i64, llvm.mlir_addressof(llvm.PointerType.get(1), COUNTERS))
+
+
 def _cap_registers(module, registers):
     """Caps the kernel of `module` at `registers` a thread (PTX's .maxnreg): Mosaic GPU offers
     no launch bounds, so this outlines the kernel's launch into its gpu.func now, as Mosaic GPU
@@ -1356,19 +1371,6 @@ def _cap_registers(module, registers):
     for fn in functions:
         fn.operation.attributes["nvvm.maxnreg"] = ir.IntegerAttr.get(
             ir.IntegerType.get_signless(32), registers)
-
-
-def _head_counters(ops, heads):
-    """The address of the arrival counters, a u32 per head: a global of the kernel's own
-    module, zeros when the module is loaded and left at zero by each head's last arrival, so
-    every call starts from zeros. (Calls of one kernel must not overlap; XLA runs a device's
-    kernels one after another on its stream.)"""
-    with ir.InsertionPoint.at_block_begin(_module().regions[0].blocks[0]):
-        llvm.GlobalOp(ir.Type.parse(f"!llvm.array<{heads} x i32>"), COUNTERS,
-                      ir.Attribute.parse("#llvm.linkage<internal>"),
-                      value=ir.DenseElementsAttr.get(np.zeros(heads, np.int32)), addr_space=1,
-                      alignment=4)
-    return llvm.ptrtoint(ops.i64, llvm.mlir_addressof(llvm.PointerType.get(1), COUNTERS))
 
 
 def _constants():
