@@ -199,7 +199,8 @@ def _key_stats_order(bits: int):
     The kernel reads run w of 8 channels (w < 16) in one lane: the scales as 4 pairs (c,
     c + 2) of channels 8 w + [0, 1, 4, 5], in place; the zeros, the same pairs, where the
     zero-term MMA (f, y) of the lane's field f finds its operand: 8 bytes at 32 operand +
-    8 l4, pairs of even then odd channels (_Staged.key_zeros)."""
+    8 l4, pairs of even then odd channels (the stage interleaves a block's two groups' words:
+    _stage_key_zeros, _Staged.key_zeros)."""
     fmt = _Format(bits)
     lanes_a_field = fmt.row_bytes // 8  # runs of a field
     scale_channel, zero_channel = np.zeros(HEAD_DIM, int), np.zeros(HEAD_DIM, int)
@@ -395,14 +396,15 @@ class _Mlir:
         else:
             self._asm("st.shared.f32 [$1], $2;", [address, value], "=r,r,f", keep_order=True)
 
-    def copy_async(self, shared, address, size, shared_offset=0, offset=0):
-        """16 bytes from global `address` + offset to `shared` + shared_offset (a 32-bit
-        shared-memory address), of which the first `size` (16 or 0: zeros) are read, in the
-        current cp.async group. The constant offsets go into the instruction, so a run of
-        copies needs one pair of address registers (ptxas had kept one per copy across the
-        loop)."""
-        self._asm(f"cp.async.cg.shared.global{L2_PREFETCH} [$1+{shared_offset}], "
-                  f"[$2+{offset}], 16, $3;",
+    def copy_async(self, shared, address, size, shared_offset=0, offset=0, width=16):
+        """`width` bytes (16, or 4) from global `address` + offset to `shared` +
+        shared_offset (a 32-bit shared-memory address), of which the first `size` (width or
+        0: zeros) are read, in the current cp.async group. The constant offsets go into the
+        instruction, so a run of copies needs one pair of address registers (ptxas had kept
+        one per copy across the loop)."""
+        cache = "cg" if width == 16 else "ca"  # cp.async caches 4-byte copies in L1 only
+        self._asm(f"cp.async.{cache}.shared.global{L2_PREFETCH} [$1+{shared_offset}], "
+                  f"[$2+{offset}], {width}, $3;",
                   [shared, address, size], "=r,r,l,r", keep_order=True)
 
     def commit(self):
@@ -606,11 +608,11 @@ class _Numpy:
         data = np.asarray(value, np.float32).view(np.uint8).reshape(32, 4)
         self.memory[np.asarray(address, np.int64)[:, None] + np.arange(4)] = data
 
-    def copy_async(self, shared, address, size, shared_offset=0, offset=0):
+    def copy_async(self, shared, address, size, shared_offset=0, offset=0, width=16):
         for i in range(32):
             data = self.memory[address[i] + offset:address[i] + offset + size[i]]
             target = shared[i] + shared_offset
-            self.memory[target:target + 16] = np.pad(data, (0, 16 - len(data)))
+            self.memory[target:target + width] = np.pad(data, (0, width - len(data)))
 
     def commit(self):
         pass
@@ -714,10 +716,28 @@ def _stage(ops, fmt: _Format, lane_id, arrays, block, valid, stage):
     target = ops.add(stage, lane_bytes)
     for name, (offset, nbytes) in fmt.stage.items():
         base, stride, source_offset = _source(fmt, arrays, name)
-        start = ops.at(ops.at_wide(base, block, stride), lane_bytes)
+        block_at = ops.at_wide(base, block, stride)
+        if name == "kz":
+            _stage_key_zeros(ops, lane_id, valid, block_at, stage, offset, source_offset)
+            continue
+        start = ops.at(block_at, lane_bytes)
         for j in range(nbytes // 512):
             ops.copy_async(target, start, size, offset + 512 * j, source_offset + 512 * j)
     ops.commit()
+
+
+def _stage_key_zeros(ops, lane_id, valid, block_at, stage, offset, source_offset):
+    """The block's key zeros (global block_at + source_offset: group 0's 128 f16, then group
+    1's, each in store_key_stats' order) into the stage at `offset`, a 4-byte word at a time,
+    the two groups' words interleaved: word 64 g + u of the block (u < 64) to word 2 u + g,
+    so that each zero-term MMA's A operand is one 16-byte read (_Staged.key_zeros). Lane L
+    copies words L + 32 c (c < 4): u = L + 32 (c % 2), g = c // 2."""
+    size = ops.select(valid, ops.c(4), ops.c(0))
+    target = ops.add(stage, ops.mul(lane_id, 8))
+    start = ops.at(block_at, ops.mul(lane_id, 4))
+    for c in range(4):
+        ops.copy_async(target, start, size, offset + 256 * (c % 2) + 4 * (c // 2),
+                       source_offset + 128 * c, width=4)
 
 
 def _source(fmt: _Format, arrays, name):
@@ -749,7 +769,7 @@ class _Staged:
         self.kc_at = at("kc", ops.add(ops.mul(lane.r, rb), ops.mul(lane.l4, 4 * fmt.bits)))
         self.vc_at = at("vc", ops.add(ops.mul(lane.l4, 2 * rb), ops.mul(lane.r, 4)))
         self.key_stats_at = {"ks": at("ks", ops.mul(lane.l4, 8 * fmt.bits)),
-                             "kz": at("kz", ops.mul(lane.l4, 8))}
+                             "kz": at("kz", ops.mul(lane.l4, 16))}
         self.stats_at = {"vs": at("vs", ops.mul(lane.r, 8)), "vz": at("vz", ops.mul(lane.r, 8))}
 
     def key_scales(self, half):
@@ -761,12 +781,10 @@ class _Staged:
     def key_zeros(self, f, y):
         """The A operand of _key_zero_terms' MMA (f, y): channel pairs 2 y and 2 y + 1 of field
         f of both key groups' zeros times 2^p, [group 0 at j = 2 y, group 1 at 2 y, group 0 at
-        2 y + 1, group 1 at 2 y + 1] (store_key_stats' order: 8 bytes a lane, a group's
-        after the other's)."""
-        offset = 32 * (self.fmt.pairs // 2 * f + y)
-        groups = [self.ops.load_shared(self.key_stats_at["kz"], 2, offset + HEAD_DIM * 2 * g)
-                  for g in range(2)]
-        return [groups[0][0], groups[1][0], groups[0][1], groups[1][1]]
+        2 y + 1, group 1 at 2 y + 1]: 16 bytes a lane, as _stage_key_zeros interleaves the
+        groups' words (store_key_stats' order: 8 bytes a lane of each group)."""
+        operand = self.fmt.pairs // 2 * f + y
+        return self.ops.load_shared(self.key_stats_at["kz"], 4, 64 * operand)
 
     def kc(self, t):
         """[rh][i]: the lane's words i of token row t0 + 16 t + 8 rh + r."""
