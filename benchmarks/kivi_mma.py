@@ -3,8 +3,8 @@ GPU: its partials and its op (decode, twice) against the float32 reference on ra
 GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; an empty
 residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
 another L2 prefetch size for its copies) and the op (its parts merged in the kernel, and by the
-merge kernel after it; capped at 128 registers a thread; other parts per launch with --sweep)
-against the Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with
+merge kernel after it; capped at 128 registers a thread; other parts per launch with --sweep;
+another version of the kernel with --baseline) against the Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with
 --breakdown, the steps of the whole attention op at B16 x 32K; with --one-stream, its copies
 alone from the cache's six arrays and from one slab (one_stream_copies). Times as
 benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
@@ -14,6 +14,7 @@ benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
 
 import argparse
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +104,17 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     return row
 
 
-def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
+def load_baseline(path):
+    """Another version of pallas_kernels/decode_kivi_mma.py (a file, e.g. one saved by `git
+    show <commit>:pallas_kernels/decode_kivi_mma.py`), to time against this one on the same
+    machine: cross-machine timings differ by a few percent."""
+    spec = importlib.util.spec_from_file_location("decode_kivi_mma_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, baseline=None):
     k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity, bits)
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
@@ -129,6 +140,14 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None):
                "triton": (functools.partial(triton_kernel.decode_partials,
                                             k_spec=mma_kernel.SPECS[bits][0],
                                             v_spec=mma_kernel.SPECS[bits][1]), k_parts)}
+    if baseline is not None:  # its kernel alone, and with the merge kernel (as its op ran)
+        def baseline_mma(q, k, v, n):
+            return baseline.decode_partials(q, k, v, n, residual)
+
+        kernels["baseline_mma"] = (baseline_mma, k_stored)
+        kernels["baseline_mma_op"] = (
+            lambda q, k, v, n: merge.merge_partials(*baseline_mma(q, k, v, n), dtype=q.dtype),
+            k_stored)
     for parts in sweep:  # the op with other parts (warps) over the whole batch
         warps = mma_kernel.WARPS
         splits = max(warps, parts // (batch * heads) // warps * warps)
@@ -229,10 +248,14 @@ def main():
                         help="the stage copies' L2 prefetch qualifier, e.g. .L2::256B")
     parser.add_argument("--left-out", default="whole", choices=sorted(LEFT_OUT),
                         help="time the kernel with these pieces left out (kivi_registers)")
+    parser.add_argument("--baseline", default=None,
+                        help="another decode_kivi_mma.py to time alongside (load_baseline)")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     rng = np.random.default_rng(0)
     sweep = [int(x) for x in args.sweep.split(",") if x]
-    names = {*args.kernels.split(","), *(f"mma_op_{parts}_parts" for parts in sweep)} \
+    names = {*args.kernels.split(","), *(f"mma_op_{parts}_parts" for parts in sweep),
+             *(("baseline_mma", "baseline_mma_op") if baseline else ())} \
         if args.kernels else None
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     checks, rows, steps = [], [], []
@@ -247,7 +270,8 @@ def main():
             rows += [] if args.skip_timing else [
                 {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch}
                 for batch, capacity in shapes
-                for row in timing(batch, capacity, bits, sweep=sweep, names=names)]
+                for row in timing(batch, capacity, bits, sweep=sweep, names=names,
+                                  baseline=baseline)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []
     rows += one_stream_copies(16, 32768) if args.one_stream else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"
