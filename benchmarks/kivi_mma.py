@@ -4,10 +4,10 @@ GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; a
 residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
 another L2 prefetch size for its copies) and the op (its parts merged in the kernel, and by the
 merge kernel after it; capped at 128 registers a thread; other parts per launch with --sweep;
-another version of the kernel with --baseline) against the Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with
---breakdown, the steps of the whole attention op at B16 x 32K; with --one-stream, its copies
-alone from the cache's six arrays and from one slab (one_stream_copies). Times as
-benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
+another version of the kernel with --baseline) against the Triton kernel at B16 x 32K and B1 x
+128K (--kernels, --shapes: fewer); with --breakdown, the steps of the whole attention op at B16
+x 32K; with --one-stream, its copies alone from the cache's six arrays and from one slab
+(one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """
@@ -31,7 +31,7 @@ from pallas_kernels import decode_kivi_mma as mma_kernel
 from pallas_kernels import merge
 from pallas_kernels.quantize import quantize_pack
 
-CAPPED_REGISTERS = 128  # 4 programs an SM instead of 3 (decode's registers; 88 bytes spilled)
+CAPPED_REGISTERS = 128  # 4 programs an SM instead of 3 (decode's registers; 80 bytes spilled)
 
 
 def random_cache(key, batch, heads, capacity, bits):
@@ -125,6 +125,7 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, baseli
         return mma_kernel.decode_partials(q, k, v, n, residual, **options)
 
     k_stored = stored_keys(k_parts, bits)  # what the MMA kernel reads; Triton the plain layout
+
     def op(q, k, v, n, **options):  # what the cache's attend runs
         return mma_kernel.decode(q, k, v, n, residual, **options)
 
