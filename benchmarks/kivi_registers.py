@@ -52,25 +52,28 @@ def leaving_out(name):
     return patched(LEFT_OUT[name])
 
 
+def kernel_arguments(bits, batch=16, heads=8, capacity=32768, residual=128):
+    """Shapes of the kernel's arguments (q, k parts as stored, v parts, lengths, the residual)
+    at the benchmarks' B16 x 32K, 4 queries a head."""
+    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    codes = shape(batch, heads, capacity, mma_kernel.HEAD_DIM * bits // 8, dtype=jnp.uint8)
+    k_parts = codes, *[shape(batch, heads, capacity // 32, 128, dtype=jnp.float16)] * 2
+    v_parts = codes, *[shape(batch, heads, capacity, 4)] * 2
+    return (shape(batch, 4 * heads, 128), k_parts, v_parts, shape(batch, heads, dtype=jnp.int32),
+            (shape(batch, heads, residual, 128), shape(batch, heads, residual, 128),
+             shape(batch, heads, dtype=jnp.int32)))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", type=int, default=2, choices=sorted(mma_kernel.SPECS))
     parser.add_argument("--stages", type=int, default=mma_kernel.STAGES)
     args = parser.parse_args()
-    bits = args.bits
-    batch, heads, capacity, residual = 16, 8, 32768, 128
-    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
-    codes = shape(batch, heads, capacity, mma_kernel.HEAD_DIM * bits // 8, dtype=jnp.uint8)
-    k_parts = codes, *[shape(batch, heads, capacity // 32, 128, dtype=jnp.float16)] * 2
-    v_parts = codes, *[shape(batch, heads, capacity, 4)] * 2
-    rest = (shape(batch, heads, dtype=jnp.int32),
-            (shape(batch, heads, residual, 128), shape(batch, heads, residual, 128),
-             shape(batch, heads, dtype=jnp.int32)))
     for name, pieces in LEFT_OUT.items():
         with patched(pieces):
-            print(f"kernel: {name} ({bits}-bit, {args.stages} stages)", flush=True)
-            mma_kernel.decode_partials.trace(shape(batch, 4 * heads, 128), k_parts, v_parts,
-                                             *rest, stages=args.stages).lower().compile()
+            print(f"kernel: {name} ({args.bits}-bit, {args.stages} stages)", flush=True)
+            mma_kernel.decode_partials.trace(*kernel_arguments(args.bits),
+                                             stages=args.stages).lower().compile()
 
 
 if __name__ == "__main__":

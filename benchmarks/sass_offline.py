@@ -27,7 +27,6 @@ import subprocess
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import common, kivi_registers, sass_liveness
 from pallas_kernels import decode_kivi_mma as mma_kernel
@@ -39,15 +38,8 @@ SHARED_STRUCT = "!llvm.struct<(ptr<3>, ptr<3>, i64, array<1 x i64>, array<1 x i6
 def mosaic_module(bits, batch=16, heads=8, capacity=32768, residual=128, **options):
     """The MLIR text of the Mosaic GPU module that decode_kivi_mma.decode runs at the
     benchmarks' shape (B16 x 32K: its parts merged in the kernel)."""
-    shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
-    codes = shape(batch, heads, capacity, mma_kernel.HEAD_DIM * bits // 8, dtype=jnp.uint8)
-    k_parts = codes, *[shape(batch, heads, capacity // 32, 128, dtype=jnp.float16)] * 2
-    v_parts = codes, *[shape(batch, heads, capacity, 4)] * 2
-    rest = (shape(batch, heads, dtype=jnp.int32),
-            (shape(batch, heads, residual, 128), shape(batch, heads, residual, 128),
-             shape(batch, heads, dtype=jnp.int32)))
     jaxpr = jax.make_jaxpr(lambda *a: mma_kernel.decode(*a, **options))(
-        shape(batch, 4 * heads, 128), k_parts, v_parts, *rest)
+        *kivi_registers.kernel_arguments(bits, batch, heads, capacity, residual))
     return str(_mosaic_call(jaxpr.jaxpr).params["module"])
 
 

@@ -1118,9 +1118,8 @@ def _part(ops, fmt: _Format, lane, lane_id, part, refs, shared, common, final, *
     lengths, q, k codes, k scales, k zeros, v codes, v scales, v zeros, the residual's k, v and
     n, the MMA constants (_constants), (out, with `final`,) o, m, l; shared the warp's stages,
     common the program's q * 2^-p and MMA constants (_shared_bytes). A residual part goes to
-    the outputs (and,
-    with `final`, is counted in: the last of its head's parts merges them), a quantized one
-    to the start of the warp's stages, for _merge_program."""
+    the outputs (and, with `final`, is counted in: the last of its head's parts merges them),
+    a quantized one to the start of the warp's stages, for _merge_program."""
     is_residual, bh, split = _part_of(ops, part, heads, num_splits)
 
     def residual_part():
@@ -1146,6 +1145,14 @@ def _query_at(ops, query, lane_id):
     """Byte offsets of a lane's 4 channels of query `query` in a part's o [4, 128], and of the
     query's m and l in theirs [4] (float32)."""
     return ops.mul(ops.add(ops.mul(query, HEAD_DIM), ops.mul(lane_id, 4)), 4), ops.mul(query, 4)
+
+
+def _read_part(ops, load, o_at, stats_at, part):
+    """(m, l, [o of 4 channels]) of a lane's query (_query_at's offsets) in a part at `part`
+    (the addresses of its o, m, l), read with `load` (ops.load_shared, or a global load)."""
+    o_in, m_in, l_in = part
+    m, l = (ops.as_f32(load(ops.at(x, stats_at), 1)[0]) for x in (m_in, l_in))
+    return m, l, [ops.as_f32(x) for x in load(ops.at(o_in, o_at), 4)]
 
 
 def _weighted_merge(ops, m, l, o):
@@ -1176,14 +1183,10 @@ def _merge_program(ops, lane_id, warp, program, refs, program_shared, final, *, 
         _, bh, split = _part_of(ops, ops.mul(program, WARPS), heads, num_splits)
         o_out, m_out, l_out = _outs(ops, refs, bh, ops.div(split, WARPS), num_splits)
         o_at, stats_at = _query_at(ops, warp, lane_id)
-        m, l, o = [], [], []
-        for w in range(WARPS):  # warp w's part
-            o_in, m_in, l_in = _part_in_stages(
-                ops, _warp_stages(ops, fmt, program_shared, ops.c(w), stages))
-            m.append(ops.as_f32(ops.load_shared(ops.add(m_in, stats_at), 1)[0]))
-            l.append(ops.as_f32(ops.load_shared(ops.add(l_in, stats_at), 1)[0]))
-            o.append([ops.as_f32(x) for x in ops.load_shared(ops.add(o_in, o_at), 4)])
-        top, o_sums, l_sum = _weighted_merge(ops, m, l, o)
+        parts = [_read_part(ops, ops.load_shared, o_at, stats_at, _part_in_stages(
+            ops, _warp_stages(ops, fmt, program_shared, ops.c(w), stages)))
+            for w in range(WARPS)]  # warp w's part
+        top, o_sums, l_sum = _weighted_merge(ops, *zip(*parts))
         for c, value in enumerate(o_sums):
             ops.store_f32(ops.at(o_out, o_at, 4 * c), value)
         ops.store_f32(ops.at(m_out, stats_at), top)
@@ -1223,16 +1226,13 @@ def _merge_head(ops, lane_id, bh, queries, refs, final: _Final, num_splits):
     the outputs (o, m, l) and normalized into final.out (bf16, a lane 4 channels; zeros where
     no part counted a token): merge.merge_partials' work, done by the head's last program."""
     ops.fence()  # after the arrival that found the other programs' parts written
+    from_l2 = functools.partial(ops.load, space="global.cg")  # other programs' writes
     for query in queries:
         o_at, stats_at = _query_at(ops, query, lane_id)
-        m, l, o = [], [], []
-        for index in range(_parts_per_head(num_splits)):
-            o_in, m_in, l_in = _outs(ops, refs, bh, ops.c(index), num_splits)
-            m.append(ops.as_f32(ops.load(ops.at(m_in, stats_at), 1, space="global.cg")[0]))
-            l.append(ops.as_f32(ops.load(ops.at(l_in, stats_at), 1, space="global.cg")[0]))
-            o.append([ops.as_f32(x)
-                      for x in ops.load(ops.at(o_in, o_at), 4, space="global.cg")])
-        _, o_sums, l_sum = _weighted_merge(ops, m, l, o)
+        parts = [_read_part(ops, from_l2, o_at, stats_at,
+                            _outs(ops, refs, bh, ops.c(index), num_splits))
+                 for index in range(_parts_per_head(num_splits))]
+        _, o_sums, l_sum = _weighted_merge(ops, *zip(*parts))
         counted = ops.fgt(l_sum, ops.cf(0.0))
         scale = ops.select(counted,
                            ops.fdiv(ops.cf(1.0), ops.select(counted, l_sum, ops.cf(1.0))),
