@@ -130,13 +130,14 @@ def test_kernels_take_only_heads_that_fit(head_dim, specs, fits):
     assert kernels_fit(head_dim, *specs) == fits
 
 
-def _kivi_mma_case(rng, bits, hq, hkv, capacity, residual):
+def _kivi_mma_case(rng, bits, hq, hkv, capacity, residual, q_scale=1.0):
     """A KIVI cache of `bits` for the MMA kernel (2 rows; the first head empty, its residual
-    too, the last residual full), as (q, k parts as stored, v parts, lengths, the residual),
-    and the float32 reference's output over the dequantized cache and the residual."""
+    too, the last residual full), as (q times q_scale, k parts as stored, v parts, lengths,
+    the residual), and the float32 reference's output over the dequantized cache and the
+    residual."""
     k_spec, v_spec = decode_kivi_mma.SPECS[bits]
     B, D = 2, 128
-    q = rng.standard_normal((B, hq, D)).astype(ml_dtypes.bfloat16)
+    q = (rng.standard_normal((B, hq, D)) * q_scale).astype(ml_dtypes.bfloat16)
     k = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32) * 2 + 0.5
     v = rng.standard_normal((B, hkv, capacity, D)).astype(np.float32)
     lengths = _random_lengths(rng, B, hkv, capacity)
@@ -181,9 +182,10 @@ def test_kivi_mma_kernel_merges_heads_itself(rng, bits, reverse):
     """With few parts a head (decode_kivi_mma.folds), each head's last program to count its
     part in merges all of the head's parts into the output: a quantized program when the
     programs run in order, the residual's warp when they run last to first. Against the
-    float32 reference (3 heads of 2 queries, two programs of splits a head, an empty head);
-    every arrival counter is back at zero for the next call."""
-    args, ref = _kivi_mma_case(rng, bits, hq=6, hkv=3, capacity=320, residual=48)
+    float32 reference (3 heads of 2 queries, two programs of splits a head, an empty head; q
+    three times larger, so that the parts' maxima differ and the merge's weights matter: with
+    them left out the test fails); every arrival counter is back at zero for the next call."""
+    args, ref = _kivi_mma_case(rng, bits, hq=6, hkv=3, capacity=320, residual=48, q_scale=3)
     out, counters = decode_kivi_mma.emulate(*args, num_splits=8, fold=True, reverse=reverse)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-2 * np.abs(ref).max())
     assert not out[0, :2].any()  # the empty head attends to nothing
