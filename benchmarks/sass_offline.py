@@ -1,13 +1,14 @@
-"""The MMA decode kernel's SASS without a GPU: registers and the instructions of its block loop
+"""The MMA decode kernel's registers and SASS without a GPU, from Mosaic GPU's own compiler
 (pallas_kernels/decode_kivi_mma.py), to weigh a change to its arithmetic before device time.
 
-Mosaic GPU compiles its MLIR to PTX inside the CUDA plugin, at the first call on a GPU; a CPU
-jaxlib lacks the passes. So this traces the kernel on the CPU (jaxlib outlines its gpu.launch
-into a gpu.func), rewrites the few gpu and memref ops left (thread and block ids, the barrier,
-the dynamic shared memory) into NVVM and LLVM ops, and lowers the rest with triton's MLIR and
-LLVM (`pip install triton`: its wheel carries the NVPTX backend, ptxas and cuobjdump). The
-result is close to, not the same as, the GPU's: 168 registers for kivi2 at commit af96c4e,
-where the GPU's compile reports 166 (a different LLVM; Mosaic's own passes are not run).
+Mosaic GPU compiles a kernel's MLIR to PTX inside jax's CUDA plugin (MosaicGpuCompile), then
+runs ptxas. The plugin imports without a GPU; its compile asks the driver for the device's
+compute capability and stops where it loads the result. So this traces the kernel on the CPU,
+serializes its module as jax's lowering does, and calls MosaicGpuCompile with a stand-in driver
+(benchmarks/cuda_driver_stub.c) and the PTX dumped to a folder; ptxas and cuobjdump then give
+the registers, spills and SASS. With the GPU machine's jax (0.11.2, jax-cuda13-plugin) and
+CUDA 13's ptxas this is the GPU's compile: 166 registers for kivi2 at commit 6555d3d, as its
+GPU run reported (results/kivi_registers_s26a.txt).
 
 The block loop is the shortest loop of the SASS that holds the most MMAs (with the quantized
 part left out, the residual's); its count includes both sides of the branches in it (the
@@ -15,32 +16,57 @@ masked block, the rescale), which most blocks skip. Also the registers live wher
 in it, by what last wrote them (benchmarks.sass_liveness), and the same with pieces of the
 kernel left out (--left-out, kivi_registers.LEFT_OUT; "all" for each).
 
-    python -m benchmarks.sass_offline [--bits 2] [--stages 2] [--left-out all] [--tag s27]
+Set up once: Python 3.12 (jax 0.11 needs it), gcc, and CUDA 13's ptxas on the PATH:
+
+    python3.12 -m venv ~/mosaic && ~/mosaic/bin/pip install jax==0.11.2 jaxlib==0.11.2 \
+        jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2 nvidia-cuda-cuobjdump \
+        nvidia-cuda-nvdisasm -e .
+    ~/mosaic/bin/python -m benchmarks.sass_offline [--bits 2] [--left-out all] [--tag s28]
 """
 
 import argparse
 import collections
+import ctypes
+import functools
+import glob
+import io
 import os
 import re
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 
-import jax
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin installed, but no GPU
 
-from benchmarks import common, kivi_registers, sass_liveness
-from pallas_kernels import decode_kivi_mma as mma_kernel
+import jax  # noqa: E402
 
-PTX_FEATURES = "+ptx87"  # the ISA of the GPU machine's CUDA 13 (cvt .satfinite needs 8.1)
-SHARED_STRUCT = "!llvm.struct<(ptr<3>, ptr<3>, i64, array<1 x i64>, array<1 x i64>)>"
+from benchmarks import common, kivi_registers, sass_liveness  # noqa: E402
+from pallas_kernels import decode_kivi_mma as mma_kernel  # noqa: E402
+
+DRIVER_STUB = os.path.join(os.path.dirname(__file__), "cuda_driver_stub.c")
+PTXAS_FLAGS = ["-arch=sm_90a", "--warn-on-spills"]  # what Mosaic GPU passes to ptxas
 
 
-def mosaic_module(bits, batch=16, heads=8, capacity=32768, residual=128, **options):
-    """The MLIR text of the Mosaic GPU module that decode_kivi_mma.decode runs at the
-    benchmarks' shape (B16 x 32K: its parts merged in the kernel)."""
+def serialized_module(bits, batch=16, heads=8, capacity=32768, residual=128, **options):
+    """The Mosaic GPU module that decode_kivi_mma.decode runs at the benchmarks' shape (B16 x
+    32K: its parts merged in the kernel), serialized for MosaicGpuCompile."""
     jaxpr = jax.make_jaxpr(lambda *a: mma_kernel.decode(*a, **options))(
         *kivi_registers.kernel_arguments(bits, batch, heads, capacity, residual))
-    return str(_mosaic_call(jaxpr.jaxpr).params["module"])
+    return serialized(_mosaic_call(jaxpr.jaxpr).params["module"])
+
+
+def serialized(module):
+    """A Mosaic GPU module as bytes, as jax's lowering rule hands it to the compiler
+    (mosaic.gpu.core._mosaic_gpu_lowering_rule)."""
+    from jax.experimental.mosaic.gpu import core
+    from jax.interpreters import mlir as jax_mlir
+    from jaxlib.mlir import ir
+    with jax_mlir.make_ir_context(), ir.Location.unknown():
+        module = core._run_serde_pass(ir.Module.parse(str(module)), serialize=True)
+        buffer = io.BytesIO()
+        module.operation.write_bytecode(buffer, desired_version=0)
+    return buffer.getvalue()
 
 
 def _mosaic_call(jaxpr):
@@ -56,115 +82,72 @@ def _mosaic_call(jaxpr):
     return None
 
 
-def outlined(module_text):
-    """The module with its gpu.launch outlined into a gpu.func (jaxlib's own passes)."""
-    from jax.experimental.mosaic import gpu  # noqa: F401  (registers Mosaic GPU's dialect)
-    from jax.interpreters import mlir as jax_mlir
-    from jaxlib.mlir import ir, passmanager
-    from jaxlib.mlir._mlir_libs import _mlirGPUPasses  # noqa: F401  (registers the GPU passes)
-    with jax_mlir.make_ir_context() as context, ir.Location.unknown():
-        context.allow_unregistered_dialects = True
-        module = ir.Module.parse(module_text)
-        passmanager.PassManager.parse(
-            "builtin.module(canonicalize,gpu-launch-sink-index-computations,"
-            "gpu-kernel-outlining,canonicalize,cse)").run(module.operation)
-        return str(module)
+@functools.cache
+def _load_driver_stub():
+    """Builds cuda_driver_stub.c as libcuda.so.1 and loads it first, so the plugin's own
+    dlopen of the driver finds it."""
+    library = os.path.join(tempfile.mkdtemp(), "libcuda.so.1")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", library,
+                    DRIVER_STUB], check=True)
+    ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
 
 
-def kernel_function(outlined_text):
-    """The outlined gpu.func as a standalone llvm.func kernel in a module of its own, with the
-    globals of its gpu.module: the thread and block ids, the barrier and the dynamic shared
-    memory rewritten as NVVM and LLVM ops (what Mosaic's CUDA passes would make of them)."""
-    lines = outlined_text.splitlines()
-    start = next(i for i, line in enumerate(lines) if "gpu.func @" in line)
-    end = max(i for i, line in enumerate(lines) if line.strip() == "gpu.return")
-    module = next(i for i, line in enumerate(lines) if "gpu.module @" in line)
-    globals_ = [line.strip() for line in lines[module:] if "llvm.mlir.global" in line]
-    arguments = re.search(r"\((%arg0.*?)\) kernel", lines[start]).group(1)
-    threads = re.search(r"known_block_size = array<i32: ([\d, ]+)>", lines[start]).group(1)
-    cap = re.search(r"nvvm.maxnreg = (\d+)", lines[start])  # decode_kivi_mma._cap_registers
-    body = []
-    for line in lines[start + 1:end]:
-        text = line.strip()
-        if "gpu.dynamic_shared_memory" in text or text.startswith("%view = memref.view"):
-            continue
-        shared = re.match(r"(%\w+) = builtin.unrealized_conversion_cast %view ", text)
-        index = re.match(r"(%\w+) = gpu\.(thread_id|block_id) x$", text)
-        if shared:  # the view's descriptor: the shared memory's base, offset 0
-            body += ["%smem = llvm.mlir.addressof @shared : !llvm.ptr<3>",
-                     "%smem_offset = llvm.mlir.constant(0 : i64) : i64",
-                     f"%smem_0 = llvm.mlir.undef : {SHARED_STRUCT}",
-                     f"%smem_1 = llvm.insertvalue %smem, %smem_0[0] : {SHARED_STRUCT}",
-                     f"%smem_2 = llvm.insertvalue %smem, %smem_1[1] : {SHARED_STRUCT}",
-                     f"{shared.group(1)} = llvm.insertvalue %smem_offset, %smem_2[2] : "
-                     f"{SHARED_STRUCT}"]
-        elif index:
-            register = {"thread_id": "tid", "block_id": "ctaid"}[index.group(2)]
-            body += [f"{index.group(1)}_i32 = nvvm.read.ptx.sreg.{register}.x : i32",
-                     f"{index.group(1)} = arith.index_cast {index.group(1)}_i32 : i32 to index"]
-        elif text == "gpu.barrier":
-            body.append("nvvm.barrier")
-        elif re.match(r"(%[\w:#]+ = )?gpu\.", text):  # an op of the gpu dialect
-            raise ValueError(f"no rewrite for this gpu op: {text}")
-        else:
-            body.append(line)
-    return "\n".join([
-        'module attributes {llvm.target_triple = "nvptx64-nvidia-cuda"} {',
-        "llvm.mlir.global external @shared() {addr_space = 3 : i32, alignment = 16 : i64} : "
-        "!llvm.array<0 x i8>",
-        *globals_,
-        f"llvm.func @kernel({arguments}) attributes "
-        f"{{nvvm.kernel, nvvm.maxntid = array<i32: {threads}>"
-        + (f", nvvm.maxnreg = {cap.group(1)} : i32" if cap else "") + "} {",
-        *body, "llvm.return", "}", "}"])
-
-
-def ptx(kernel_text):
-    """PTX for sm_90a of kernel_function's module, through triton's MLIR passes and LLVM."""
-    from triton._C.libtriton import ir, llvm, nvidia, passes
-    context = ir.context()
-    ir.load_dialects(context)
-    nvidia.load_dialects(context)
-    with tempfile.NamedTemporaryFile("w", suffix=".mlir") as f:
-        f.write(kernel_text)
-        f.flush()
-        module = ir.parse_mlir_module(f.name, context)
-    manager = ir.pass_manager(context)
-    for add in (passes.convert.add_scf_to_cf, passes.convert.add_index_to_llvmir,
-                passes.convert.add_arith_to_llvmir, passes.convert.add_cf_to_llvmir,
-                passes.convert.add_nvvm_to_llvm, passes.common.add_canonicalizer,
-                passes.common.add_cse, passes.convert.add_reconcile_unrealized_casts):
-        add(manager)
-    manager.run(module, "kernel_to_llvm")
-    llvm.init_targets()
-    llvm_module = llvm.to_module(module, llvm.context())
-    llvm.attach_datalayout(llvm_module, "nvptx64-nvidia-cuda", "sm_90a", PTX_FEATURES)
-    llvm.optimize_module(llvm_module, llvm.OPTIMIZE_O3)
-    return llvm.translate_to_asm(str(llvm_module), "nvptx64-nvidia-cuda", "sm_90a",
-                                 PTX_FEATURES, [], True, False, False)
+def mosaic_ptx(module_bytes):
+    """The PTX that Mosaic GPU's compiler makes of a serialized module."""
+    try:
+        import jax_plugins.xla_cuda13 as cuda_plugin
+    except ImportError:
+        raise SystemExit("needs jax-cuda13-plugin (the set-up in this module's docstring)")
+    _load_driver_stub()
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ.update(MOSAIC_GPU_DUMP_TO=folder, MOSAIC_GPU_DUMP_PTX="1")
+        compile_ = ctypes.CDLL(cuda_plugin._get_library_path()).MosaicGpuCompile
+        compile_.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        compile_.restype = ctypes.c_void_p
+        compile_(module_bytes, len(module_bytes))  # fails to load the kernel: no GPU
+        dumped = glob.glob(os.path.join(folder, "*.ptx"))
+        if len(dumped) != 1:
+            raise RuntimeError(f"Mosaic GPU dumped {len(dumped)} PTX files, not 1 (its "
+                               "messages above say why)")
+        with open(dumped[0]) as f:
+            return f.read()
 
 
 def _tool(name):
-    """A CUDA tool: on the PATH, else the one in triton's wheel."""
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return shutil.which(name) or bundled
+    """A CUDA tool: on the PATH, else from an nvidia-cuda-* wheel of this environment."""
+    wheels = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "bin",
+                                    name))
+    found = shutil.which(name) or next(iter(wheels), None)
+    if not found:
+        raise SystemExit(f"{name} not found: put CUDA 13's on the PATH "
+                         "(cuobjdump, nvdisasm: pip install nvidia-cuda-cuobjdump "
+                         "nvidia-cuda-nvdisasm)")
+    return found
 
 
 def sass(ptx_text):
     """(registers per thread, spilled bytes [stored, loaded], SASS listing) of the PTX, by
-    ptxas -O3 and cuobjdump."""
+    ptxas with Mosaic GPU's flags, and cuobjdump."""
     with tempfile.TemporaryDirectory() as folder:
         source, binary = os.path.join(folder, "k.ptx"), os.path.join(folder, "k.cubin")
         with open(source, "w") as f:
             f.write(ptx_text)
-        report = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-O3", "-v", source, "-o",
-                                 binary], capture_output=True, text=True, check=True).stderr
+        report = subprocess.run([_tool("ptxas"), *PTXAS_FLAGS, "-v", source, "-o", binary],
+                                capture_output=True, text=True, check=True).stderr
         listing = subprocess.run([_tool("cuobjdump"), "-sass", binary], capture_output=True,
-                                 text=True, check=True).stdout
+                                 text=True, check=True,
+                                 env={**os.environ, "NVDISASM_PATH": _tool("nvdisasm")}).stdout
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     return (int(re.search(r"Used (\d+) registers", report).group(1)),
             [int(x) for x in spills.groups()], listing)
+
+
+def compiled_with():
+    """What compiled: jax's version, and ptxas' and its flags."""
+    ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True,
+                           text=True).stdout.strip().splitlines()[-1]
+    return {"mosaic_gpu": f"jax {jax.__version__}, jax-cuda13-plugin", "ptxas": ptxas,
+            "flags": PTXAS_FLAGS}
 
 
 def instructions(listing):
@@ -197,9 +180,7 @@ def block_loop(listing):
 def compiled(bits, **options):
     """(registers, spilled bytes stored and loaded, SASS listing) of the kernel decode runs with
     `options` (stages, registers), as this module compiles it."""
-    registers, spills, listing = sass(ptx(kernel_function(outlined(
-        mosaic_module(bits, **options)))))
-    return registers, spills, listing
+    return sass(mosaic_ptx(serialized_module(bits, **options)))
 
 
 def live_at_peak(loop):
@@ -240,9 +221,6 @@ def main():
               f"{len(loop)} instructions, {live} registers live at most: "
               + ", ".join(f"{k} {v}" for k, v in mix.most_common(12)), flush=True)
     if args.tag:
-        import triton
-        ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True,
-                               text=True).stdout.strip().splitlines()[-1]
         git = lambda *a: subprocess.run(["git", *a], capture_output=True,  # noqa: E731
                                         text=True).stdout.strip()
         commit = git("rev-parse", "--short", "HEAD") + (" with changes" if git(
@@ -250,7 +228,7 @@ def main():
             ":!benchmarks/results") else "")
         common.write_result(f"sass_offline_{args.tag}", {
             "commit": commit, **common.environment(),
-            "compiled_with": {"triton": triton.__version__, "ptxas": ptxas, "arch": "sm_90a"},
+            "compiled_with": compiled_with(),
             "kernel": f"decode_kivi_mma.decode's, kivi{args.bits}, B16 x 32K, "
                       f"{args.stages} stages, registers {args.registers or 'uncapped'}",
             "variants": rows,

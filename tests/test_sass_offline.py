@@ -1,7 +1,10 @@
-"""benchmarks/sass_offline.py's steps that run without triton: the kernel's module outlined and
-rewritten for a compile of its own, and the block loop found in a hand-written listing."""
+"""benchmarks/sass_offline.py's steps that run without jax's CUDA plugin: the kernel's module
+serialized for Mosaic GPU's compiler, the stand-in driver, and the block loop found in a
+hand-written listing."""
 
+import ctypes
 import re
+import subprocess
 
 from benchmarks import sass_offline
 
@@ -26,16 +29,34 @@ def test_block_loop_is_the_shortest_loop_with_the_most_mmas():
     assert [sass_offline.opcode(t) for t in loop] == ["LDS", "HMMA", "HMMA", "BRA"]
 
 
-def test_kernel_function_leaves_no_gpu_op():
-    """At an awkward shape (3 heads, 192 tokens): the outlined kernel's thread and block ids,
-    barrier and shared memory become NVVM and LLVM ops, and its arguments stay."""
-    outlined = sass_offline.outlined(
-        sass_offline.mosaic_module(2, batch=1, heads=3, capacity=192, residual=64))
-    text = sass_offline.kernel_function(outlined)
-    assert not re.search(r"^\s*(%[\w:#]+ = )?gpu\.", text, re.MULTILINE)
-    assert "memref" not in text
-    for register in ("tid", "ctaid"):
-        assert f"nvvm.read.ptx.sreg.{register}.x" in text
-    header = next(line for line in outlined.splitlines() if "gpu.func @" in line)
-    assert text.count("!llvm.ptr,") + 1 >= header.count("%arg")
-    assert "nvvm.maxntid = array<i32: 128, 1, 1>" in text
+def test_serialized_module_is_the_kernels():
+    """At an awkward shape (3 heads, 192 tokens): the bytes handed to Mosaic GPU's compiler
+    read back (deserialized as its compile does) as decode's kernel, with its arrival
+    counters (3 parts a head: merged in the kernel) and its 128 threads."""
+    from jax.experimental.mosaic.gpu import core
+    from jax.interpreters import mlir as jax_mlir
+    from jaxlib.mlir import ir
+    from pallas_kernels import decode_kivi_mma
+    data = sass_offline.serialized_module(2, batch=1, heads=3, capacity=192, residual=64)
+    with jax_mlir.make_ir_context() as context, ir.Location.unknown():
+        context.allow_unregistered_dialects = True  # the serialized ops' stable_mosaic_gpu
+        text = str(core._run_serde_pass(ir.Module.parse(data), serialize=False))
+    assert "kvjax_decode_kivi_mma" in text
+    assert f"@{decode_kivi_mma.COUNTERS}" in text
+    assert re.search(r"gpu.launch .*threads\([^)]*\) in \(%\w+ = %c128,", text)
+
+
+def test_driver_stub_answers_what_mosaic_asks(tmp_path):
+    """benchmarks/cuda_driver_stub.c, built as sass_offline builds it: device 0, compute
+    capability 9.0 (Hopper), an error's text; other attributes are refused."""
+    library = tmp_path / "libcuda.so.1"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), sass_offline.DRIVER_STUB],
+                   check=True)
+    driver = ctypes.CDLL(str(library))
+    device, value, text = ctypes.c_int(7), ctypes.c_int(-1), ctypes.c_char_p()
+    assert driver.cuCtxGetDevice(ctypes.byref(device)) == 0 and device.value == 0
+    for attribute, expected in ((75, 9), (76, 0)):  # compute capability major, minor
+        assert driver.cuDeviceGetAttribute(ctypes.byref(value), attribute, device) == 0
+        assert value.value == expected
+    assert driver.cuDeviceGetAttribute(ctypes.byref(value), 1, device) != 0
+    assert driver.cuGetErrorString(1, ctypes.byref(text)) == 0 and b"no GPU" in text.value
