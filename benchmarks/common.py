@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -206,6 +207,17 @@ def environment():
     dev = jax.devices()[0]
     return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def load_baseline(path):
+    """Another version of pallas_kernels/decode_kivi_mma.py (a file, e.g. one saved by `git
+    show <commit>:pallas_kernels/decode_kivi_mma.py`), to time or compile against this one
+    (kivi_mma, sass_offline); on one machine, since cross-machine timings differ by a few
+    percent."""
+    spec = importlib.util.spec_from_file_location("decode_kivi_mma_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_result(name, record):

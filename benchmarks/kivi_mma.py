@@ -14,13 +14,12 @@ x 32K; with --one-stream, its copies alone from the cache's six arrays and from 
 
 import argparse
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, write_result
+from benchmarks.common import environment, load_baseline, write_result
 from benchmarks.kernels import quantized_cache, timed
 from benchmarks.kivi_registers import LEFT_OUT, leaving_out, patched
 from kvjax import policies
@@ -102,16 +101,6 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
            "finite": bool(np.isfinite(np.asarray(got)).all())}
     print(row, flush=True)
     return row
-
-
-def load_baseline(path):
-    """Another version of pallas_kernels/decode_kivi_mma.py (a file, e.g. one saved by `git
-    show <commit>:pallas_kernels/decode_kivi_mma.py`), to time against this one on the same
-    machine: cross-machine timings differ by a few percent."""
-    spec = importlib.util.spec_from_file_location("decode_kivi_mma_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, baseline=None):

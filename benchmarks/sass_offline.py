@@ -48,10 +48,13 @@ DRIVER_STUB = os.path.join(os.path.dirname(__file__), "cuda_driver_stub.c")
 PTXAS_FLAGS = ["-arch=sm_90a", "--warn-on-spills"]  # what Mosaic GPU passes to ptxas
 
 
-def serialized_module(bits, batch=16, heads=8, capacity=32768, residual=128, **options):
+def serialized_module(bits, batch=16, heads=8, capacity=32768, residual=128, baseline=None,
+                      **options):
     """The Mosaic GPU module that decode_kivi_mma.decode runs at the benchmarks' shape (B16 x
-    32K: its parts merged in the kernel), serialized for MosaicGpuCompile."""
-    jaxpr = jax.make_jaxpr(lambda *a: mma_kernel.decode(*a, **options))(
+    32K: its parts merged in the kernel), or a `baseline`'s decode_partials (another version
+    of the kernel's file, common.load_baseline), serialized for MosaicGpuCompile."""
+    run = baseline.decode_partials if baseline else mma_kernel.decode
+    jaxpr = jax.make_jaxpr(lambda *a: run(*a, **options))(
         *kivi_registers.kernel_arguments(bits, batch, heads, capacity, residual))
     return serialized(_mosaic_call(jaxpr.jaxpr).params["module"])
 
@@ -179,7 +182,7 @@ def block_loop(listing):
 
 def compiled(bits, **options):
     """(registers, spilled bytes stored and loaded, SASS listing) of the kernel decode runs with
-    `options` (stages, registers), as this module compiles it."""
+    `options` (stages, registers; or a baseline's), as Mosaic GPU compiles it."""
     return sass(mosaic_ptx(serialized_module(bits, **options)))
 
 
@@ -199,14 +202,20 @@ def main():
                         help="cap the registers a thread (decode's registers)")
     parser.add_argument("--left-out", default="whole", choices=["all", *kivi_registers.LEFT_OUT],
                         help="compile with these pieces left out (kivi_registers.LEFT_OUT)")
+    parser.add_argument("--baseline", default=None,
+                        help="also another decode_kivi_mma.py's decode_partials, whole")
     parser.add_argument("--tag", default=None, help="save results/sass_offline_<tag>.json")
     args = parser.parse_args()
     names = list(kivi_registers.LEFT_OUT) if args.left_out == "all" else [args.left_out]
+    options = dict(stages=args.stages, **({"registers": args.registers} if args.registers else {}))
+    runs = [(name, options) for name in names]
+    if args.baseline:
+        runs.append((f"baseline {args.baseline}",
+                     dict(options, baseline=common.load_baseline(args.baseline))))
     rows = []
-    for name in names:
-        with kivi_registers.leaving_out(name):
-            registers, spills, listing = compiled(args.bits, stages=args.stages,
-                                                  registers=args.registers)
+    for name, run_options in runs:
+        with kivi_registers.leaving_out(name if name in kivi_registers.LEFT_OUT else "whole"):
+            registers, spills, listing = compiled(args.bits, **run_options)
         loop = block_loop(listing)
         mix = collections.Counter(opcode(t) for t in loop)
         kernel_mix = collections.Counter(opcode(t) for _, t in instructions(listing))
@@ -234,7 +243,8 @@ def main():
             "variants": rows,
             "command": f"python -m benchmarks.sass_offline --bits {args.bits} --stages "
                        f"{args.stages} --left-out {args.left_out} --tag {args.tag}"
-                       + (f" --registers {args.registers}" if args.registers else "")})
+                       + (f" --registers {args.registers}" if args.registers else "")
+                       + (f" --baseline {args.baseline}" if args.baseline else "")})
 
 
 if __name__ == "__main__":

@@ -1384,8 +1384,9 @@ def _head_counters(ops, heads):
 def _cap_registers(module, registers):
     """Caps the kernel of `module` at `registers` a thread (PTX's .maxnreg): Mosaic GPU offers
     no launch bounds, so this outlines the kernel's launch into its gpu.func now, as Mosaic GPU
-    would later, and marks the function. ptxas takes 166 registers otherwise (offline), which
-    fit 3 programs an SM; 128 fit 4 (benchmarks/sass_offline.py: 80 bytes spilled)."""
+    would later, and marks the function. ptxas takes 164 registers otherwise, which fit 3
+    programs an SM; 128 fit 4 (88 bytes spilled; benchmarks/sass_offline.py, Mosaic GPU's own
+    compile, which accepts the outlined module)."""
     from jaxlib.mlir._mlir_libs import _mlirGPUPasses  # noqa: F401  (the outlining pass)
     passmanager.PassManager.parse(
         "builtin.module(canonicalize,gpu-launch-sink-index-computations,gpu-kernel-outlining)"
