@@ -96,18 +96,24 @@ def _load_driver_stub():
 
 
 def mosaic_ptx(module_bytes):
-    """The PTX that Mosaic GPU's compiler makes of a serialized module."""
+    """The PTX that Mosaic GPU's compiler makes of a serialized module. MOSAIC_GPU_DUMP_TO
+    dumps all it can into a folder: the PTX, ptxas' report, the passes' MLIR, and the SASS,
+    for which it looks for nvdisasm in /usr/local/cuda/bin only and says so when it is not
+    there (harmless: sass() disassembles)."""
     try:
         import jax_plugins.xla_cuda13 as cuda_plugin
     except ImportError:
         raise SystemExit("needs jax-cuda13-plugin (the set-up in this module's docstring)")
     _load_driver_stub()
     with tempfile.TemporaryDirectory() as folder:
-        os.environ.update(MOSAIC_GPU_DUMP_TO=folder, MOSAIC_GPU_DUMP_PTX="1")
+        os.environ["MOSAIC_GPU_DUMP_TO"] = folder
         compile_ = ctypes.CDLL(cuda_plugin._get_library_path()).MosaicGpuCompile
         compile_.argtypes = [ctypes.c_char_p, ctypes.c_int]
         compile_.restype = ctypes.c_void_p
-        compile_(module_bytes, len(module_bytes))  # fails to load the kernel: no GPU
+        try:
+            compile_(module_bytes, len(module_bytes))  # fails to load the kernel: no GPU
+        finally:
+            del os.environ["MOSAIC_GPU_DUMP_TO"]
         dumped = glob.glob(os.path.join(folder, "*.ptx"))
         if len(dumped) != 1:
             raise RuntimeError(f"Mosaic GPU dumped {len(dumped)} PTX files, not 1 (its "
