@@ -85,14 +85,18 @@ def _mosaic_call(jaxpr):
     return None
 
 
-@functools.cache
-def _load_driver_stub():
-    """Builds cuda_driver_stub.c as libcuda.so.1 and loads it first, so the plugin's own
-    dlopen of the driver finds it."""
-    library = os.path.join(tempfile.mkdtemp(), "libcuda.so.1")
+def build_driver_stub(folder):
+    """cuda_driver_stub.c built with gcc as `folder`/libcuda.so.1; returns its path."""
+    library = os.path.join(folder, "libcuda.so.1")
     subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", library,
                     DRIVER_STUB], check=True)
-    ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+    return library
+
+
+@functools.cache
+def _load_driver_stub():
+    """Loads the stand-in driver first, so the plugin's own dlopen of libcuda.so.1 finds it."""
+    ctypes.CDLL(build_driver_stub(tempfile.mkdtemp()), mode=ctypes.RTLD_GLOBAL)
 
 
 def mosaic_ptx(module_bytes):

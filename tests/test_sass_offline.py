@@ -4,7 +4,6 @@ hand-written listing."""
 
 import ctypes
 import re
-import subprocess
 
 from benchmarks import sass_offline
 
@@ -49,10 +48,7 @@ def test_serialized_module_is_the_kernels():
 def test_driver_stub_answers_what_mosaic_asks(tmp_path):
     """benchmarks/cuda_driver_stub.c, built as sass_offline builds it: device 0, compute
     capability 9.0 (Hopper), an error's text; other attributes are refused."""
-    library = tmp_path / "libcuda.so.1"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), sass_offline.DRIVER_STUB],
-                   check=True)
-    driver = ctypes.CDLL(str(library))
+    driver = ctypes.CDLL(sass_offline.build_driver_stub(str(tmp_path)))
     device, value, text = ctypes.c_int(7), ctypes.c_int(-1), ctypes.c_char_p()
     assert driver.cuCtxGetDevice(ctypes.byref(device)) == 0 and device.value == 0
     for attribute, expected in ((75, 9), (76, 0)):  # compute capability major, minor
