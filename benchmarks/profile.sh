@@ -6,7 +6,8 @@
 # B16 x 32K; kivi2: the Triton one) or, with "prefill" as the policy, of the prefill forward
 # and key-score kernels at the length given (default 16K), or with "hopper", of the Hopper
 # key-score pass.
-#     bash benchmarks/profile.sh [policy|prefill|hopper] [shape|length]
+# Its figures also as JSON (benchmarks/profile_summary.py), tagged with $TAG.
+#     TAG=s29 bash benchmarks/profile.sh [policy|prefill|hopper] [shape|length]
 set -uo pipefail
 # Kernel replay saves and restores the device memory in use: no preallocated pool.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -31,3 +32,6 @@ ncu -i /tmp/profile.ncu-rep --page details --csv > "$out/${policy}_details.csv"
 ncu -i /tmp/profile.ncu-rep --page source --csv --print-source sass > "$out/${policy}_sass.csv" \
     || echo "source page export failed"
 python -m benchmarks.sass_liveness "$out/${policy}_sass.csv" || true  # what holds the registers
+# its figures as results/profile_<policy>_<TAG>.json, copied to $out
+python -m benchmarks.profile_summary "$out/$policy" --tag "${TAG:-profile}" \
+    && cp "benchmarks/results/profile_${policy}_${TAG:-profile}.json" "$out/" || true

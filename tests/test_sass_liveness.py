@@ -30,3 +30,21 @@ def test_liveness_of_a_hand_worked_loop(tmp_path):
     assert sass_liveness.holders(ops, live, 1) == {
         "before the loop": 4, "LDS.128": 4, "HMMA.16816.F32 (last step)": 4}
     assert ops[3] == ("STS", set(), {2, 20})
+
+
+def test_profile_summary_shares_of_stalls_and_opcodes(tmp_path):
+    """benchmarks/profile_summary.py: stall reasons and opcodes as shares, worked by hand
+    (a predicated instruction counts under its opcode; the not-issued columns are left out)."""
+    from benchmarks import profile_summary
+    path = tmp_path / "kernel_sass.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Kernel Name", "k"])
+        writer.writerow(["Address", "Source", "Instructions Executed", "stall_wait",
+                         "stall_math", "stall_wait (Not Issued)"])
+        writer.writerows([["0x0", "LOP3.LUT R1, R2, 0x3, RZ, 0xc0, !PT", "1,000", 3, 1, 9],
+                          ["0x10", "@P0 LOP3.LUT R3, R2, 0x3, RZ, 0xc0, !PT", "500", 0, 2, 9],
+                          ["0x20", "HMMA.16816.F32 R8, R4, R12, R8", "500", 2, 0, 9]])
+    stalls, mix = profile_summary.sass_counts(path)
+    assert stalls == {"wait": 0.625, "math": 0.375}
+    assert mix == {"LOP3": 0.75, "HMMA": 0.25}
