@@ -1,7 +1,7 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on the
 GPU: its partials and its op (decode, twice) against the float32 reference on ragged lengths and
 GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; an empty
-residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
+residual, or a full one; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
 another L2 prefetch size for its copies) and the op (its parts merged in the kernel, and by the
 merge kernel after it; capped at 128 registers a thread; other parts per launch with --sweep;
 another version of the kernel with --baseline; with --chains, other key MMA chains, each
@@ -120,6 +120,12 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, baseli
     def op(q, k, v, n, **options):  # what the cache's attend runs
         return mma_kernel.decode(q, k, v, n, residual, **options)
 
+    full = jax.random.normal(jax.random.key(9), residual[0].shape, jnp.bfloat16)
+    full_residual = full, full, jnp.full((batch, heads), full.shape[2], jnp.int32)
+
+    def op_full_residual(q, k, v, n):  # as the cache's attend, its residual full (bytes: less)
+        return mma_kernel.decode(q, k, v, n, full_residual)
+
     def op_with_merge_kernel(q, k, v, n):  # the op as it was before decode folded the merge
         return merge.merge_partials(*mma(q, k, v, n), dtype=q.dtype)
 
@@ -128,6 +134,7 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, baseli
                f"mma_op_{CAPPED_REGISTERS}_registers": (
                    functools.partial(op, registers=CAPPED_REGISTERS), k_stored),
                "mma_op_merge_kernel": (op_with_merge_kernel, k_stored),
+               "mma_op_full_residual": (op_full_residual, k_stored),
                "mma_3_stages": (functools.partial(mma, stages=3), k_stored),
                "triton": (functools.partial(triton_kernel.decode_partials,
                                             k_spec=mma_kernel.SPECS[bits][0],
