@@ -4,9 +4,8 @@ GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; a
 residual, or a full one; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
 another L2 prefetch size for its copies) and the op (its parts merged in the kernel, and by the
 merge kernel after it; capped at 128 registers a thread; other parts per launch with --sweep;
-another version of the kernel with --baseline; with --chains, other key MMA chains, each
-also checked) against the Triton kernel at B16 x 32K and B1 x 128K (--kernels, --shapes:
-fewer); with --breakdown, the steps of the whole attention op at B16
+another version of the kernel with --baseline) against the Triton kernel at B16 x 32K and B1 x
+128K (--kernels, --shapes: fewer); with --breakdown, the steps of the whole attention op at B16
 x 32K; with --one-stream, its copies alone from the cache's six arrays and from one slab
 (one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
 
@@ -22,8 +21,7 @@ import numpy as np
 
 from benchmarks.common import environment, load_baseline, write_result
 from benchmarks.kernels import quantized_cache, timed
-from benchmarks.kivi_registers import (LEFT_OUT, chain_settings, chains_option, leaving_out,
-                                       patched)
+from benchmarks.kivi_registers import LEFT_OUT, leaving_out, patched
 from kvjax import policies
 from kvjax.attention import decode_partials, merge_partials
 from kvjax.quantization import dequantize_tokens
@@ -247,7 +245,6 @@ def main():
                         help="the stage copies' L2 prefetch qualifier, e.g. .L2::256B")
     parser.add_argument("--left-out", default="whole", choices=sorted(LEFT_OUT),
                         help="time the kernel with these pieces left out (kivi_registers)")
-    chains_option(parser)
     parser.add_argument("--baseline", default=None,
                         help="another decode_kivi_mma.py to time alongside (load_baseline)")
     args = parser.parse_args()
@@ -258,7 +255,6 @@ def main():
              *(("baseline_mma", "baseline_mma_op") if baseline else ())} \
         if args.kernels else None
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
-    chains = chain_settings(args.chains)
     checks, rows, steps = [], [], []
     for bits in (int(x) for x in args.bits.split(",")):
         checks += [] if args.skip_checks else [
@@ -267,17 +263,12 @@ def main():
             check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 4, bits),
             check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 4, bits),
             check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
-        for settings in chains:
-            with leaving_out(args.left_out), patched({"L2_PREFETCH": args.l2_prefetch,
-                                                      **settings}):
-                checks += [] if args.skip_checks or len(chains) == 1 else [
-                    {**check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits), **settings}]
-                rows += [] if args.skip_timing else [
-                    {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch,
-                     **settings}
-                    for batch, capacity in shapes
-                    for row in timing(batch, capacity, bits, sweep=sweep, names=names,
-                                      baseline=baseline)]
+        with leaving_out(args.left_out), patched({"L2_PREFETCH": args.l2_prefetch}):
+            rows += [] if args.skip_timing else [
+                {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch}
+                for batch, capacity in shapes
+                for row in timing(batch, capacity, bits, sweep=sweep, names=names,
+                                  baseline=baseline)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []
     rows += one_stream_copies(16, 32768) if args.one_stream else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"

@@ -47,20 +47,6 @@ def patched(pieces):
         jax.clear_caches()
 
 
-def chain_settings(text):
-    """"1x1,4x2" -> [{"ZERO_CHAINS": 1, "MAGIC_CHAINS": 1}, ...]: the key MMA chains to
-    patch in (decode_kivi_mma._mma_sum)."""
-    return [dict(zip(("ZERO_CHAINS", "MAGIC_CHAINS"), map(int, pair.split("x"))))
-            for pair in text.split(",")]
-
-
-def chains_option(parser):
-    """--chains for a benchmark's parser (chain_settings), the kernel's own by default."""
-    parser.add_argument("--chains", default=f"{mma_kernel.ZERO_CHAINS}x{mma_kernel.MAGIC_CHAINS}",
-                        help="key zero-term x offset MMA chains (decode_kivi_mma.ZERO_CHAINS, "
-                             "MAGIC_CHAINS), e.g. 1x1,4x2")
-
-
 def leaving_out(name):
     """decode_kivi_mma with LEFT_OUT[name] in place of its own pieces."""
     return patched(LEFT_OUT[name])

@@ -214,31 +214,28 @@ def main():
                         help="compile with these pieces left out (kivi_registers.LEFT_OUT)")
     parser.add_argument("--baseline", default=None,
                         help="also another decode_kivi_mma.py's decode_partials, whole")
-    kivi_registers.chains_option(parser)
     parser.add_argument("--tag", default=None, help="save results/sass_offline_<tag>.json")
     args = parser.parse_args()
     names = list(kivi_registers.LEFT_OUT) if args.left_out == "all" else [args.left_out]
     options = dict(stages=args.stages, **({"registers": args.registers} if args.registers else {}))
-    chains = kivi_registers.chain_settings(args.chains)
-    runs = [(name, options, settings) for name in names for settings in chains]
+    runs = [(name, options) for name in names]
     if args.baseline:
         runs.append((f"baseline {args.baseline}",
-                     dict(options, baseline=common.load_baseline(args.baseline)), {}))
+                     dict(options, baseline=common.load_baseline(args.baseline))))
     rows = []
-    for name, run_options, settings in runs:
-        with kivi_registers.leaving_out(name if name in kivi_registers.LEFT_OUT else "whole"), \
-                kivi_registers.patched(settings):
+    for name, run_options in runs:
+        with kivi_registers.leaving_out(name if name in kivi_registers.LEFT_OUT else "whole"):
             registers, spills, listing = compiled(args.bits, **run_options)
         loop = block_loop(listing)
         mix = collections.Counter(opcode(t) for t in loop)
         kernel_mix = collections.Counter(opcode(t) for _, t in instructions(listing))
         live, holders = live_at_peak(loop)
-        rows.append({"left_out": name, **settings, "registers": registers, "spilled_bytes": spills,
+        rows.append({"left_out": name, "registers": registers, "spilled_bytes": spills,
                      "loop_instructions": len(loop),
                      "loop_mix": dict(mix.most_common()),
                      "kernel_mix": dict(kernel_mix.most_common()), "live_at_peak": live,
                      "live_at_peak_by_writer": holders})
-        print(f"kivi{args.bits}, {args.stages} stages, {name} {settings}: {registers} registers "
+        print(f"kivi{args.bits}, {args.stages} stages, {name}: {registers} registers "
               f"({spills[0]} bytes spilled); loop "
               f"{len(loop)} instructions, {live} registers live at most: "
               + ", ".join(f"{k} {v}" for k, v in mix.most_common(12)), flush=True)
@@ -255,8 +252,7 @@ def main():
                       f"{args.stages} stages, registers {args.registers or 'uncapped'}",
             "variants": rows,
             "command": f"python -m benchmarks.sass_offline --bits {args.bits} --stages "
-                       f"{args.stages} --left-out {args.left_out} --chains {args.chains} "
-                       f"--tag {args.tag}"
+                       f"{args.stages} --left-out {args.left_out} --tag {args.tag}"
                        + (f" --registers {args.registers}" if args.registers else "")
                        + (f" --baseline {args.baseline}" if args.baseline else "")})
 

@@ -93,9 +93,6 @@ RESCALE_AT = 2.0
 # lane reads all of its channels' at once: 9 at B16 x 32K); more (129 at B1 x 128K) go to
 # merge.merge_partials, whose programs read them in chunks.
 FOLD_PARTS = 17
-# Independent MMA chains of a block's key zero terms and of its key offsets (_mma_sum): each
-# block's scores wait for both before their own MMAs start.
-ZERO_CHAINS, MAGIC_CHAINS = 1, 1
 SPECS = {bits: (QuantSpec(bits, GROUP, per_channel=True), QuantSpec(bits, GROUP))
          for bits in (2, 4)}  # KIVI's 2- and 4-bit caches, keys and values
 
@@ -825,24 +822,16 @@ def _key_operands(ops, fmt: _Format, qf_regs, scales):
     return b
 
 
-def _mma_sum(ops, operands, seed, chains: int, half: _Half):
-    """seed plus the MMAs of operands [(a, b)], accumulated in `chains` independent chains
-    added at the end: a dependent chain of n MMAs waits n times for the MMA's latency, and
-    each further chain holds 4 more registers while it runs."""
-    accs = [seed] + [[ops.cf(0.0)] * 4] * (chains - 1)
-    for i, (a, b) in enumerate(operands):
-        accs[i % chains] = ops.mma(a, b, accs[i % chains], half)
-    return functools.reduce(lambda x, y: [ops.fadd(u, v) for u, v in zip(x, y)], accs)
-
-
 def _key_zero_terms(ops, fmt: _Format, qf_regs, words):
     """q.zero of the block's two key groups, for the accumulator registers: [group 0 at query
     columns q0, q0 + 1, group 1 at the same]. The MMAs do both groups at once: their rows r
     and r + 8 are the two groups' zeros times 2^p (every row of a group the same), their B
     operand the q * 2^-p of the key MMAs."""
-    operands = [(words.key_zeros(f, y), qf_regs[f][2 * y:2 * y + 2])
-                for f in range(fmt.fields) for y in range(fmt.pairs // 2)]
-    return _mma_sum(ops, operands, [ops.cf(0.0)] * 4, ZERO_CHAINS, KEYS)
+    acc = [ops.cf(0.0)] * 4
+    for f in range(fmt.fields):
+        for y in range(fmt.pairs // 2):
+            acc = ops.mma(words.key_zeros(f, y), qf_regs[f][2 * y:2 * y + 2], acc, KEYS)
+    return acc
 
 
 def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
@@ -854,8 +843,9 @@ def _key_scores(ops, fmt: _Format, qf_regs, words, neg_magic):
         b = _key_operands(ops, fmt, qf_regs, words.key_scales(g))
         zb = zero_terms[2 * g:2 * g + 2]
         start = [zb[0], zb[1], zb[0], zb[1]]  # q.zero - 1024 * sum(B), every row
-        start = _mma_sum(ops, [(neg_magic(KEYS), b[step]) for step in range(8)], start,
-                         MAGIC_CHAINS, KEYS)
+        key_magic = neg_magic(KEYS)
+        for step in range(8):
+            start = ops.mma(key_magic, b[step], start, KEYS)
         for tile in range(2):
             # [rh][i]: the lane's word i of token row + 8 rh, shifted
             shifted = [[_shifted(ops, fmt, x, KEYS) for x in w] for w in words.kc(2 * g + tile)]
