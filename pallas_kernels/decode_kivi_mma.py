@@ -93,6 +93,10 @@ RESCALE_AT = 2.0
 # lane reads all of its channels' at once: 9 at B16 x 32K); more (129 at B1 x 128K) go to
 # merge.merge_partials, whose programs read them in chunks.
 FOLD_PARTS = 17
+# Programs an SM holds (Nsight Compute's block limits on the H200): kivi2's 164 registers a
+# thread allow 3, kivi4's 82 KiB of shared memory 2 (default_splits' wave).
+PROGRAMS_PER_SM = {2: 3, 4: 2}
+HOPPER_SMS = 132
 SPECS = {bits: (QuantSpec(bits, GROUP, per_channel=True), QuantSpec(bits, GROUP))
          for bits in (2, 4)}  # KIVI's 2- and 4-bit caches, keys and values
 
@@ -1433,9 +1437,9 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     inputs = [np.asarray(x) for x in _inputs(q, k_parts, v_parts, lengths, residual)]
     B, Hkv = inputs[0].shape
     S, R = inputs[2].shape[2], inputs[8].shape[2]
-    num_splits = num_splits or default_splits(B, Hkv, S)
-    arrays = inputs + [np.zeros(s.shape, s.dtype) for s in _out_shapes(B, Hkv, num_splits, fold)]
     fmt = _format(inputs[2])
+    num_splits = num_splits or default_splits(B, Hkv, S, fmt.bits)
+    arrays = inputs + [np.zeros(s.shape, s.dtype) for s in _out_shapes(B, Hkv, num_splits, fold)]
     arrays.append(np.zeros(B * Hkv, np.uint32))  # the arrival counters
     arrays.append(np.zeros(_shared_bytes(fmt, stages), np.uint8))  # a program's shared memory
     offsets = np.cumsum([0] + [a.nbytes for a in arrays])
@@ -1485,11 +1489,27 @@ def _out_shapes(B, Hkv, num_splits, fold):
             jax.ShapeDtypeStruct((B, Hkv, P, QUERIES), jnp.float32))
 
 
-def default_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
-    """Parts per (row, head): about 4096 parts (warps) over the whole batch, about one per
-    block at most, in whole programs (_layout)."""
-    splits = max(1, min(capacity // BLOCK, -(-4096 // (batch * num_kv_heads))))
+def default_splits(batch: int, num_kv_heads: int, capacity: int, bits: int) -> int:
+    """Parts per (row, head), in whole programs (_layout): about 4096 parts (warps) over the
+    whole batch, at most one a block, where a head's parts then merge in the kernel
+    (FOLD_PARTS; measured best at B16 x 32K, 2.7 waves of programs); else, for few heads,
+    the splits of one wave of programs, which merge.merge_partials merges: at B1 x 128K 196
+    splits a head instead of 512 took kivi2 from 42.9 to 37.0 us, and 132 instead of 512
+    kivi4 from 57.3 to 49.0 (benchmarks/RESULTS.md, nineteenth pass; 128 here, as its 2
+    residual programs take 2 of the wave's 264 places)."""
+    heads = batch * num_kv_heads
+    blocks = capacity // BLOCK
+    splits = min(blocks, -(-4096 // heads))
+    if not folds(-(-splits // WARPS) * WARPS):
+        residual_programs = _layout(heads, WARPS)[0] // WARPS
+        slots = _sm_count() * PROGRAMS_PER_SM[bits] - residual_programs
+        splits = min(blocks, max(1, slots // heads) * WARPS)
     return -(-splits // WARPS) * WARPS
+
+
+def _sm_count() -> int:
+    """The GPU's SMs (an H100's or H200's 132 where jax names none: the CPU's emulation)."""
+    return getattr(jax.devices()[0], "core_count", None) or HOPPER_SMS
 
 
 def folds(num_splits) -> bool:
@@ -1541,7 +1561,8 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     num_splits (a multiple of WARPS) and stages default to the measured best settings
     (default_splits, STAGES); `registers` caps the registers a thread (_cap_registers; by
     default ptxas chooses)."""
-    num_splits = num_splits or default_splits(q.shape[0], lengths.shape[1], k_parts[0].shape[2])
+    num_splits = num_splits or default_splits(q.shape[0], lengths.shape[1], k_parts[0].shape[2],
+                                              _format(k_parts[0]).bits)
     o, m, l = _launch(q, k_parts, v_parts, lengths, residual, num_splits=num_splits,
                       stages=stages, fold=False, registers=registers)
     g = q.shape[1] // lengths.shape[1]
@@ -1556,7 +1577,8 @@ def decode(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=ST
     merge.merge_partials does."""
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
-    num_splits = num_splits or default_splits(B, Hkv, k_parts[0].shape[2])
+    num_splits = num_splits or default_splits(B, Hkv, k_parts[0].shape[2],
+                                              _format(k_parts[0]).bits)
     if not folds(num_splits):
         parts = decode_partials(q, k_parts, v_parts, lengths, residual, num_splits=num_splits,
                                 stages=stages, registers=registers)

@@ -190,8 +190,21 @@ def test_kivi_mma_kernel_merges_heads_itself(rng, bits, reverse):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-2 * np.abs(ref).max())
     assert not out[0, :2].any()  # the empty head attends to nothing
     assert not counters.any()
-    assert decode_kivi_mma.folds(decode_kivi_mma.default_splits(16, 8, 32768))
-    assert not decode_kivi_mma.folds(decode_kivi_mma.default_splits(1, 8, 131072))
+    assert decode_kivi_mma.folds(decode_kivi_mma.default_splits(16, 8, 32768, bits))
+    assert not decode_kivi_mma.folds(decode_kivi_mma.default_splits(1, 8, 131072, bits))
+
+
+@pytest.mark.parametrize("batch, capacity, bits, splits", [
+    (16, 32768, 2, 32), (16, 32768, 4, 32), (1, 4096, 2, 64),  # ~4096 parts, folded
+    (1, 131072, 2, 196), (1, 131072, 4, 128), (2, 32768, 2, 96), (1, 8192, 2, 128)])
+def test_kivi_mma_default_splits_fill_one_wave_where_heads_are_few(batch, capacity, bits, splits):
+    """Where about 4096 parts would leave a head too many to merge in the kernel, the MMA
+    kernel's default takes as many programs as one wave of a 132-SM Hopper holds
+    (PROGRAMS_PER_SM, less the residual's programs; at most one split a block)."""
+    assert decode_kivi_mma.default_splits(batch, 8, capacity, bits) == splits
+    _, parts = decode_kivi_mma._layout(batch * 8, splits)
+    holds = decode_kivi_mma.HOPPER_SMS * decode_kivi_mma.PROGRAMS_PER_SM[bits]
+    assert decode_kivi_mma.folds(splits) or parts // decode_kivi_mma.WARPS <= holds
 
 
 @pytest.mark.parametrize("bits", [2, 4])
