@@ -1,13 +1,14 @@
 """The MMA decode kernel for KIVI 2- and 4-bit caches (pallas_kernels/decode_kivi_mma.py) on the
 GPU: its partials and its op (decode, twice) against the float32 reference on ragged lengths and
 GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; an empty
-residual, or a full one; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
+residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
 another L2 prefetch size for its copies) and the op (its parts merged in the kernel, and by the
-merge kernel after it; capped at 128 registers a thread; other parts per launch with --sweep;
-another version of the kernel with --baseline) against the Triton kernel at B16 x 32K and B1 x
-128K (--kernels, --shapes: fewer); with --breakdown, the steps of the whole attention op at B16
-x 32K; with --one-stream, its copies alone from the cache's six arrays and from one slab
-(one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall", "device_ms", the SM clock).
+merge kernel after it; with a full residual; capped at 128 registers a thread; other parts per
+launch with --sweep; another version of the kernel with --baseline) against the Triton kernel
+at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the steps of the
+whole attention op at B16 x 32K; with --one-stream, its copies alone from the cache's six
+arrays and from one slab (one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall",
+"device_ms", the SM clock).
 
     python -m benchmarks.kivi_mma [--bits 2,4]  # on an H100/H200; writes results/kivi_mma.json
 """

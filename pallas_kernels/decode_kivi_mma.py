@@ -1494,12 +1494,12 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int, bits: int) -> i
     whole batch, at most one a block, where a head's parts then merge in the kernel
     (FOLD_PARTS; measured best at B16 x 32K, 2.7 waves of programs); else, for few heads,
     the splits of one wave of programs, which merge.merge_partials merges: at B1 x 128K 196
-    splits a head instead of 512 took kivi2 from 42.9 to 37.0 us, and 132 instead of 512
-    kivi4 from 57.3 to 49.0 (benchmarks/RESULTS.md, nineteenth pass; 128 here, as its 2
+    splits a head instead of 512 took kivi2 from 42.9 to 36.9 us, and 132 instead of 512
+    kivi4 from 57.3 to 49.9 (benchmarks/RESULTS.md, nineteenth pass; 128 here, as its 2
     residual programs take 2 of the wave's 264 places)."""
     heads = batch * num_kv_heads
     blocks = capacity // BLOCK
-    splits = min(blocks, -(-4096 // heads))
+    splits = max(1, min(blocks, -(-4096 // heads)))
     if not folds(-(-splits // WARPS) * WARPS):
         residual_programs = _layout(heads, WARPS)[0] // WARPS
         slots = _sm_count() * PROGRAMS_PER_SM[bits] - residual_programs
