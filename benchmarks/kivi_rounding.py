@@ -5,12 +5,17 @@
    same with q * key scale, or p * value scale, rounded to bf16 or f16 (the MMA operands);
    "bf16 pairs": p rounded to bf16 first, then the product (what bf16x2 multiplies, one
    instruction for two products, would give).
-2. The kernel itself (decode_kivi_mma.emulate) at several rescale thresholds (RESCALE_AT).
+2. The kernel itself (decode_kivi_mma.emulate) at several rescale thresholds (RESCALE_AT),
+   and with --tokens and --splits at other context lengths and tokens a part.
 
 Errors are max |ours - exact| / max |exact|, as in the benchmarks.
 
     python -m benchmarks.kivi_rounding      # writes results/kivi_rounding.json
+    python -m benchmarks.kivi_rounding --tokens 65536 --splits 96,256 --rescale-at 2,0 \
+        --skip-model --tag s29            # the kernel's error by tokens a part
 """
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +28,10 @@ from kvjax.quantization import dequantize_tokens, quantize_tokens
 from pallas_kernels import decode_kivi_mma
 
 K_SPEC, V_SPEC = decode_kivi_mma.SPECS[2]
-B, H, S, D, G = 1, 2, 4096, 128, 4
+B, H, D, G = 1, 2, 128, 4
 
 
-def data(seed=4):
+def data(S=4096, seed=4):
     kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
     k = jax.random.normal(kk, (B, H, S, D), jnp.bfloat16) * 2 + 0.5
     v = jax.random.normal(kv, (B, H, S, D), jnp.bfloat16)
@@ -72,8 +77,10 @@ def rounding_model(q, k_parts, v_parts):
                                  ("f16", "bf16 pairs"))}
 
 
-def emulated(q, k_parts, v_parts, thresholds=(8.0, 4.0, 2.0, 0.0)):
-    """{RESCALE_AT: error} of the emulated kernel against the float32 reference."""
+def emulated(q, k_parts, v_parts, thresholds=(8.0, 4.0, 2.0, 0.0), splits=(4,)):
+    """[{splits, tokens a part, RESCALE_AT, error}] of the emulated kernel against the float32
+    reference."""
+    S = k_parts[0].shape[2]
     lengths = jnp.full((B, H), S, jnp.int32)
     empty = jnp.zeros((B, H, 64, D), jnp.bfloat16)
     k, v = (dequantize_tokens(*parts, spec, jnp.float32)
@@ -81,29 +88,43 @@ def emulated(q, k_parts, v_parts, thresholds=(8.0, 4.0, 2.0, 0.0)):
     with jax.default_matmul_precision("highest"):
         want = np.asarray(merge_partials([decode_partials(q.astype(jnp.float32), k, v,
                                                           lengths)], jnp.float32))
-    default, errors = decode_kivi_mma.RESCALE_AT, {}
+    k_stored = k_parts[0], *decode_kivi_mma.store_key_stats(*k_parts[1:], K_SPEC.bits)
+    default, rows = decode_kivi_mma.RESCALE_AT, []
     try:
-        for threshold in thresholds:
-            decode_kivi_mma.RESCALE_AT = threshold
-            k_stored = k_parts[0], *decode_kivi_mma.store_key_stats(*k_parts[1:], K_SPEC.bits)
-            parts = decode_kivi_mma.emulate(q, k_stored, v_parts, lengths,
-                                            (empty, empty, jnp.zeros((B, H), jnp.int32)),
-                                            num_splits=4)
-            errors[threshold] = rel_error(merge_partials([parts], jnp.float32), want)
-            print(f"RESCALE_AT {threshold}: {errors[threshold]:.2e}", flush=True)
+        for num_splits in splits:
+            for threshold in thresholds:
+                decode_kivi_mma.RESCALE_AT = threshold
+                parts = decode_kivi_mma.emulate(q, k_stored, v_parts, lengths,
+                                                (empty, empty, jnp.zeros((B, H), jnp.int32)),
+                                                num_splits=num_splits)
+                rows.append({"splits": num_splits, "tokens_a_part": S / num_splits,
+                             "rescale_at": threshold,
+                             "error": rel_error(merge_partials([parts], jnp.float32), want)})
+                print(rows[-1], flush=True)
     finally:
         decode_kivi_mma.RESCALE_AT = default
-    return errors
+    return rows
 
 
 def main():
-    q, k_parts, v_parts = data()
-    model = rounding_model(q, k_parts, v_parts)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--splits", default="4", help="the emulated kernel's splits, e.g. 96,256")
+    parser.add_argument("--rescale-at", default="8,4,2,0", help="RESCALE_AT values to emulate")
+    parser.add_argument("--skip-model", action="store_true", help="the emulated kernel only")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    q, k_parts, v_parts = data(args.tokens)
+    model = {} if args.skip_model else rounding_model(q, k_parts, v_parts)
     for name, error in model.items():
         print(f"{name}: {error:.2e}", flush=True)
-    record = {**environment(), "shape": {"batch": B, "kv_heads": H, "tokens": S, "group": G},
-              "float64_model": model, "emulated_by_rescale_at": emulated(q, k_parts, v_parts)}
-    write_result("kivi_rounding", record)
+    rows = emulated(q, k_parts, v_parts,
+                    thresholds=[float(x) for x in args.rescale_at.split(",")],
+                    splits=[int(x) for x in args.splits.split(",")])
+    record = {**environment(), "shape": {"batch": B, "kv_heads": H, "tokens": args.tokens,
+                                         "group": G},
+              "float64_model": model, "emulated": rows}
+    write_result(f"kivi_rounding_{args.tag}" if args.tag else "kivi_rounding", record)
 
 
 if __name__ == "__main__":

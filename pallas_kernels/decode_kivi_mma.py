@@ -97,6 +97,11 @@ FOLD_PARTS = 17
 # thread allow 3, kivi4's 82 KiB of shared memory 2 (default_splits' wave).
 PROGRAMS_PER_SM = {2: 3, 4: 2}
 HOPPER_SMS = 132
+# The most blocks default_splits gives a part (1024 tokens, B16 x 32K's parts): the kernel's
+# error grows with its parts' tokens (4.4e-3 with 256 a part at B1 x 128K on the GPU, 8.1e-3
+# with 670; benchmarks/RESULTS.md, nineteenth pass), so longer contexts take more parts
+# rather than longer ones.
+PART_BLOCKS = 16
 SPECS = {bits: (QuantSpec(bits, GROUP, per_channel=True), QuantSpec(bits, GROUP))
          for bits in (2, 4)}  # KIVI's 2- and 4-bit caches, keys and values
 
@@ -1496,7 +1501,8 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int, bits: int) -> i
     the splits of one wave of programs, which merge.merge_partials merges: at B1 x 128K 196
     splits a head instead of 512 took kivi2 from 42.9 to 36.9 us, and 132 instead of 512
     kivi4 from 57.3 to 49.9 (benchmarks/RESULTS.md, nineteenth pass; 128 here, as its 2
-    residual programs take 2 of the wave's 264 places)."""
+    residual programs take 2 of the wave's 264 places). Either way no part takes more than
+    PART_BLOCKS blocks."""
     heads = batch * num_kv_heads
     blocks = capacity // BLOCK
     splits = max(1, min(blocks, -(-4096 // heads)))
@@ -1504,6 +1510,7 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int, bits: int) -> i
         residual_programs = _layout(heads, WARPS)[0] // WARPS
         slots = _sm_count() * PROGRAMS_PER_SM[bits] - residual_programs
         splits = min(blocks, max(1, slots // heads) * WARPS)
+    splits = max(splits, -(-blocks // PART_BLOCKS))
     return -(-splits // WARPS) * WARPS
 
 

@@ -196,15 +196,20 @@ def test_kivi_mma_kernel_merges_heads_itself(rng, bits, reverse):
 
 @pytest.mark.parametrize("batch, capacity, bits, splits", [
     (16, 32768, 2, 32), (16, 32768, 4, 32), (1, 4096, 2, 64),  # ~4096 parts, folded
-    (1, 131072, 2, 196), (1, 131072, 4, 128), (2, 32768, 2, 96), (1, 8192, 2, 128)])
+    (1, 131072, 2, 196), (1, 131072, 4, 128), (2, 32768, 2, 96), (1, 8192, 2, 128),
+    (1, 1 << 20, 2, 1024), (16, 131072, 2, 128)])  # parts of at most PART_BLOCKS blocks
 def test_kivi_mma_default_splits_fill_one_wave_where_heads_are_few(batch, capacity, bits, splits):
     """Where about 4096 parts would leave a head too many to merge in the kernel, the MMA
     kernel's default takes as many programs as one wave of a 132-SM Hopper holds
-    (PROGRAMS_PER_SM, less the residual's programs; at most one split a block)."""
+    (PROGRAMS_PER_SM, less the residual's programs; at most one split a block), and no part
+    more than PART_BLOCKS blocks."""
     assert decode_kivi_mma.default_splits(batch, 8, capacity, bits) == splits
     _, parts = decode_kivi_mma._layout(batch * 8, splits)
     holds = decode_kivi_mma.HOPPER_SMS * decode_kivi_mma.PROGRAMS_PER_SM[bits]
-    assert decode_kivi_mma.folds(splits) or parts // decode_kivi_mma.WARPS <= holds
+    blocks_a_part = -(-capacity // decode_kivi_mma.BLOCK // splits)
+    assert blocks_a_part <= decode_kivi_mma.PART_BLOCKS
+    assert (decode_kivi_mma.folds(splits) or parts // decode_kivi_mma.WARPS <= holds
+            or blocks_a_part == decode_kivi_mma.PART_BLOCKS)  # the wave, unless parts cap it
 
 
 @pytest.mark.parametrize("bits", [2, 4])
