@@ -11,6 +11,7 @@ import collections
 import csv
 
 from benchmarks.common import environment, write_result
+from benchmarks.sass_liveness import opcode, read_sass
 
 METRICS = ("Duration", "SM Frequency", "DRAM Throughput", "Memory Throughput",
            "Compute (SM) Throughput", "Issue Slots Busy", "Executed Ipc Active",
@@ -35,10 +36,8 @@ def sass_counts(path):
     reasons = [k for k in rows[0] if k.startswith("stall_") and "Not Issued" not in k]
     stalls = {k[len("stall_"):]: sum(float(row[k] or 0) for row in rows) for k in reasons}
     executed = collections.Counter()
-    for row in rows:
-        words = row["Source"].split()
-        opcode = words[1] if words and words[0].startswith("@") else (words or ["?"])[0]
-        executed[opcode.split(".")[0]] += int(row["Instructions Executed"].replace(",", "") or 0)
+    for text, count in read_sass(path):
+        executed[opcode(text)] += count
     total_samples, total_executed = sum(stalls.values()), sum(executed.values())
     return ({k: round(v / total_samples, 4) for k, v in
              sorted(stalls.items(), key=lambda kv: -kv[1]) if v},

@@ -30,6 +30,11 @@ def read_sass(path):
     return [(row[text].strip(), int(row[count] or 0)) for row in rows[2:]]
 
 
+def opcode(instruction):
+    """The opcode of a SASS instruction, without its predicate and modifiers (HMMA, LDS)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
 def _width(opcode, position):
     """Registers an operand names from its first: HMMA's D, A, B, C; vector loads and stores."""
     if opcode.startswith("HMMA"):

@@ -42,6 +42,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin installed, but 
 import jax  # noqa: E402
 
 from benchmarks import common, kivi_registers, sass_liveness  # noqa: E402
+from benchmarks.sass_liveness import opcode  # noqa: E402
 from pallas_kernels import decode_kivi_mma as mma_kernel  # noqa: E402
 
 DRIVER_STUB = os.path.join(os.path.dirname(__file__), "cuda_driver_stub.c")
@@ -167,11 +168,6 @@ def instructions(listing):
     """[(address, instruction)] of a cuobjdump SASS listing."""
     found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;/]*?)\s*;", listing)
     return [(int(address, 16), text) for address, text in found]
-
-
-def opcode(instruction):
-    """The opcode of a SASS instruction, without its predicate and modifiers (HMMA, LDS)."""
-    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
 
 
 def block_loop(listing):

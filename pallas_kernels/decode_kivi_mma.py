@@ -93,8 +93,9 @@ RESCALE_AT = 2.0
 # lane reads all of its channels' at once: 9 at B16 x 32K); more (129 at B1 x 128K) go to
 # merge.merge_partials, whose programs read them in chunks.
 FOLD_PARTS = 17
-# Programs an SM holds (Nsight Compute's block limits on the H200): kivi2's 164 registers a
-# thread allow 3, kivi4's 82 KiB of shared memory 2 (default_splits' wave).
+# Programs an SM holds: kivi2's 164 registers a thread allow 3 (Nsight Compute's block limit
+# on the H200), kivi4's 82 KiB of shared memory a program (_shared_bytes) 2 of the SM's 228
+# (default_splits' wave).
 PROGRAMS_PER_SM = {2: 3, 4: 2}
 HOPPER_SMS = 132
 # The most blocks default_splits gives a part (1024 tokens, B16 x 32K's parts): the kernel's
@@ -1505,13 +1506,15 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int, bits: int) -> i
     PART_BLOCKS blocks."""
     heads = batch * num_kv_heads
     blocks = capacity // BLOCK
-    splits = max(1, min(blocks, -(-4096 // heads)))
-    if not folds(-(-splits // WARPS) * WARPS):
+    def whole_programs(splits):
+        return -(-splits // WARPS) * WARPS
+
+    splits = whole_programs(max(1, min(blocks, -(-4096 // heads))))
+    if not folds(splits):
         residual_programs = _layout(heads, WARPS)[0] // WARPS
         slots = _sm_count() * PROGRAMS_PER_SM[bits] - residual_programs
         splits = min(blocks, max(1, slots // heads) * WARPS)
-    splits = max(splits, -(-blocks // PART_BLOCKS))
-    return -(-splits // WARPS) * WARPS
+    return whole_programs(max(splits, -(-blocks // PART_BLOCKS)))
 
 
 def _sm_count() -> int:

@@ -42,7 +42,7 @@ def test_profile_summary_shares_of_stalls_and_opcodes(tmp_path):
         writer.writerow(["Kernel Name", "k"])
         writer.writerow(["Address", "Source", "Instructions Executed", "stall_wait",
                          "stall_math", "stall_wait (Not Issued)"])
-        writer.writerows([["0x0", "LOP3.LUT R1, R2, 0x3, RZ, 0xc0, !PT", "1,000", 3, 1, 9],
+        writer.writerows([["0x0", "LOP3.LUT R1, R2, 0x3, RZ, 0xc0, !PT", "1000", 3, 1, 9],
                           ["0x10", "@P0 LOP3.LUT R3, R2, 0x3, RZ, 0xc0, !PT", "500", 0, 2, 9],
                           ["0x20", "HMMA.16816.F32 R8, R4, R12, R8", "500", 2, 0, 9]])
     stalls, mix = profile_summary.sass_counts(path)
