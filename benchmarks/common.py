@@ -209,15 +209,31 @@ def environment():
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
+KERNEL_FILE = Path(__file__).parent.parent / "pallas_kernels" / "decode_kivi_mma.py"
+
+
 def load_baseline(path):
     """Another version of pallas_kernels/decode_kivi_mma.py (a file, e.g. one saved by `git
     show <commit>:pallas_kernels/decode_kivi_mma.py`), to time or compile against this one
     (kivi_mma, sass_offline); on one machine, since cross-machine timings differ by a few
     percent."""
-    spec = importlib.util.spec_from_file_location("decode_kivi_mma_baseline", path)
+    spec = importlib.util.spec_from_file_location(f"decode_kivi_mma_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_variant(diff):
+    """This decode_kivi_mma.py with a diff applied (a sketch of a change, kept in results/ as
+    a .diff beside the record it made), loaded as load_baseline does: one call times or
+    compiles several sketches beside the kernel, none of them applied to the tree."""
+    folder = Path(tempfile.mkdtemp())
+    target = folder / "pallas_kernels" / KERNEL_FILE.name
+    target.parent.mkdir()
+    target.write_text(KERNEL_FILE.read_text())
+    # git apply acts as patch outside a repository; the diff names the kernel's path in it
+    subprocess.run(["git", "apply", str(Path(diff).resolve())], cwd=folder, check=True)
+    return load_baseline(target)
 
 
 def write_result(name, record):

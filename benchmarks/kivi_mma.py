@@ -4,7 +4,8 @@ GQA groups, then the kernel alone (2 shared-memory stages, the default, and 3; a
 residual; with --left-out, pieces of it left out, kivi_registers.LEFT_OUT; with --l2-prefetch,
 another L2 prefetch size for its copies) and the op (its parts merged in the kernel, and by the
 merge kernel after it; with a full residual; capped at 128 registers a thread; other parts per
-launch with --sweep; another version of the kernel with --baseline) against the Triton kernel
+launch with --sweep; another version of the kernel with --baseline; the kernel with sketches
+of changes applied, kept as diffs, with --variants) against the Triton kernel
 at B16 x 32K and B1 x 128K (--kernels, --shapes: fewer); with --breakdown, the steps of the
 whole attention op at B16 x 32K; with --one-stream, its copies alone from the cache's six
 arrays and from one slab (one_stream_copies). Times as benchmarks.kernels ("ms", "ms_wall",
@@ -15,12 +16,13 @@ arrays and from one slab (one_stream_copies). Times as benchmarks.kernels ("ms",
 
 import argparse
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, load_baseline, write_result
+from benchmarks.common import environment, load_baseline, load_variant, write_result
 from benchmarks.kernels import quantized_cache, timed
 from benchmarks.kivi_registers import LEFT_OUT, leaving_out, patched
 from kvjax import policies
@@ -31,7 +33,7 @@ from pallas_kernels import decode_kivi_mma as mma_kernel
 from pallas_kernels import merge
 from pallas_kernels.quantize import quantize_pack
 
-CAPPED_REGISTERS = 128  # 4 programs an SM instead of 3 (decode's registers; 80 bytes spilled)
+CAPPED_REGISTERS = 128  # 4 programs an SM instead of 3 (decode's registers; 88 bytes spilled)
 
 
 def random_cache(key, batch, heads, capacity, bits):
@@ -70,7 +72,15 @@ def rel_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def check(seed, batch, heads, group, capacity, lengths, splits, bits):
+def decodes(kernel, q, k_stored, v_parts, lengths, residual, splits):
+    """A kernel file's op (decode) as the cache runs it, twice (the first call must leave the
+    arrival counters at zero for the second), then capped at CAPPED_REGISTERS."""
+    run = functools.partial(kernel.decode, q, k_stored, v_parts, lengths, residual,
+                            num_splits=splits)
+    return [run(), run(), run(registers=CAPPED_REGISTERS)]
+
+
+def check(seed, batch, heads, group, capacity, lengths, splits, bits, variants=None):
     key = jax.random.key(seed)
     k_parts, v_parts = random_cache(key, batch, heads, capacity, bits)
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads * group, 128), jnp.bfloat16)
@@ -82,12 +92,8 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
     three_stages = merge_partials([mma_kernel.decode_partials(
         q, k_stored, v_parts, lengths, residual, num_splits=splits, stages=3)], jnp.float32)
     want = reference(q, k_parts, v_parts, lengths, bits)
-    # the op, its heads' parts merged in the kernel where few (twice: the first call must
-    # leave the arrival counters at zero for the second)
-    merged = [mma_kernel.decode(q, k_stored, v_parts, lengths, residual, num_splits=splits)
-              for _ in range(2)]
-    capped = mma_kernel.decode(q, k_stored, v_parts, lengths, residual, num_splits=splits,
-                               registers=CAPPED_REGISTERS)
+    # the op, its heads' parts merged in the kernel where few
+    *merged, capped = decodes(mma_kernel, q, k_stored, v_parts, lengths, residual, splits)
     k_spec, v_spec = mma_kernel.SPECS[bits]
     triton = merge_partials([triton_kernel.decode_partials(
         q, k_parts, v_parts, lengths, k_spec=k_spec, v_spec=v_spec)], jnp.float32)
@@ -99,12 +105,17 @@ def check(seed, batch, heads, group, capacity, lengths, splits, bits):
            "decode_folds": mma_kernel.folds(splits),
            "decode_rel_errors": [rel_error(x, want) for x in merged],
            "decode_capped_registers_rel_error": rel_error(capped, want),
-           "finite": bool(np.isfinite(np.asarray(got)).all())}
+           "finite": bool(np.isfinite(np.asarray(got)).all()),
+           # each variant's decode twice, then capped
+           **{f"{name}_rel_errors": [rel_error(x, want) for x in decodes(
+               kernel, q, k_stored, v_parts, lengths, residual, splits)]
+              for name, kernel in (variants or {}).items()}}
     print(row, flush=True)
     return row
 
 
-def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, baseline=None):
+def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, baseline=None,
+           variants=None):
     k_parts, v_parts = random_cache(jax.random.key(batch), batch, heads, capacity, bits)
     q = jax.random.normal(jax.random.key(7), (batch, heads * group, 128), jnp.bfloat16)
     lengths = jnp.full((batch, heads), capacity, jnp.int32)
@@ -146,6 +157,11 @@ def timing(batch, capacity, bits, heads=8, group=4, sweep=(), names=None, baseli
         kernels["baseline_mma_op"] = (
             lambda q, k, v, n: merge.merge_partials(*baseline_mma(q, k, v, n), dtype=q.dtype),
             k_stored)
+    for name, kernel in (variants or {}).items():  # the op with a sketch applied, and capped
+        variant_op = functools.partial(kernel.decode, residual=residual)
+        kernels[f"{name}_op"] = (variant_op, k_stored)
+        kernels[f"{name}_op_{CAPPED_REGISTERS}_registers"] = (
+            functools.partial(variant_op, registers=CAPPED_REGISTERS), k_stored)
     for parts in sweep:  # the op with other parts (warps) over the whole batch
         warps = mma_kernel.WARPS
         splits = max(warps, parts // (batch * heads) // warps * warps)
@@ -248,28 +264,34 @@ def main():
                         help="time the kernel with these pieces left out (kivi_registers)")
     parser.add_argument("--baseline", default=None,
                         help="another decode_kivi_mma.py to time alongside (load_baseline)")
+    parser.add_argument("--variants", default="",
+                        help="diffs of the kernel (sketches in results/) to check and time "
+                             "alongside, op and capped (load_variant), e.g. results/a.diff")
     args = parser.parse_args()
     baseline = load_baseline(args.baseline) if args.baseline else None
+    variants = {Path(diff).stem: load_variant(diff) for diff in args.variants.split(",") if diff}
     rng = np.random.default_rng(0)
     sweep = [int(x) for x in args.sweep.split(",") if x]
     names = {*args.kernels.split(","), *(f"mma_op_{parts}_parts" for parts in sweep),
-             *(("baseline_mma", "baseline_mma_op") if baseline else ())} \
+             *(("baseline_mma", "baseline_mma_op") if baseline else ()),
+             *(f"{name}_op{capped}" for name in variants
+               for capped in ("", f"_{CAPPED_REGISTERS}_registers"))} \
         if args.kernels else None
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     checks, rows, steps = [], [], []
     for bits in (int(x) for x in args.bits.split(",")):
         checks += [] if args.skip_checks else [
-            check(0, 1, 1, 4, 64, [64], 4, bits),
-            check(1, 2, 2, 4, 256, [1, 63, 200, 256], 4, bits),
-            check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 4, bits),
-            check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 4, bits),
-            check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits)]
+            check(0, 1, 1, 4, 64, [64], 4, bits, variants),
+            check(1, 2, 2, 4, 256, [1, 63, 200, 256], 4, bits, variants),
+            check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 4, bits, variants),
+            check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 4, bits, variants),
+            check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits, variants)]
         with leaving_out(args.left_out), patched({"L2_PREFETCH": args.l2_prefetch}):
             rows += [] if args.skip_timing else [
                 {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch}
                 for batch, capacity in shapes
                 for row in timing(batch, capacity, bits, sweep=sweep, names=names,
-                                  baseline=baseline)]
+                                  baseline=baseline, variants=variants)]
         steps += breakdown(16, 32768, bits) if args.breakdown else []
     rows += one_stream_copies(16, 32768) if args.one_stream else []
     name = f"kivi_mma_{args.tag}" if args.tag else "kivi_mma"

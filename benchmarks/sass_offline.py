@@ -50,11 +50,12 @@ PTXAS_FLAGS = ["-arch=sm_90a", "--warn-on-spills"]  # what Mosaic GPU passes to 
 
 
 def serialized_module(bits, batch=16, heads=8, capacity=32768, residual=128, baseline=None,
-                      **options):
-    """The Mosaic GPU module that decode_kivi_mma.decode runs at the benchmarks' shape (B16 x
-    32K: its parts merged in the kernel), or a `baseline`'s decode_partials (another version
-    of the kernel's file, common.load_baseline), serialized for MosaicGpuCompile."""
-    run = baseline.decode_partials if baseline else mma_kernel.decode
+                      kernel=mma_kernel, **options):
+    """The Mosaic GPU module that decode_kivi_mma.decode (or a `kernel` of that file's with a
+    sketch applied, common.load_variant) runs at the benchmarks' shape (B16 x 32K: its parts
+    merged in the kernel), or a `baseline`'s decode_partials (another version of the kernel's
+    file, common.load_baseline), serialized for MosaicGpuCompile."""
+    run = baseline.decode_partials if baseline else kernel.decode
     jaxpr = jax.make_jaxpr(lambda *a: run(*a, **options))(
         *kivi_registers.kernel_arguments(bits, batch, heads, capacity, residual))
     return serialized(_mosaic_call(jaxpr.jaxpr).params["module"])
@@ -210,6 +211,9 @@ def main():
                         help="compile with these pieces left out (kivi_registers.LEFT_OUT)")
     parser.add_argument("--baseline", default=None,
                         help="also another decode_kivi_mma.py's decode_partials, whole")
+    parser.add_argument("--variants", default="",
+                        help="also the kernel with each of these diffs applied, whole "
+                             "(common.load_variant), e.g. results/a.diff,results/b.diff")
     parser.add_argument("--tag", default=None, help="save results/sass_offline_<tag>.json")
     args = parser.parse_args()
     names = list(kivi_registers.LEFT_OUT) if args.left_out == "all" else [args.left_out]
@@ -218,6 +222,8 @@ def main():
     if args.baseline:
         runs.append((f"baseline {args.baseline}",
                      dict(options, baseline=common.load_baseline(args.baseline))))
+    runs += [(f"variant {diff}", dict(options, kernel=common.load_variant(diff)))
+             for diff in args.variants.split(",") if diff]
     rows = []
     for name, run_options in runs:
         with kivi_registers.leaving_out(name if name in kivi_registers.LEFT_OUT else "whole"):
@@ -250,7 +256,8 @@ def main():
             "command": f"python -m benchmarks.sass_offline --bits {args.bits} --stages "
                        f"{args.stages} --left-out {args.left_out} --tag {args.tag}"
                        + (f" --registers {args.registers}" if args.registers else "")
-                       + (f" --baseline {args.baseline}" if args.baseline else "")})
+                       + (f" --baseline {args.baseline}" if args.baseline else "")
+                       + (f" --variants {args.variants}" if args.variants else "")})
 
 
 if __name__ == "__main__":

@@ -56,3 +56,20 @@ def test_driver_stub_answers_what_mosaic_asks(tmp_path):
         assert value.value == expected
     assert driver.cuDeviceGetAttribute(ctypes.byref(value), 1, device) != 0
     assert driver.cuGetErrorString(1, ctypes.byref(text)) == 0 and b"no GPU" in text.value
+
+
+def test_load_variant_applies_a_diff_to_a_copy(tmp_path):
+    """A sketch kept as a diff (here one constant changed) loads as the kernel's module with
+    the change, and the kernel's file is left as it was."""
+    import difflib
+    from benchmarks import common
+    source = common.KERNEL_FILE.read_text()
+    assert "\nRESCALE_AT = 2.0\n" in source
+    changed = source.replace("\nRESCALE_AT = 2.0\n", "\nRESCALE_AT = 3.5\n")
+    name = "pallas_kernels/decode_kivi_mma.py"
+    diff = tmp_path / "sketch.diff"
+    diff.write_text("".join(difflib.unified_diff(
+        source.splitlines(True), changed.splitlines(True), f"a/{name}", f"b/{name}")))
+    variant = common.load_variant(diff)
+    assert variant.RESCALE_AT == 3.5 and callable(variant.decode)
+    assert common.KERNEL_FILE.read_text() == source
