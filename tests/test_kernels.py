@@ -158,13 +158,15 @@ def _kivi_mma_case(rng, bits, hq, hkv, capacity, residual, q_scale=1.0):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("hq, hkv, capacity, num_splits, residual, rescale_at", [
     (4, 1, 64, 4, 64, decode_kivi_mma.RESCALE_AT), (8, 2, 256, 4, 128, 0.0),
-    (6, 3, 192, 4, 48, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 8, 128, 0.0)])
+    (6, 3, 192, 4, 48, decode_kivi_mma.RESCALE_AT), (2, 2, 320, 8, 128, 0.0),
+    (8, 2, 1024, 4, 64, decode_kivi_mma.RESCALE_AT), (4, 1, 1024, 4, 128, 0.0)])
 def test_kivi_mma_kernel_matches_reference(monkeypatch, rng, hq, hkv, capacity, num_splits,
                                            residual, rescale_at, bits):
     """The MMA kernel for KIVI 2- and 4-bit caches, its own code run lane by lane on the CPU
     (decode_kivi_mma.emulate: interpret mode cannot run its PTX), vs the float32 reference:
     GQA groups of 4, 2 and 1, an empty head, lengths off the 64-token blocks, splits that
-    leave some parts empty or take unequal blocks, one or two programs of splits a head
+    leave some parts empty or take unequal blocks, parts of up to 4 blocks (what one block
+    leaves to the next: o, its offsets, the rescale), one or two programs of splits a head
     (each merging its four parts in shared memory), residual parts padded to whole programs
     (2 and 6 heads), residuals empty, partial and full; the running maxima moved only
     past RESCALE_AT (the kernel's default), or whenever they grow (0). The tolerance is the
