@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -226,13 +227,18 @@ def load_baseline(path):
 def load_variant(diff):
     """This decode_kivi_mma.py with a diff applied (a sketch of a change, kept in results/ as
     a .diff beside the record it made), loaded as load_baseline does: one call times or
-    compiles several sketches beside the kernel, none of them applied to the tree."""
+    compiles several sketches beside the kernel, none of them applied to the tree. Applied
+    with git (outside a repository it acts as patch), or patch where git is missing."""
     folder = Path(tempfile.mkdtemp())
     target = folder / "pallas_kernels" / KERNEL_FILE.name
     target.parent.mkdir()
     target.write_text(KERNEL_FILE.read_text())
-    # git apply acts as patch outside a repository; the diff names the kernel's path in it
-    subprocess.run(["git", "apply", str(Path(diff).resolve())], cwd=folder, check=True)
+    diff = str(Path(diff).resolve())  # it names the kernel's path in the repository
+    tool = next((t for t in ("git", "patch") if shutil.which(t)), None)
+    if tool is None:
+        raise SystemExit(f"applying {diff} needs git or patch on the PATH")
+    subprocess.run(["git", "apply", diff] if tool == "git" else ["patch", "-s", "-p1", "-i", diff],
+                   cwd=folder, check=True)
     return load_baseline(target)
 
 
