@@ -229,17 +229,17 @@ def load_variant(diff):
     a .diff beside the record it made), loaded as load_baseline does: one call times or
     compiles several sketches beside the kernel, none of them applied to the tree. Applied
     with git (outside a repository it acts as patch), or patch where git is missing."""
-    folder = Path(tempfile.mkdtemp())
-    target = folder / "pallas_kernels" / KERNEL_FILE.name
-    target.parent.mkdir()
-    target.write_text(KERNEL_FILE.read_text())
     diff = str(Path(diff).resolve())  # it names the kernel's path in the repository
-    tool = next((t for t in ("git", "patch") if shutil.which(t)), None)
+    commands = {"git": ["git", "apply", diff], "patch": ["patch", "-s", "-p1", "-i", diff]}
+    tool = next((name for name in commands if shutil.which(name)), None)
     if tool is None:
         raise SystemExit(f"applying {diff} needs git or patch on the PATH")
-    subprocess.run(["git", "apply", diff] if tool == "git" else ["patch", "-s", "-p1", "-i", diff],
-                   cwd=folder, check=True)
-    return load_baseline(target)
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder, "pallas_kernels", KERNEL_FILE.name)
+        target.parent.mkdir()
+        target.write_text(KERNEL_FILE.read_text())
+        subprocess.run(commands[tool], cwd=folder, check=True)
+        return load_baseline(target)
 
 
 def write_result(name, record):
