@@ -93,11 +93,13 @@ RESCALE_AT = 2.0
 # lane reads all of its channels' at once: 9 at B16 x 32K); more (129 at B1 x 128K) go to
 # merge.merge_partials, whose programs read them in chunks.
 FOLD_PARTS = 17
-# Programs an SM holds: kivi2's 164 registers a thread allow 3 (Nsight Compute's block limit
-# on the H200), kivi4's 82 KiB of shared memory a program (_shared_bytes) 2 of the SM's 228
-# (default_splits' wave).
+# Programs an SM holds as ptxas compiles the kernel: kivi2's 164 registers a thread allow 3
+# (Nsight Compute's block limit on the H200), kivi4's 82 KiB of shared memory a program
+# (_shared_bytes) 2 of the SM's 228 (default_splits' wave; programs_per_sm when capped).
 PROGRAMS_PER_SM = {2: 3, 4: 2}
 HOPPER_SMS = 132
+SCHEDULER_REGISTERS = 16384  # an SM quarter's: a program's 4 warps take one warp of each
+SM_SHARED_BYTES = 228 * 1024  # of which 1 KiB a program is reserved
 # The most blocks default_splits gives a part (1024 tokens, B16 x 32K's parts): the kernel's
 # error grows with its parts' tokens (4.4e-3 with 256 a part at B1 x 128K on the GPU, 8.1e-3
 # with 670; benchmarks/RESULTS.md, nineteenth pass), so longer contexts take more parts
@@ -1495,15 +1497,27 @@ def _out_shapes(B, Hkv, num_splits, fold):
             jax.ShapeDtypeStruct((B, Hkv, P, QUERIES), jnp.float32))
 
 
-def default_splits(batch: int, num_kv_heads: int, capacity: int, bits: int) -> int:
+def programs_per_sm(bits: int, registers=None, stages=STAGES) -> int:
+    """Programs an SM holds: PROGRAMS_PER_SM, or, with the registers capped (_cap_registers),
+    the fewer that each scheduler's registers (8 a thread at a time) and the SM's shared memory
+    allow: 4 for kivi2 at 128 registers, still 2 for kivi4."""
+    if not registers:
+        return PROGRAMS_PER_SM[bits]
+    by_registers = SCHEDULER_REGISTERS // (-(-registers // 8) * 8 * 32)
+    by_shared = SM_SHARED_BYTES // (_shared_bytes(_Format(bits), stages) + 1024)
+    return min(by_registers, by_shared)
+
+
+def default_splits(batch: int, num_kv_heads: int, capacity: int, bits: int, registers=None,
+                   stages=STAGES) -> int:
     """Parts per (row, head), in whole programs (_layout): about 4096 parts (warps) over the
     whole batch, at most one a block, where a head's parts then merge in the kernel
     (FOLD_PARTS; measured best at B16 x 32K, 2.7 waves of programs); else, for few heads,
-    the splits of one wave of programs, which merge.merge_partials merges: at B1 x 128K 196
-    splits a head instead of 512 took kivi2 from 42.9 to 36.9 us, and 132 instead of 512
-    kivi4 from 57.3 to 49.9 (benchmarks/RESULTS.md, nineteenth pass; 128 here, as its 2
-    residual programs take 2 of the wave's 264 places). Either way no part takes more than
-    PART_BLOCKS blocks."""
+    the splits of one wave of programs (programs_per_sm), which merge.merge_partials merges:
+    at B1 x 128K 196 splits a head instead of 512 took kivi2 from 42.9 to 36.9 us, and 132
+    instead of 512 kivi4 from 57.3 to 49.9 (benchmarks/RESULTS.md, nineteenth pass; 128 here,
+    as its 2 residual programs take 2 of the wave's 264 places). Either way no part takes
+    more than PART_BLOCKS blocks."""
     heads = batch * num_kv_heads
     blocks = capacity // BLOCK
     def whole_programs(splits):
@@ -1512,7 +1526,7 @@ def default_splits(batch: int, num_kv_heads: int, capacity: int, bits: int) -> i
     splits = whole_programs(max(1, min(blocks, -(-4096 // heads))))
     if not folds(splits):
         residual_programs = _layout(heads, WARPS)[0] // WARPS
-        slots = _sm_count() * PROGRAMS_PER_SM[bits] - residual_programs
+        slots = _sm_count() * programs_per_sm(bits, registers, stages) - residual_programs
         splits = min(blocks, max(1, slots // heads) * WARPS)
     return whole_programs(max(splits, -(-blocks // PART_BLOCKS)))
 
@@ -1572,7 +1586,7 @@ def decode_partials(q, k_parts, v_parts, lengths, residual, *, num_splits=None, 
     (default_splits, STAGES); `registers` caps the registers a thread (_cap_registers; by
     default ptxas chooses)."""
     num_splits = num_splits or default_splits(q.shape[0], lengths.shape[1], k_parts[0].shape[2],
-                                              _format(k_parts[0]).bits)
+                                              _format(k_parts[0]).bits, registers, stages)
     o, m, l = _launch(q, k_parts, v_parts, lengths, residual, num_splits=num_splits,
                       stages=stages, fold=False, registers=registers)
     g = q.shape[1] // lengths.shape[1]
@@ -1588,7 +1602,7 @@ def decode(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=ST
     B, Hq, D = q.shape
     Hkv = lengths.shape[1]
     num_splits = num_splits or default_splits(B, Hkv, k_parts[0].shape[2],
-                                              _format(k_parts[0]).bits)
+                                              _format(k_parts[0]).bits, registers, stages)
     if not folds(num_splits):
         parts = decode_partials(q, k_parts, v_parts, lengths, residual, num_splits=num_splits,
                                 stages=stages, registers=registers)

@@ -196,18 +196,23 @@ def test_kivi_mma_kernel_merges_heads_itself(rng, bits, reverse):
     assert not decode_kivi_mma.folds(decode_kivi_mma.default_splits(1, 8, 131072, bits))
 
 
-@pytest.mark.parametrize("batch, capacity, bits, splits", [
-    (16, 32768, 2, 32), (16, 32768, 4, 32), (1, 4096, 2, 64),  # ~4096 parts, folded
-    (1, 131072, 2, 196), (1, 131072, 4, 128), (2, 32768, 2, 96), (1, 8192, 2, 128),
-    (1, 1 << 20, 2, 1024), (16, 131072, 2, 128)])  # parts of at most PART_BLOCKS blocks
-def test_kivi_mma_default_splits_fill_one_wave_where_heads_are_few(batch, capacity, bits, splits):
+@pytest.mark.parametrize("batch, capacity, bits, registers, splits", [
+    (16, 32768, 2, None, 32), (16, 32768, 4, None, 32), (1, 4096, 2, None, 64),  # folded
+    (1, 131072, 2, None, 196), (1, 131072, 4, None, 128), (2, 32768, 2, None, 96),
+    (1, 8192, 2, None, 128), (1, 131072, 2, 128, 260), (1, 131072, 4, 128, 128),
+    (1, 1 << 20, 2, None, 1024), (16, 131072, 2, None, 128)])  # parts of <= PART_BLOCKS
+def test_kivi_mma_default_splits_fill_one_wave_where_heads_are_few(batch, capacity, bits,
+                                                                   registers, splits):
     """Where about 4096 parts would leave a head too many to merge in the kernel, the MMA
-    kernel's default takes as many programs as one wave of a 132-SM Hopper holds
-    (PROGRAMS_PER_SM, less the residual's programs; at most one split a block), and no part
-    more than PART_BLOCKS blocks."""
-    assert decode_kivi_mma.default_splits(batch, 8, capacity, bits) == splits
+    kernel's default takes as many programs as one wave of a 132-SM Hopper holds (3 an SM for
+    kivi2, 4 when capped at 128 registers, 2 for kivi4 by its shared memory either way, less
+    the residual's programs; at most one split a block), and no part more than PART_BLOCKS
+    blocks."""
+    assert decode_kivi_mma.default_splits(batch, 8, capacity, bits, registers) == splits
     _, parts = decode_kivi_mma._layout(batch * 8, splits)
-    holds = decode_kivi_mma.HOPPER_SMS * decode_kivi_mma.PROGRAMS_PER_SM[bits]
+    holds = decode_kivi_mma.HOPPER_SMS * decode_kivi_mma.programs_per_sm(bits, registers)
+    assert decode_kivi_mma.programs_per_sm(bits, registers) == (
+        {2: 3, 4: 2} if registers is None else {2: 4, 4: 2})[bits]
     blocks_a_part = -(-capacity // decode_kivi_mma.BLOCK // splits)
     assert blocks_a_part <= decode_kivi_mma.PART_BLOCKS
     assert (decode_kivi_mma.folds(splits) or parts // decode_kivi_mma.WARPS <= holds
