@@ -13,8 +13,10 @@ MODEL_HELP = "checkpoint folder (config.json, safetensors, tokenizer); default: 
 
 def _print_stats(stats) -> None:
     print(f"cache: {stats.cache_bytes / 2**20:.2f} MiB allocated "
-          f"({stats.compression:+.1%} vs a bf16 full cache) | prefill {stats.prefill_seconds * 1e3:.1f} ms "
-          f"| decode {stats.decode_tokens_per_second:.1f} tok/s | compile {stats.compile_seconds:.1f} s")
+          f"({stats.compression:.1%} saved against a bf16 full cache) "
+          f"| prefill {stats.prefill_seconds * 1e3:.1f} ms "
+          f"| decode {stats.decode_tokens_per_second:.1f} tok/s "
+          f"| compile {stats.compile_seconds:.1f} s")
 
 
 def _policy(args) -> policies.Policy:
@@ -89,8 +91,8 @@ def cmd_eval(args) -> None:
         with open(args.out, "w") as f:
             f.write(text)
     for name, task in result["tasks"].items():
-        compression = f"{task['compression']:+.1%}" if task["compression"] is not None else "n/a"
-        print(f"{name:<24} score {task['score']:.3f}  cache {compression} vs bf16")
+        compression = f"{task['compression']:.1%}" if task["compression"] is not None else "n/a"
+        print(f"{name:<24} score {task['score']:.3f}  cache {compression} saved vs bf16")
     if "perplexity" in result:
         print(f"{'perplexity':<24} {result['perplexity']:.3f}")
     if args.out:

@@ -27,10 +27,10 @@ def run(context_tokens: int = 4096, max_new_tokens: int = 12, seed: int = 0) -> 
     runs = {name: policies.by_name(name) for name in names}
     runs[f"kvsharer{plan.num_shared}+kivi2"] = policies.kvsharer(plan) + policies.kivi()
     runs[f"kvsharer{plan.num_shared}+minikv"] = policies.kvsharer(plan) + policies.minikv()
-    print(f"{'policy':<16} {'cache MiB':>10} {'vs bf16':>8} {'prefill ms':>11} {'decode tok/s':>13}  answer")
+    print(f"{'policy':<16} {'cache MiB':>10} {'saved':>8} {'prefill ms':>11} {'decode tok/s':>13}  answer")
     for name, policy in runs.items():
         out = generate(model, ids, policy, max_new_tokens=max_new_tokens)
         s = out.stats
         answer = tokenizer.decode(out.tokens[0], skip_special_tokens=True)
-        print(f"{name:<16} {s.cache_bytes / 2**20:>10.2f} {s.compression:>+8.1%} "
+        print(f"{name:<16} {s.cache_bytes / 2**20:>10.2f} {s.compression:>8.1%} "
               f"{s.prefill_seconds * 1e3:>11.1f} {s.decode_tokens_per_second:>13.1f}  {answer!r}")
