@@ -502,10 +502,18 @@ def _halves(x, half: _Half):
 
 
 class _Numpy:
-    """The same operations on numpy arrays of the 32 lanes of one warp (emulate)."""
+    """The same operations on numpy arrays of the 32 lanes of one warp (emulate). Accesses
+    must be aligned to their size, as on the GPU (a misaligned one is a fault there)."""
 
     def __init__(self, memory):
         self.memory = memory  # one flat uint8 array holding every input and output
+
+    @staticmethod
+    def _aligned(address, nbytes):
+        address = np.asarray(address, np.int64)
+        if (address % nbytes).any():
+            raise ValueError(f"misaligned {nbytes}-byte access at {address[address % nbytes]}")
+        return address
 
     def c(self, x):
         return np.full(32, int(x) & 0xFFFFFFFF, np.uint32)
@@ -616,16 +624,17 @@ class _Numpy:
         return base + index.astype(np.int64) * stride
 
     def load(self, address, words, offset=0, space=None):
-        offsets = np.asarray(address, np.int64)[:, None] + offset + np.arange(4 * words)
+        offsets = self._aligned(address + offset, 4 * words)[:, None] + np.arange(4 * words)
         raw = self.memory[offsets].reshape(32, words, 4).astype(np.uint32)
         values = raw[..., 0] | raw[..., 1] << 8 | raw[..., 2] << 16 | raw[..., 3] << 24
         return [values[:, i] for i in range(words)]
 
     def store_f32(self, address, value):
         data = np.asarray(value, np.float32).view(np.uint8).reshape(32, 4)
-        self.memory[np.asarray(address, np.int64)[:, None] + np.arange(4)] = data
+        self.memory[self._aligned(address, 4)[:, None] + np.arange(4)] = data
 
     def copy_async(self, shared, address, size, shared_offset=0, offset=0, width=16):
+        self._aligned(address + offset, width), self._aligned(shared + shared_offset, width)
         for i in range(32):
             data = self.memory[address[i] + offset:address[i] + offset + size[i]]
             target = shared[i] + shared_offset
@@ -658,7 +667,7 @@ class _Numpy:
 
     def store_shared(self, address, words, offset=0):
         data = np.stack(words, axis=1).astype(np.uint32).view(np.uint8).reshape(32, -1)
-        address = np.asarray(address, np.int64)[:, None] + offset
+        address = self._aligned(address + offset, data.shape[1])[:, None]
         self.memory[address + np.arange(data.shape[1])] = data
 
     def loop(self, first, last, state, body):
@@ -1450,8 +1459,10 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
     arrays = inputs + [np.zeros(s.shape, s.dtype) for s in _out_shapes(B, Hkv, num_splits, fold)]
     arrays.append(np.zeros(B * Hkv, np.uint32))  # the arrival counters
     arrays.append(np.zeros(_shared_bytes(fmt, stages), np.uint8))  # a program's shared memory
-    offsets = np.cumsum([0] + [a.nbytes for a in arrays])
-    memory = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
+    # each array 256-byte aligned, as XLA's buffers are (_Numpy checks every access's alignment)
+    placed = [np.pad(a.reshape(-1).view(np.uint8), (0, -a.nbytes % 256)) for a in arrays]
+    offsets = np.cumsum([0] + [x.size for x in placed])
+    memory = np.concatenate(placed)
     ops = _Numpy(memory)
     lane = _Lane(ops, np.arange(32, dtype=np.uint32))
     *refs, counters, shared = [np.full(32, off, np.int64) for off in offsets[:-1]]
@@ -1469,7 +1480,8 @@ def emulate(q, k_parts, v_parts, lengths, residual, *, num_splits=None, stages=S
                            fmt=fmt, heads=B * Hkv, num_splits=num_splits, stages=stages)
 
     def read(i):  # arrays[i] as the run left it
-        return memory[offsets[i]:offsets[i + 1]].view(arrays[i].dtype).reshape(arrays[i].shape)
+        return memory[offsets[i]:offsets[i] + arrays[i].nbytes].view(arrays[i].dtype).reshape(
+            arrays[i].shape)
 
     g = q.shape[1] // Hkv
     if fold:
