@@ -93,10 +93,10 @@ RESCALE_AT = 2.0
 # lane reads all of its channels' at once: 9 at B16 x 32K); more (129 at B1 x 128K) go to
 # merge.merge_partials, whose programs read them in chunks.
 FOLD_PARTS = 17
-# Programs an SM holds as ptxas compiles the kernel: kivi2's 164 registers a thread allow 3
-# (Nsight Compute's block limit on the H200), kivi4's 82 KiB of shared memory a program
-# (_shared_bytes) 2 of the SM's 228 (default_splits' wave; programs_per_sm when capped).
-PROGRAMS_PER_SM = {2: 3, 4: 2}
+# Registers a thread as ptxas compiles the kernel uncapped (benchmarks/sass_offline.py, the
+# GPU's compile: results/sass_offline_s28.json, _kivi4.json); programs_per_sm turns them
+# into programs an SM (kivi2 3, as Nsight Compute's block limit on the H200 said).
+UNCAPPED_REGISTERS = {2: 164, 4: 178}
 HOPPER_SMS = 132
 SCHEDULER_REGISTERS = 16384  # an SM quarter's: a program's 4 warps take one warp of each
 SM_SHARED_BYTES = 228 * 1024  # of which 1 KiB a program is reserved
@@ -634,7 +634,8 @@ class _Numpy:
         self.memory[self._aligned(address, 4)[:, None] + np.arange(4)] = data
 
     def copy_async(self, shared, address, size, shared_offset=0, offset=0, width=16):
-        self._aligned(address + offset, width), self._aligned(shared + shared_offset, width)
+        self._aligned(address + offset, width)
+        self._aligned(shared + shared_offset, width)
         for i in range(32):
             data = self.memory[address[i] + offset:address[i] + offset + size[i]]
             target = shared[i] + shared_offset
@@ -1510,11 +1511,11 @@ def _out_shapes(B, Hkv, num_splits, fold):
 
 
 def programs_per_sm(bits: int, registers=None, stages=STAGES) -> int:
-    """Programs an SM holds: PROGRAMS_PER_SM, or, with the registers capped (_cap_registers),
-    the fewer that each scheduler's registers (8 a thread at a time) and the SM's shared memory
-    allow: 4 for kivi2 at 128 registers, still 2 for kivi4."""
-    if not registers:
-        return PROGRAMS_PER_SM[bits]
+    """Programs an SM holds (default_splits' wave): the fewer that each scheduler's registers
+    (8 a thread at a time; `registers` when capped, _cap_registers, else UNCAPPED_REGISTERS)
+    and the SM's shared memory allow: kivi2 3, or 4 at 128 registers; kivi4 2 either way, by
+    its shared memory."""
+    registers = registers or UNCAPPED_REGISTERS[bits]
     by_registers = SCHEDULER_REGISTERS // (-(-registers // 8) * 8 * 32)
     by_shared = SM_SHARED_BYTES // (_shared_bytes(_Format(bits), stages) + 1024)
     return min(by_registers, by_shared)
