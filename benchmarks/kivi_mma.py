@@ -81,6 +81,9 @@ def decodes(kernel, q, k_stored, v_parts, lengths, residual, splits):
 
 
 def check(seed, batch, heads, group, capacity, lengths, splits, bits, variants=None):
+    """The kernel's error against the float32 reference, its parts and op (and each variant's
+    op); splits None: default_splits'."""
+    splits = splits or mma_kernel.default_splits(batch, heads, capacity, bits)
     key = jax.random.key(seed)
     k_parts, v_parts = random_cache(key, batch, heads, capacity, bits)
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads * group, 128), jnp.bfloat16)
@@ -246,6 +249,13 @@ def breakdown(batch, capacity, bits, heads=8, group=4):
     return rows
 
 
+def long_check_shape(text):
+    """"BxS" or "BxS/splits" -> (B, S, splits or None); "" -> (0, 0, None)."""
+    shape, _, splits = text.partition("/")
+    batch, context = (int(x) for x in shape.split("x")) if shape else (0, 0)
+    return batch, context, int(splits) if splits else None
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tag", default="")
@@ -258,6 +268,8 @@ def main():
     parser.add_argument("--bits", default="2", help="code widths to check and time, e.g. 2,4")
     parser.add_argument("--kernels", default="", help="only these timed kernels, e.g. mma,triton")
     parser.add_argument("--shapes", default="16x32768,1x131072", help="BxS shapes to time")
+    parser.add_argument("--check-shapes", default="",
+                        help="long checks, every head full: BxS or BxS/splits, e.g. 16x131072/512")
     parser.add_argument("--l2-prefetch", default=mma_kernel.L2_PREFETCH,
                         help="the stage copies' L2 prefetch qualifier, e.g. .L2::256B")
     parser.add_argument("--left-out", default="whole", choices=sorted(LEFT_OUT),
@@ -285,7 +297,10 @@ def main():
             check(1, 2, 2, 4, 256, [1, 63, 200, 256], 4, bits, variants),
             check(2, 2, 3, 2, 320, rng.integers(1, 321, 6), 4, bits, variants),
             check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 4, bits, variants),
-            check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits, variants)]
+            check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits, variants),
+            *(check(5, batch, 8, 4, context, [context] * batch * 8, splits, bits, variants)
+              for batch, context, splits in map(long_check_shape, args.check_shapes.split(","))
+              if batch)]
         with leaving_out(args.left_out), patched({"L2_PREFETCH": args.l2_prefetch}):
             rows += [] if args.skip_timing else [
                 {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch}
