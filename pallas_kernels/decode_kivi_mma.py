@@ -27,8 +27,9 @@ dimension and tokens or channels the 16 rows:
   [16 tokens, 8]. A thread reads one packed word of each of its tokens (two at 4 bits); byte
   permutes pair two tokens per register. The 8 columns are the 4 queries times the 2 value
   groups a row tile spans. p comes from the scores' accumulator, is scaled and moved into the
-  operand layout with `movmatrix`. The offset of 128 and the zeros are summed once per part
-  (an MMA with -128 and a running sum), not per code.
+  operand layout with `movmatrix`. The offset of 128 is summed once per block (an MMA with
+  -128) and added to o at its end, the zeros once per part (a running sum), not per code
+  (_block says why not the offsets once per part).
 
 Every warp walks its split in blocks of 64 tokens (two key groups) with an online softmax in
 base 2 (_softmax): only the block holding a head's length masks, and the running maxima move
@@ -94,9 +95,9 @@ RESCALE_AT = 2.0
 # merge.merge_partials, whose programs read them in chunks.
 FOLD_PARTS = 17
 # Registers a thread as ptxas compiles the kernel uncapped (benchmarks/sass_offline.py, the
-# GPU's compile: results/sass_offline_s28.json, _kivi4.json); programs_per_sm turns them
-# into programs an SM (kivi2 3, as Nsight Compute's block limit on the H200 said).
-UNCAPPED_REGISTERS = {2: 164, 4: 178}
+# GPU's compile: results/sass_offline_s31_per_block.json, _kivi4.json); programs_per_sm turns
+# them into programs an SM (kivi2 3, as Nsight Compute's block limit on the H200 said).
+UNCAPPED_REGISTERS = {2: 156, 4: 170}
 HOPPER_SMS = 132
 SCHEDULER_REGISTERS = 16384  # an SM quarter's: a program's 4 warps take one warp of each
 SM_SHARED_BYTES = 228 * 1024  # of which 1 KiB a program is reserved
@@ -931,14 +932,22 @@ def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
     """One block of 64 tokens (its words staged, _Staged): the online-softmax state after.
     qf_at: the lane's q * 2^-p in shared memory (QF_BYTES); neg_magic(half): 4 registers of
     -magic pairs, the A operands of the offset MMAs, read where called."""
-    o, c_off, s_zero, m, l = state
+    o, s_zero, m, l = state
     qf_regs = [_words(ops.load_shared, qf_at, fmt.pairs, _qf_offset(fmt, f))
                for f in range(fmt.fields)]
     scores = _key_scores(ops, fmt, qf_regs, words, neg_magic)
     # The scores are KEY_STATS_FACTOR times the true ones: the scale undoes it.
     scale = HEAD_DIM ** -0.5 * LOG2_E / KEY_STATS_FACTOR
-    p, m, l, tiles = _softmax(ops, lane, scores, length, t0, m, l, o + c_off + s_zero, scale)
-    o, c_off, s_zero = tiles[:8], tiles[8:10], tiles[10:]
+    p, m, l, tiles = _softmax(ops, lane, scores, length, t0, m, l, o + s_zero, scale)
+    o, s_zero = tiles[:8], tiles[8:]
+    # -128 * sum(p * scale) of value groups 2 a + (0, 1), added to o at the block's end. The
+    # codes read as 128 + code * 2^p, so o's MMAs also sum 128 times each p * scale. Cancelled
+    # once per part, o held that sum over all of the part's tokens, and the tensor cores, which
+    # cut off (toward zero) what falls below their accumulator's last bit, lost more of o's
+    # true sum the longer the part: the op's error at B16 x 128K (parts of 1,024 tokens) was
+    # 1.25e-2 on the GPU (benchmarks/RESULTS.md, twenty-first pass; the emulation models that
+    # cut, _truncating_sum). Per block the sum is bounded, for 32 adds.
+    c_off = [[ops.cf(0.0)] * 4 for _ in range(2)]
     # Values: 16 tokens (one score tile) per MMA step.
     pick = ops.select(lane.is_high, ops.c(0x3244), ops.c(0x1044))  # bf16 half -> f32 bits
     zero = ops.c(0)
@@ -969,12 +978,14 @@ def _block(ops, fmt: _Format, lane, qf_at, neg_magic, length, t0, words, state):
                                  beta % 2, (2 * a + rh) // words_a_row, VALUES)
                         for kh in range(2) for rh in range(2)]  # a0 a1 a2 a3
                 o[2 * beta + a] = ops.mma(regs, b_v[a], o[2 * beta + a], VALUES)
-    return o, c_off, s_zero, m, l
+    o = [[ops.fadd(x, offset) for x, offset in zip(tile, c_off[i % 2])]
+         for i, tile in enumerate(o)]
+    return o, s_zero, m, l
 
 
 def _epilogue(ops, fmt: _Format, lane, state, o_base, m_base, l_base):
     """Writes the part: o [4, 128] unnormalized, m and l [4] (m in natural-log units)."""
-    o, c_off, s_zero, m, l = state
+    o, s_zero, m, l = state
     l = _lane_sums(ops, l)
     s_zero = [_lane_sums(ops, row) for row in s_zero]
     factor = value_factor(fmt)
@@ -988,7 +999,7 @@ def _epilogue(ops, fmt: _Format, lane, state, o_base, m_base, l_base):
                            ops.cf(factor[64 * a + beta]))
             for e in range(2):
                 raw = ops.select(lane.is_high, tile[2 + e], tile[e])
-                value = ops.fma(ops.fadd(raw, c_off[a][e]), f, s_zero[a][e])
+                value = ops.fma(raw, f, s_zero[a][e])
                 _store_o(ops, lane, o_base, e, channel, value)
     _store_stats(ops, lane, m, l, m_base, l_base)
 
@@ -1335,8 +1346,8 @@ def _quantized_part(ops, fmt: _Format, lane, lane_id, bh, split, refs, outs, sha
         return state
 
     zero = ops.cf(0.0)
-    state = ([[zero] * 4 for _ in range(8)], [[zero] * 4 for _ in range(2)],
-             [[zero] * 2 for _ in range(2)], [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
+    state = ([[zero] * 4 for _ in range(8)], [[zero] * 2 for _ in range(2)],
+             [ops.cf(EMPTY_MAX)] * 2, [zero] * 2)
     state = ops.loop(first, last, state, body)
     ops.wait(0)  # no copy left writing, no lane reading the stages the part goes to
     _epilogue(ops, fmt, lane, state, *outs)
