@@ -33,7 +33,7 @@ from pallas_kernels import decode_kivi_mma as mma_kernel
 from pallas_kernels import merge
 from pallas_kernels.quantize import quantize_pack
 
-CAPPED_REGISTERS = 128  # 4 programs an SM instead of 3 (decode's registers; 88 bytes spilled)
+CAPPED_REGISTERS = 128  # 4 programs an SM instead of 3 (decode_kivi_mma._cap_registers)
 
 
 def random_cache(key, batch, heads, capacity, bits):

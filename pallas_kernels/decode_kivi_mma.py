@@ -1403,7 +1403,8 @@ def _kernel(ctx, *refs, fmt: _Format, heads, capacity, num_splits, stages, resid
           _warp_stages(ops, fmt, program_shared, warp, stages), common, final, heads=heads,
           capacity=capacity, num_splits=num_splits, stages=stages, residual=residual)
     # the ids read again after the part: held across its block loop, they cost 6 registers
-    # (170 against 164 at kivi2 B16 x 32K, past the 168 of 3 programs an SM; sass_offline)
+    # (6 more at kivi2 B16 x 32K when measured, 170 against 164, past the 168 of 3 programs
+    # an SM; sass_offline)
     tid, program = ops.special("tid.x"), ops.special("ctaid.x")
     _merge_program(ops, ops.band(tid, 31), ops.shr(tid, 5), program, addresses, program_shared,
                    final, fmt=fmt, heads=heads, num_splits=num_splits, stages=stages)
@@ -1436,9 +1437,11 @@ def _head_counters(ops, heads):
 def _cap_registers(module, registers):
     """Caps the kernel of `module` at `registers` a thread (PTX's .maxnreg): Mosaic GPU offers
     no launch bounds, so this outlines the kernel's launch into its gpu.func now, as Mosaic GPU
-    would later, and marks the function. ptxas takes 164 registers otherwise, which fit 3
-    programs an SM; 128 fit 4 (88 bytes spilled; benchmarks/sass_offline.py, Mosaic GPU's own
-    compile, which accepts the outlined module)."""
+    would later, and marks the function. ptxas takes UNCAPPED_REGISTERS otherwise (kivi2 156,
+    which fit 3 programs an SM); 128 fit 4 (44 bytes spilled:
+    results/sass_offline_s31_per_block_128.json, from benchmarks/sass_offline.py, Mosaic GPU's
+    own compile, which accepts the outlined module). Capped, the op was slower each time it was
+    timed (benchmarks/RESULTS.md)."""
     from jaxlib.mlir._mlir_libs import _mlirGPUPasses  # noqa: F401  (the outlining pass)
     passmanager.PassManager.parse(
         "builtin.module(canonicalize,gpu-launch-sink-index-computations,gpu-kernel-outlining)"
