@@ -250,9 +250,9 @@ def breakdown(batch, capacity, bits, heads=8, group=4):
 
 
 def long_check_shape(text):
-    """"BxS" or "BxS/splits" -> (B, S, splits or None); "" -> (0, 0, None)."""
+    """"BxS" or "BxS/splits" -> (B, S, splits or None)."""
     shape, _, splits = text.partition("/")
-    batch, context = (int(x) for x in shape.split("x")) if shape else (0, 0)
+    batch, context = (int(x) for x in shape.split("x"))
     return batch, context, int(splits) if splits else None
 
 
@@ -299,8 +299,8 @@ def main():
             check(3, 3, 2, 1, 192, [65, 128, 191, 192, 0, 7], 4, bits, variants),
             check(4, 2, 8, 4, 4096, rng.integers(1, 4097, 16), 8, bits, variants),
             *(check(5, batch, 8, 4, context, [context] * batch * 8, splits, bits, variants)
-              for batch, context, splits in map(long_check_shape, args.check_shapes.split(","))
-              if batch)]
+              for batch, context, splits in map(long_check_shape,
+                                                filter(None, args.check_shapes.split(","))))]
         with leaving_out(args.left_out), patched({"L2_PREFETCH": args.l2_prefetch}):
             rows += [] if args.skip_timing else [
                 {**row, "left_out": args.left_out, "l2_prefetch": args.l2_prefetch}
