@@ -505,9 +505,9 @@ def _truncating_sum(products, acc):
     """products [16, 16, 8] (exact) summed over axis 1 into acc [16, 8], as a model of the
     tensor cores' float32 accumulation: each term cut off below float32's last bit of the
     largest term, the sum cut to float32, both toward zero (a model after published
-    measurements of NVIDIA's tensor cores, not one measured here). An exact sum had hidden what made the GPU's error grow with
-    the tokens a part (benchmarks/RESULTS.md, twenty-first pass: o's accumulator then held
-    128 x sum(p * scale) over the whole part, _block)."""
+    measurements of NVIDIA's tensor cores, not one measured here). An exact sum had hidden
+    what made the GPU's error grow with the tokens a part (benchmarks/RESULTS.md, twenty-first
+    pass: o's accumulator then held 128 x sum(p * scale) over the whole part, _block)."""
     terms = np.concatenate([products, acc[:, None]], 1)  # [16, 17, 8]
     top = np.abs(terms).max(1, keepdims=True)
     unit = np.where(top > 0, _toward_zero(top, 1) * 2.0 ** -23, 1.0)  # float32's last bit
